@@ -1,0 +1,139 @@
+"""Decoding gives Pillow's `Image.open(p).convert("RGB")`, and refuses bad input in one line."""
+
+import io
+import struct
+import zlib
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from trufor_trt.engine.decode import MIN_SIDE, decode_image
+from trufor_trt.errors import ImageError
+
+from conftest import IMAGES_DIR
+
+SHARED_IMAGES = sorted(path for path in IMAGES_DIR.rglob("*") if path.is_file())
+
+
+def pillow_rgb(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.array(image.convert("RGB"))
+
+
+@pytest.mark.parametrize("path", SHARED_IMAGES, ids=lambda path: path.name)
+def test_shared_images_decode_like_pillow(path):
+    np.testing.assert_array_equal(decode_image(path), pillow_rgb(path))
+
+
+def _pixels(height=40, width=50):
+    return np.random.default_rng(7).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _pillow_variants():
+    rgb = Image.fromarray(_pixels())
+    palette = rgb.convert("P")
+    return {
+        "grey": (rgb.convert("L"), {}),
+        "grey_alpha": (rgb.convert("LA"), {}),
+        "rgba": (rgb.convert("RGBA"), {}),
+        "palette": (palette, {}),
+        "palette_transparent": (palette, {"transparency": 5}),
+        "one_bit": (rgb.convert("1"), {}),
+        "rgb": (rgb, {}),
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(_pillow_variants()))
+def test_png_kinds_decode_like_pillow(tmp_path, kind):
+    image, options = _pillow_variants()[kind]
+    path = tmp_path / f"{kind}.png"
+    image.save(path, **options)
+    np.testing.assert_array_equal(decode_image(path), pillow_rgb(path))
+
+
+def test_jpeg_exif_orientation_is_not_applied(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    Image.fromarray(_pixels(40, 60)).save(path, quality=95, exif=exif)
+    decoded = decode_image(path)
+    assert decoded.shape == (40, 60, 3)
+    np.testing.assert_array_equal(decoded, pillow_rgb(path))
+
+
+def test_sixteen_bit_images_are_rescaled_linearly(tmp_path):
+    deep = np.random.default_rng(3).integers(0, 65536, (33, 35, 3), dtype=np.uint16)
+    deep[0, :4, 0] = [0, 128, 129, 65535]
+    path = tmp_path / "deep.png"
+    assert cv2.imwrite(str(path), deep[:, :, ::-1])
+    decoded = decode_image(path)
+    np.testing.assert_array_equal(decoded, np.rint(deep / 257.0).astype(np.uint8))
+    assert list(decoded[0, :4, 0]) == [0, 0, 1, 255]
+
+
+def test_sixteen_bit_grey_becomes_three_equal_channels(tmp_path):
+    deep = np.full((32, 32), 257 * 200, dtype=np.uint16)
+    path = tmp_path / "grey16.png"
+    assert cv2.imwrite(str(path), deep)
+    assert (decode_image(path) == 200).all()
+
+
+def _png_bytes(width: int, height: int, with_pixels: bool) -> bytes:
+    """A PNG whose header claims width x height; pixel data only if asked."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload)))
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    data = chunk(b"IDAT", zlib.compress(b"\0" * (1 + 3 * width) * height)) if with_pixels else b""
+    return b"\x89PNG\r\n\x1a\n" + header + data + chunk(b"IEND", b"")
+
+
+def _write(tmp_path, name: str, data: bytes):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def _encoded(suffix: str, pixels) -> bytes:
+    ok, data = cv2.imencode(suffix, pixels)
+    assert ok
+    return data.tobytes()
+
+
+BAD_INPUTS = {
+    "missing": (lambda tmp: tmp / "absent.png", "no such file"),
+    "folder": (lambda tmp: tmp, "not a regular file"),
+    "empty": (lambda tmp: _write(tmp, "empty.png", b""), "empty file"),
+    "text": (lambda tmp: _write(tmp, "notes.png", b"just some text\n"), "not an image"),
+    "truncated_png": (lambda tmp: _write(tmp, "cut.png", _encoded(".png", _pixels())[:300]),
+                      "truncated or corrupt PNG"),
+    "truncated_jpeg": (lambda tmp: _write(tmp, "cut.jpg", _encoded(".jpg", _pixels())[:700]),
+                       "truncated or corrupt JPEG"),
+    "too_small": (lambda tmp: _write(tmp, "small.png", _png_bytes(MIN_SIDE - 1, 100, True)),
+                  f"minimum of {MIN_SIDE} px"),
+    "bomb": (lambda tmp: _write(tmp, "bomb.png", _png_bytes(100_000, 100_000, False)),
+             "more than the limit"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_raises_one_typed_line(tmp_path, case):
+    make_path, expected = BAD_INPUTS[case]
+    with pytest.raises(ImageError) as raised:
+        decode_image(make_path(tmp_path))
+    assert expected in raised.value.reason
+    assert "\n" not in str(raised.value)
+
+
+def test_smallest_accepted_image_decodes(tmp_path):
+    path = _write(tmp_path, "edge.png", _png_bytes(MIN_SIDE, MIN_SIDE, True))
+    assert decode_image(path).shape == (MIN_SIDE, MIN_SIDE, 3)
+
+
+def test_pixel_limit_is_configurable(tmp_path):
+    path = _write(tmp_path, "ok.png", _encoded(".png", _pixels()))
+    with pytest.raises(ImageError, match="more than the limit of 1,999"):
+        decode_image(path, max_pixels=1999)
+    assert decode_image(path, max_pixels=2000).shape == (40, 50, 3)

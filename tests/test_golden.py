@@ -1,0 +1,64 @@
+"""Parity with the official network's float64 outputs, through the path users take:
+checkpoint from make_checkpoint.py -> `trufor-trt analyze --backend torch` -> .npz files."""
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from trufor_trt.cli import app
+from trufor_trt.engine.postprocess import postprocess, upsample_bilinear
+from trufor_trt.engine.preprocess import prepare_input
+
+from conftest import golden_files, max_abs_error, require_shared, tolerance
+
+GOLDEN = golden_files()
+OUTPUT_KEYS = ("map", "conf", "score", "np++")
+
+
+@pytest.fixture(scope="session")
+def analyzed_goldens(tmp_path_factory, checkpoint_seed0):
+    """Every golden input written as a lossless PNG and analysed in one CLI run."""
+    require_shared()
+    inputs = tmp_path_factory.mktemp("golden_inputs")
+    out = tmp_path_factory.mktemp("golden_outputs")
+    for path in GOLDEN:
+        rgb = np.load(path)["rgb"]
+        assert cv2.imwrite(str(inputs / f"{path.stem}.png"), rgb[:, :, ::-1])
+    result = CliRunner().invoke(app, ["analyze", str(inputs), "--out", str(out), "--checkpoint",
+                                      str(checkpoint_seed0), "--backend", "torch", "--device", "cpu",
+                                      "--save-noiseprint", "--no-png"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("golden_path", GOLDEN, ids=lambda path: path.stem)
+@pytest.mark.parametrize("key", OUTPUT_KEYS)
+def test_analyze_matches_official_float64_outputs(analyzed_goldens, golden_path, key):
+    golden = np.load(golden_path)
+    ours = np.load(analyzed_goldens / f"{golden_path.stem}.png.npz")
+    assert tuple(ours["imgsize"]) == golden["rgb"].shape[:2]
+    error = max_abs_error(ours[key], golden, key)
+    assert error <= tolerance(golden, key), f"{key}: {error:.3g} > {tolerance(golden, key):.3g}"
+
+
+def test_npz_has_exactly_the_official_keys(analyzed_goldens):
+    ours = np.load(analyzed_goldens / f"{GOLDEN[0].stem}.png.npz")
+    assert sorted(ours.files) == sorted(["map", "conf", "score", "imgsize", "np++"])
+    assert ours["map"].dtype == np.float32 and ours["conf"].dtype == np.float32
+    assert ours["score"].shape == ()
+
+
+def test_float64_network_reproduces_the_golden_logits(reference_runner):
+    """In float64 our network is the official one to the goldens' float32 storage precision:
+    any wrong layer, eps or ordering would show here far above 1e-5."""
+    golden = np.load(min(GOLDEN, key=lambda path: path.stat().st_size))
+    raw = reference_runner.infer(prepare_input(golden["rgb"], dtype=np.float64))
+    height, width = golden["rgb"].shape[:2]
+    localization = upsample_bilinear(raw.localization_logits, height, width)
+    confidence = upsample_bilinear(raw.confidence_logits, height, width)[0]
+    assert np.max(np.abs(localization - golden["anomaly_logits"])) < 1e-5
+    assert np.max(np.abs(confidence - golden["confidence_logits"])) < 1e-5
+    assert np.max(np.abs(raw.noiseprint - golden["noiseprint"])) < 1e-5
+    analysis = postprocess(raw, reference_runner.detection_head)
+    assert abs(analysis.detection_logit - float(golden["detection_logit"])) < 1e-5

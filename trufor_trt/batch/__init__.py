@@ -1,0 +1,1 @@
+"""Batch analysis: inputs to outputs, one image at a time, each failure contained."""

@@ -1,0 +1,116 @@
+"""The batch loop behind `trufor-trt analyze`: one image at a time, each failure contained.
+
+Per image: decode -> prepare -> infer (any runner) -> postprocess -> write, each stage timed;
+one JSON line per image in `results.jsonl`. A bad image gets a one-line reason and the batch
+goes on; existing outputs are skipped unless overwrite is asked for, so a batch can resume.
+"""
+
+import json
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..engine.decode import DEFAULT_MAX_PIXELS, decode_image
+from ..engine.postprocess import postprocess
+from ..engine.preprocess import prepare_input
+from ..engine.runner import Runner
+from ..errors import TruforError
+from .inputs import ImageJob
+from .outputs import OutputPaths, heatmap_png, npz_bytes, overlay_png, write_atomically
+
+RESULTS_FILE = "results.jsonl"
+
+
+@dataclass(frozen=True)
+class AnalyzeOptions:
+    out_dir: Path
+    save_noiseprint: bool = False
+    write_png: bool = True
+    overwrite: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class StageClock:
+    """Milliseconds per stage, measured with perf_counter_ns."""
+
+    times_ms: dict = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter_ns()
+        try:
+            yield
+        finally:
+            self.times_ms[name] = round((time.perf_counter_ns() - start) / 1e6, 3)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, TruforError) and hasattr(exc, "reason"):
+        return exc.reason
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _run_image(job: ImageJob, runner: Runner, options: AnalyzeOptions, paths: OutputPaths,
+               clock: StageClock) -> dict:
+    with clock.stage("decode"):
+        rgb = decode_image(job.path, max_pixels=options.max_pixels)
+    with clock.stage("preprocess"):
+        prepared = prepare_input(rgb)
+    with clock.stage("inference"):
+        raw = runner.infer(prepared)
+    with clock.stage("postprocess"):
+        analysis = postprocess(raw, runner.detection_head)
+    with clock.stage("write"):
+        write_atomically(paths.npz, npz_bytes(analysis, options.save_noiseprint))
+        if options.write_png:
+            write_atomically(paths.heatmap, heatmap_png(analysis.localization_map))
+            write_atomically(paths.overlay, overlay_png(rgb, analysis.localization_map))
+    height, width = rgb.shape[:2]
+    return {"score": analysis.score, "height": height, "width": width}
+
+
+def analyze_job(job: ImageJob, runner: Runner, options: AnalyzeOptions) -> dict:
+    """Analyse one image; never raises for a bad image: the record says what happened."""
+    paths = OutputPaths.below(options.out_dir, job.relative)
+    expected = paths.expected(options.write_png)
+    record = {"input": str(job.path), "outputs": [str(path) for path in expected],
+              "status": "ok", "reason": None, "score": None, "height": None, "width": None,
+              "backend": runner.backend, "precision": runner.precision, "times_ms": {}}
+    if not options.overwrite and all(path.is_file() for path in expected):
+        record.update(status="skipped", reason="outputs exist (use --overwrite to redo)")
+        return record
+    clock = StageClock()
+    try:
+        with clock.stage("total"):
+            record.update(_run_image(job, runner, options, paths, clock))
+    except Exception as exc:  # one bad image must not stop the batch
+        record.update(status="error", reason=_one_line(exc), outputs=[])
+    record["times_ms"] = clock.times_ms
+    return record
+
+
+def analyze_batch(jobs, runner: Runner, options: AnalyzeOptions, on_record=None) -> Counter:
+    """Every job through the runner, one line each appended to results.jsonl.
+    Returns how many records had each status (ok, error, skipped)."""
+    summary = Counter()
+    claimed = {}
+    options.out_dir.mkdir(parents=True, exist_ok=True)
+    with open(options.out_dir / RESULTS_FILE, "a", encoding="utf-8") as results:
+        for job in jobs:
+            owner = claimed.setdefault(job.relative, job.path)
+            if owner != job.path:
+                record = {"input": str(job.path), "outputs": [], "status": "error",
+                          "reason": f"output name {job.relative!r} already used by {owner}",
+                          "backend": runner.backend, "precision": runner.precision}
+            else:
+                record = analyze_job(job, runner, options)
+            results.write(json.dumps(record) + "\n")
+            results.flush()
+            summary[record["status"]] += 1
+            if on_record is not None:
+                on_record(record)
+    return summary

@@ -1,0 +1,80 @@
+"""What `analyze` writes per image, always atomically (temporary name, then rename)."""
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..engine.postprocess import Analysis
+
+OVERLAY_OPACITY = 0.6  # opacity of the heatmap where the map is 1
+
+
+@dataclass(frozen=True)
+class OutputPaths:
+    npz: Path
+    heatmap: Path
+    overlay: Path
+
+    @classmethod
+    def below(cls, out_dir: Path, relative: str) -> "OutputPaths":
+        base = Path(out_dir) / relative
+        return cls(npz=base.with_name(base.name + ".npz"),
+                   heatmap=base.with_name(base.name + ".heatmap.png"),
+                   overlay=base.with_name(base.name + ".overlay.png"))
+
+    def expected(self, with_png: bool) -> list:
+        return [self.npz, self.heatmap, self.overlay] if with_png else [self.npz]
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Readers never see a half-written file: write beside it, then rename over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def npz_bytes(analysis: Analysis, save_noiseprint: bool) -> bytes:
+    """The official test script's keys: map, conf, score, imgsize (and np++ on request)."""
+    arrays = {
+        "map": analysis.localization_map,
+        "conf": analysis.confidence_map,
+        "score": np.float64(analysis.score),
+        "imgsize": np.array(analysis.localization_map.shape, dtype=np.int64),
+    }
+    if save_noiseprint:
+        arrays["np++"] = analysis.noiseprint
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _png(bgr: np.ndarray) -> bytes:
+    ok, encoded = cv2.imencode(".png", bgr)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return encoded.tobytes()
+
+
+def heatmap_bgr(localization_map: np.ndarray) -> np.ndarray:
+    """The localization map in the JET colour scale: 0 (pristine) blue .. 1 (forged) red."""
+    levels = np.rint(np.clip(localization_map, 0.0, 1.0) * 255).astype(np.uint8)
+    return cv2.applyColorMap(levels, cv2.COLORMAP_JET)
+
+
+def heatmap_png(localization_map: np.ndarray) -> bytes:
+    return _png(heatmap_bgr(localization_map))
+
+
+def overlay_png(rgb: np.ndarray, localization_map: np.ndarray) -> bytes:
+    """The image with the heatmap laid over it, more opaque where forgery is more likely."""
+    opacity = (OVERLAY_OPACITY * np.clip(localization_map, 0.0, 1.0))[:, :, None]
+    blended = rgb[:, :, ::-1] * (1.0 - opacity) + heatmap_bgr(localization_map) * opacity
+    return _png(np.rint(blended).astype(np.uint8))

@@ -1,0 +1,141 @@
+"""Image decoding with OpenCV that gives the same RGB array as `PIL.Image.open(p).convert("RGB")`.
+
+- No EXIF rotation (the official code never rotates; OpenCV's IMREAD_UNCHANGED does not either).
+- Alpha is dropped, not composited; grey and palette images are expanded to RGB.
+- 16-bit images: each sample v becomes round(v / 257), i.e. the linear rescale of 0..65535
+  onto 0..255 (Pillow would clip instead, which turns most 16-bit images white).
+- Refused with an ImageError and a one-line reason: missing, empty, not an image, corrupt or
+  truncated, smaller than the network accepts, larger than a pixel limit. The limit is checked
+  from the PNG / JPEG header before any pixel is decoded (decompression bombs).
+"""
+
+import struct
+from contextlib import contextmanager
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..errors import ImageError
+
+MIN_SIDE = 29  # the stage-1 spatial-reduction convolution (8x8, stride 8) needs an 8x8 grid
+DEFAULT_MAX_PIXELS = 150_000_000
+SIXTEEN_BIT_STEP = 257  # 65535 / 255
+
+SIGNATURES = {
+    b"\x89PNG\r\n\x1a\n": "PNG",
+    b"\xff\xd8\xff": "JPEG",
+    b"GIF8": "GIF",
+    b"BM": "BMP",
+    b"II*\x00": "TIFF",
+    b"MM\x00*": "TIFF",
+    b"RIFF": "WebP",
+}
+
+
+def sniff_format(data: bytes):
+    return next((name for magic, name in SIGNATURES.items() if data.startswith(magic)), None)
+
+
+def _png_size(data: bytes):
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", data[16:24])
+    return height, width
+
+
+_JPEG_FRAME_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_layout(data: bytes):
+    """(height, width, offset of the first scan) from the JPEG marker segments, or None."""
+    size, offset = None, 2
+    while offset + 4 <= len(data):
+        if data[offset] != 0xFF:
+            return None
+        marker = data[offset + 1]
+        if marker == 0xFF:  # fill byte
+            offset += 1
+            continue
+        length = struct.unpack(">H", data[offset + 2:offset + 4])[0]
+        if marker in _JPEG_FRAME_MARKERS and offset + 9 <= len(data):
+            size = struct.unpack(">HH", data[offset + 5:offset + 9])
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            return (*size, offset) if size else None
+        offset += 2 + length
+    return None
+
+
+def _header_size(data: bytes, kind):
+    if kind == "PNG":
+        return _png_size(data)
+    if kind == "JPEG":
+        layout = _jpeg_layout(data)
+        return layout[:2] if layout else None
+    return None
+
+
+def _jpeg_is_complete(data: bytes) -> bool:
+    """A whole JPEG has an end-of-image marker after its first scan (0xFF is byte-stuffed
+    inside scans, so the marker cannot occur there by chance)."""
+    layout = _jpeg_layout(data)
+    return layout is not None and data.find(b"\xff\xd9", layout[2]) != -1
+
+
+@contextmanager
+def _quiet_opencv():
+    """A corrupt file is reported once, by us, rather than also as OpenCV's warning on stderr."""
+    previous = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(previous)
+
+
+def _check_size(path, height: int, width: int, max_pixels: int) -> None:
+    if height * width > max_pixels:
+        raise ImageError(path, f"image is {width}x{height} = {height * width:,} pixels, more than "
+                               f"the limit of {max_pixels:,} (raise it with --max-pixels)")
+    if min(height, width) < MIN_SIDE:
+        raise ImageError(path, f"image is {width}x{height}, smaller than the network's minimum "
+                               f"of {MIN_SIDE} px a side")
+
+
+def _to_rgb8(path, pixels: np.ndarray) -> np.ndarray:
+    if pixels.dtype == np.uint16:
+        pixels = np.rint(pixels / SIXTEEN_BIT_STEP).astype(np.uint8)
+    elif pixels.dtype != np.uint8:
+        raise ImageError(path, f"unsupported sample type {pixels.dtype} (8- and 16-bit only)")
+    if pixels.ndim == 2:
+        return np.ascontiguousarray(np.repeat(pixels[:, :, None], 3, axis=2))
+    channels = pixels.shape[2]
+    if channels == 1:
+        return np.ascontiguousarray(np.repeat(pixels, 3, axis=2))
+    if channels in (3, 4):
+        return np.ascontiguousarray(pixels[:, :, 2::-1])  # BGR(A) -> RGB, alpha dropped
+    raise ImageError(path, f"unsupported channel count {channels}")
+
+
+def decode_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """H x W x 3 uint8 RGB, as the official code feeds the network."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(path, "no such file" if not path.exists() else "not a regular file")
+    data = path.read_bytes()
+    if not data:
+        raise ImageError(path, "empty file")
+    kind = sniff_format(data)
+    if kind is None:
+        raise ImageError(path, "not an image (unknown file signature)")
+    size = _header_size(data, kind)
+    if size is not None:
+        _check_size(path, *size, max_pixels)
+    if kind == "JPEG" and not _jpeg_is_complete(data):
+        raise ImageError(path, "truncated or corrupt JPEG (no end-of-image marker)")
+    with _quiet_opencv():
+        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if pixels is None:
+        raise ImageError(path, f"truncated or corrupt {kind} (the decoder could not read it)")
+    _check_size(path, pixels.shape[0], pixels.shape[1], max_pixels)
+    return _to_rgb8(path, pixels)

@@ -1,0 +1,119 @@
+"""The CPU postprocessor: from the engines' raw outputs to the official TruFor outputs.
+
+numpy only (no torch), so every backend, on every machine, finishes the same way:
+- logits upsampled from the 1/4 grid to H x W exactly as F.interpolate(bilinear,
+  align_corners=False) does;
+- `map` = softmax over the two localization logits, class 1; `conf` = sigmoid;
+- `score` = sigmoid(detection MLP(weighted statistics pooling of conf and of the logit
+  difference, weighted by log-sigmoid(conf))), computed in float64.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .runner import RawOutputs
+
+
+@dataclass(frozen=True)
+class DetectionHead:
+    """The detection MLP (Linear 8->128, ReLU, Linear 128->1) as numpy arrays."""
+
+    hidden_weight: np.ndarray
+    hidden_bias: np.ndarray
+    output_weight: np.ndarray
+    output_bias: np.ndarray
+
+    def logit(self, features: np.ndarray) -> float:
+        hidden = np.maximum(self.hidden_weight.astype(np.float64) @ features + self.hidden_bias, 0.0)
+        return float((self.output_weight.astype(np.float64) @ hidden + self.output_bias)[0])
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The official outputs for one image."""
+
+    localization_map: np.ndarray  # H x W float32, `map`
+    confidence_map: np.ndarray  # H x W float32, `conf`
+    score: float  # integrity score in [0, 1]; forged above 0.5
+    detection_logit: float
+    noiseprint: np.ndarray  # H x W float32, `np++`
+
+
+def _source_positions(size_in: int, size_out: int):
+    """Per output index: the two source indices and the weight of the second
+    (PyTorch's half-pixel rule, negative positions clamped to 0)."""
+    positions = np.maximum((np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5, 0.0)
+    low = np.minimum(positions.astype(np.int64), size_in - 1)
+    high = np.minimum(low + 1, size_in - 1)
+    return low, high, positions - low
+
+
+def upsample_bilinear(planes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """C x h x w -> C x H x W (float64), equal to F.interpolate(bilinear, align_corners=False)."""
+    planes = planes.astype(np.float64, copy=False)
+    top, bottom, down = _source_positions(planes.shape[1], height)
+    rows = planes[:, top, :] * (1.0 - down)[:, None] + planes[:, bottom, :] * down[:, None]
+    left, right, across = _source_positions(planes.shape[2], width)
+    return rows[:, :, left] * (1.0 - across) + rows[:, :, right] * across
+
+
+def _logsumexp(values: np.ndarray) -> float:
+    peak = values.max()
+    return float(peak + np.log(np.exp(values - peak).sum()))
+
+
+def _log_softmax(values: np.ndarray) -> np.ndarray:
+    return values - _logsumexp(values)
+
+
+def _log_sigmoid(values: np.ndarray) -> np.ndarray:
+    return -np.logaddexp(0.0, -values)
+
+
+def _sigmoid(values):
+    return np.exp(_log_sigmoid(values))
+
+
+def weighted_statistics(values: np.ndarray, log_weights: np.ndarray) -> np.ndarray:
+    """[soft min, soft max, mean, mean square] of values under softmax(log_weights)."""
+    values = values.ravel().astype(np.float64, copy=False)
+    log_w = _log_softmax(log_weights.ravel().astype(np.float64, copy=False))
+    weights = np.exp(log_w)
+    return np.array([
+        -_logsumexp(log_w - values),
+        _logsumexp(log_w + values),
+        float(np.dot(weights, values)),
+        float(np.dot(weights, values * values)),
+    ])
+
+
+def detection_features(localization_logits: np.ndarray, confidence_logits: np.ndarray) -> np.ndarray:
+    """The 8 pooled features of the official 'confpool' detector, from full-size logits."""
+    confidence = confidence_logits.reshape(-1)
+    evidence = localization_logits[1] - localization_logits[0]
+    return np.concatenate([
+        weighted_statistics(confidence, np.zeros_like(confidence)),
+        weighted_statistics(evidence, _log_sigmoid(confidence)),
+    ])
+
+
+def analysis_from_full_logits(localization_logits: np.ndarray, confidence_logits: np.ndarray,
+                              noiseprint: np.ndarray, head: DetectionHead) -> Analysis:
+    """From 2 x H x W and H x W logits (the official network's own outputs) to its results."""
+    logit = head.logit(detection_features(localization_logits, confidence_logits))
+    return Analysis(
+        localization_map=_sigmoid(localization_logits[1] - localization_logits[0]).astype(np.float32),
+        confidence_map=_sigmoid(confidence_logits).astype(np.float32),
+        score=float(_sigmoid(logit)),
+        detection_logit=logit,
+        noiseprint=np.asarray(noiseprint, dtype=np.float32),
+    )
+
+
+def postprocess(raw: RawOutputs, head: DetectionHead) -> Analysis:
+    """The engines' 1/4-resolution logits -> the official outputs at the input size."""
+    height, width = raw.noiseprint.shape
+    localization = upsample_bilinear(raw.localization_logits, height, width)
+    confidence = upsample_bilinear(raw.confidence_logits, height, width)[0]
+    return analysis_from_full_logits(localization, confidence, raw.noiseprint, head)

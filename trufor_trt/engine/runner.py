@@ -1,0 +1,57 @@
+"""The one runner interface every backend (PyTorch, ONNX Runtime, TensorRT) sits behind.
+
+A runner is loaded once, then takes one prepared input (1 x 3 x H x W float32, see
+`preprocess.prepare_input`) at a time and returns the network's raw outputs; the CPU
+postprocessor turns those into the official results the same way for every backend.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RawOutputs:
+    """The exported part of the network's outputs for one image."""
+
+    localization_logits: np.ndarray  # 2 x H/4 x W/4
+    confidence_logits: np.ndarray  # 1 x H/4 x W/4
+    noiseprint: np.ndarray  # H x W
+
+    @classmethod
+    def from_batch_of_one(cls, localization, confidence, noiseprint) -> "RawOutputs":
+        return cls(localization_logits=np.asarray(localization)[0],
+                   confidence_logits=np.asarray(confidence)[0],
+                   noiseprint=np.asarray(noiseprint)[0, 0])
+
+
+class Runner(ABC):
+    """load() -> infer() per image -> close(); also a context manager.
+
+    After load(), `detection_head` holds the detection MLP of the model this runner runs.
+    """
+
+    backend: str = ""
+    precision: str = ""
+
+    def __init__(self):
+        self.detection_head = None
+
+    @abstractmethod
+    def load(self) -> None:
+        """Acquire everything heavy (weights, sessions, engines, device memory)."""
+
+    @abstractmethod
+    def infer(self, prepared: np.ndarray) -> RawOutputs:
+        """One prepared input -> its raw outputs."""
+
+    def close(self) -> None:
+        """Release what load() acquired."""
+
+    def __enter__(self) -> "Runner":
+        self.load()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

@@ -1,0 +1,18 @@
+"""Errors the user sees as one line: each carries the reason, never a traceback."""
+
+
+class TruforError(Exception):
+    """Base of every error this package reports to the user."""
+
+
+class ImageError(TruforError):
+    """An input image cannot be analysed (missing, corrupt, too small, too large...)."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class CheckpointError(TruforError):
+    """A checkpoint file is not a usable TruFor checkpoint."""

@@ -1,0 +1,57 @@
+"""The two-stream encoder (`backbone.*`): MiT-B2 on RGB, MiT-B2 on Noiseprint++, CMX fusion.
+
+Stream 1 modules are `patch_embed{s}`, `block{s}`, `norm{s}`; stream 2 carries the `extra_`
+prefix; `FRMs[s-1]` and `FFMs[s-1]` join them after stage s.
+"""
+
+import torch
+from torch import nn
+
+from .fusion import FeatureFusion, FeatureRectify
+from .layers import tokens_to_grid
+from .mit import (BLOCK_NORM_EPS, DEPTHS, EMBED_DIMS, HEADS, REDUCTION_RATIOS, OverlapPatchEmbed,
+                  TransformerBlock)
+
+STREAM_PREFIXES = ("", "extra_")  # RGB, Noiseprint++
+
+
+def _patch_embed(stage: int) -> OverlapPatchEmbed:
+    if stage == 0:
+        return OverlapPatchEmbed(3, EMBED_DIMS[0], kernel=7, stride=4)
+    return OverlapPatchEmbed(EMBED_DIMS[stage - 1], EMBED_DIMS[stage], kernel=3, stride=2)
+
+
+class DualMiT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        # Registration order is the checkpoint's key order: all patch embeddings, then per
+        # stage each stream's blocks and norm.
+        for prefix in STREAM_PREFIXES:
+            for stage in range(len(EMBED_DIMS)):
+                setattr(self, f"{prefix}patch_embed{stage + 1}", _patch_embed(stage))
+        for stage, dim in enumerate(EMBED_DIMS):
+            for prefix in STREAM_PREFIXES:
+                setattr(self, f"{prefix}block{stage + 1}", nn.ModuleList(
+                    TransformerBlock(dim, HEADS[stage], REDUCTION_RATIOS[stage])
+                    for _ in range(DEPTHS[stage])))
+                setattr(self, f"{prefix}norm{stage + 1}", nn.LayerNorm(dim, eps=BLOCK_NORM_EPS))
+        self.FRMs = nn.ModuleList(FeatureRectify(dim) for dim in EMBED_DIMS)
+        self.FFMs = nn.ModuleList(FeatureFusion(dim, heads) for dim, heads in zip(EMBED_DIMS, HEADS))
+
+    def run_stage(self, prefix: str, stage: int, grid: torch.Tensor) -> torch.Tensor:
+        number = stage + 1
+        tokens, height, width = getattr(self, f"{prefix}patch_embed{number}")(grid)
+        for block in getattr(self, f"{prefix}block{number}"):
+            tokens = block(tokens, height, width)
+        tokens = getattr(self, f"{prefix}norm{number}")(tokens)
+        return tokens_to_grid(tokens, height, width)
+
+    def forward(self, rgb: torch.Tensor, noise: torch.Tensor) -> list:
+        """Returns the fused maps at 1/4, 1/8, 1/16 and 1/32 of the input grid."""
+        fused = []
+        for stage in range(len(EMBED_DIMS)):
+            rgb = self.run_stage(STREAM_PREFIXES[0], stage, rgb)
+            noise = self.run_stage(STREAM_PREFIXES[1], stage, noise)
+            rgb, noise = self.FRMs[stage](rgb, noise)
+            fused.append(self.FFMs[stage](rgb, noise))
+        return fused

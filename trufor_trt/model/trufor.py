@@ -1,0 +1,50 @@
+"""The TruFor network, split where the engines split it.
+
+`TruFor.forward` is the part every engine runs: it returns the 1/4-resolution localization and
+confidence logits and the full-resolution Noiseprint++ map. Upsampling, softmax / sigmoid and
+the detection head run afterwards in the CPU postprocessor (`trufor_trt.engine.postprocess`).
+The detection head's weights still live here so that the official checkpoint loads strictly.
+"""
+
+import torch
+from torch import nn
+
+from .decoder import CONFIDENCE_BN_EPS, LOCALIZATION_BN_EPS, DecoderHead
+from .encoder import DualMiT
+from .noiseprint import build_noiseprint
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DETECTION_FEATURES = 8
+DETECTION_HIDDEN = 128
+OUTPUT_NAMES = ("localization_logits", "confidence_logits", "noiseprint")
+
+
+def _channel_constant(values) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).reshape(1, 3, 1, 1)
+
+
+class TruFor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = DualMiT()
+        self.decode_head = DecoderHead(classes=2, bn_eps=LOCALIZATION_BN_EPS)
+        self.decode_head_conf = DecoderHead(classes=1, bn_eps=CONFIDENCE_BN_EPS)
+        self.detection = nn.Sequential(
+            nn.Linear(DETECTION_FEATURES, DETECTION_HIDDEN),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(DETECTION_HIDDEN, 1),
+        )
+        self.dncnn = build_noiseprint()
+        # Not in the checkpoint (non-persistent), but follows .to(dtype/device).
+        self.register_buffer("rgb_mean", _channel_constant(IMAGENET_MEAN), persistent=False)
+        self.register_buffer("rgb_std", _channel_constant(IMAGENET_STD), persistent=False)
+
+    def forward(self, image: torch.Tensor):
+        """image: N x 3 x H x W, RGB / 256. Returns (N x 2 x H/4 x W/4 localization logits,
+        N x 1 x H/4 x W/4 confidence logits, N x 1 x H x W Noiseprint++)."""
+        noiseprint = self.dncnn(image)
+        features = self.backbone((image - self.rgb_mean) / self.rgb_std,
+                                 noiseprint.expand(-1, 3, -1, -1))
+        return self.decode_head(features), self.decode_head_conf(features), noiseprint
