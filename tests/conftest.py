@@ -68,3 +68,25 @@ def reference_runner(checkpoint_seed0):
 
     with TorchRunner(checkpoint_seed0, device="cpu", precision="fp64") as runner:
         yield runner
+
+
+@pytest.fixture(autouse=True, scope="session")
+def isolated_cache(tmp_path_factory):
+    """Exports the tests trigger go to a throwaway cache, never the user's."""
+    previous = os.environ.get("TRUFOR_TRT_CACHE")
+    os.environ["TRUFOR_TRT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield Path(os.environ["TRUFOR_TRT_CACHE"])
+    if previous is None:
+        del os.environ["TRUFOR_TRT_CACHE"]
+    else:
+        os.environ["TRUFOR_TRT_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def model_seed0(tmp_path_factory, checkpoint_seed0) -> Path:
+    """`trufor-trt export` of the seed-0 checkpoint (verified at export)."""
+    from trufor_trt.export.bundle import export_model_dir
+
+    folder = tmp_path_factory.mktemp("models") / "seed0"
+    export_model_dir(checkpoint_seed0, folder, on_step=lambda message: None)
+    return folder

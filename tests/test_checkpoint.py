@@ -90,7 +90,7 @@ def test_analyze_exits_2_on_a_wrong_checkpoint(tmp_path, checkpoint_seed0, case)
     path, fragments = WRONG_CHECKPOINTS[case](tmp_path, checkpoint_seed0)
     image = SHARED / "data" / "images" / "pristine1.jpg"
     result = CliRunner().invoke(app, ["analyze", str(image), "--out", str(tmp_path / "out"),
-                                      "--checkpoint", str(path)])
+                                      "--checkpoint", str(path), "--backend", "torch"])
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and fragments[0] in lines[0], result.output

@@ -39,8 +39,8 @@ def image_folder(tmp_path):
     return folder
 
 
-def _analyze(*args):
-    return CliRunner().invoke(app, ["analyze", *map(str, args)])
+def _analyze(*args, backend="torch"):
+    return CliRunner().invoke(app, ["analyze", *map(str, args), "--backend", backend])
 
 
 def _records(out):

@@ -1,5 +1,6 @@
 """Parity with the official network's float64 outputs, through the path users take:
-checkpoint from make_checkpoint.py -> `trufor-trt analyze --backend torch` -> .npz files."""
+checkpoint from make_checkpoint.py -> `trufor-trt analyze` (torch, or ONNX Runtime on the
+exported model folder) -> .npz files."""
 
 import cv2
 import numpy as np
@@ -17,17 +18,25 @@ OUTPUT_KEYS = ("map", "conf", "score", "np++")
 
 
 @pytest.fixture(scope="session")
-def analyzed_goldens(tmp_path_factory, checkpoint_seed0):
-    """Every golden input written as a lossless PNG and analysed in one CLI run."""
+def golden_inputs(tmp_path_factory):
+    """Every golden input written as a lossless PNG."""
     require_shared()
     inputs = tmp_path_factory.mktemp("golden_inputs")
-    out = tmp_path_factory.mktemp("golden_outputs")
     for path in GOLDEN:
-        rgb = np.load(path)["rgb"]
-        assert cv2.imwrite(str(inputs / f"{path.stem}.png"), rgb[:, :, ::-1])
-    result = CliRunner().invoke(app, ["analyze", str(inputs), "--out", str(out), "--checkpoint",
-                                      str(checkpoint_seed0), "--backend", "torch", "--device", "cpu",
-                                      "--save-noiseprint", "--no-png"])
+        assert cv2.imwrite(str(inputs / f"{path.stem}.png"), np.load(path)["rgb"][:, :, ::-1])
+    return inputs
+
+
+@pytest.fixture(scope="session", params=["torch", "onnxruntime"])
+def analyzed_goldens(request, tmp_path_factory, golden_inputs, checkpoint_seed0):
+    """The golden inputs through one `analyze` run per backend."""
+    if request.param == "torch":
+        source = ["--checkpoint", str(checkpoint_seed0), "--device", "cpu"]
+    else:
+        source = ["--model", str(request.getfixturevalue("model_seed0"))]
+    out = tmp_path_factory.mktemp(f"golden_outputs_{request.param}")
+    result = CliRunner().invoke(app, ["analyze", str(golden_inputs), "--out", str(out), *source,
+                                      "--backend", request.param, "--save-noiseprint", "--no-png"])
     assert result.exit_code == 0, result.output
     return out
 

@@ -6,16 +6,15 @@ goes on; existing outputs are skipped unless overwrite is asked for, so a batch 
 """
 
 import json
-import time
 from collections import Counter
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.decode import DEFAULT_MAX_PIXELS, decode_image
 from ..engine.postprocess import postprocess
 from ..engine.preprocess import prepare_input
 from ..engine.runner import Runner
+from ..engine.timing import StageClock
 from ..errors import TruforError
 from .inputs import ImageJob
 from .outputs import OutputPaths, heatmap_png, npz_bytes, overlay_png, write_atomically
@@ -32,21 +31,6 @@ class AnalyzeOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
 
 
-@dataclass
-class StageClock:
-    """Milliseconds per stage, measured with perf_counter_ns."""
-
-    times_ms: dict = field(default_factory=dict)
-
-    @contextmanager
-    def stage(self, name: str):
-        start = time.perf_counter_ns()
-        try:
-            yield
-        finally:
-            self.times_ms[name] = round((time.perf_counter_ns() - start) / 1e6, 3)
-
-
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, TruforError) and hasattr(exc, "reason"):
         return exc.reason
@@ -54,16 +38,22 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
-def _run_image(job: ImageJob, runner: Runner, options: AnalyzeOptions, paths: OutputPaths,
-               clock: StageClock) -> dict:
+def analyse_file(path, runner: Runner, clock: StageClock, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """decode -> prepare -> infer -> postprocess, each stage timed; returns (rgb, Analysis)."""
     with clock.stage("decode"):
-        rgb = decode_image(job.path, max_pixels=options.max_pixels)
+        rgb = decode_image(path, max_pixels=max_pixels)
     with clock.stage("preprocess"):
         prepared = prepare_input(rgb)
     with clock.stage("inference"):
         raw = runner.infer(prepared)
     with clock.stage("postprocess"):
         analysis = postprocess(raw, runner.detection_head)
+    return rgb, analysis
+
+
+def _run_image(job: ImageJob, runner: Runner, options: AnalyzeOptions, paths: OutputPaths,
+               clock: StageClock) -> dict:
+    rgb, analysis = analyse_file(job.path, runner, clock, options.max_pixels)
     with clock.stage("write"):
         write_atomically(paths.npz, npz_bytes(analysis, options.save_noiseprint))
         if options.write_png:

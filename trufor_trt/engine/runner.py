@@ -10,6 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# The exported graph's tensor names: every backend and every graph variant uses these.
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("localization_logits", "confidence_logits", "noiseprint")
+
 
 @dataclass(frozen=True)
 class RawOutputs:

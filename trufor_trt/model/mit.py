@@ -1,10 +1,10 @@
 """SegFormer MiT-B2 building blocks, named as the TruFor checkpoint names them."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .layers import grid_to_tokens, merge_heads, split_heads, split_key_value, tokens_to_grid
+from .attention import multi_head_attention
+from .layers import grid_to_tokens, tokens_to_grid
 
 EMBED_DIMS = (64, 128, 320, 512)
 HEADS = (1, 2, 5, 8)
@@ -37,6 +37,7 @@ class SpatialReductionAttention(nn.Module):
     def __init__(self, dim: int, heads: int, sr_ratio: int):
         super().__init__()
         self.heads = heads
+        self.scale = (dim // heads) ** -0.5
         self.sr_ratio = sr_ratio
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
@@ -51,11 +52,9 @@ class SpatialReductionAttention(nn.Module):
         return self.norm(grid_to_tokens(self.sr(tokens_to_grid(tokens, height, width))))
 
     def forward(self, tokens: torch.Tensor, height, width) -> torch.Tensor:
-        query = split_heads(self.q(tokens), self.heads)
-        key, value = split_key_value(self.kv(self.key_value_source(tokens, height, width)), self.heads)
-        # Exactly softmax(q k^T / sqrt(d)) v, without keeping the score matrix around.
-        attended = F.scaled_dot_product_attention(query, key, value)
-        return self.proj(merge_heads(attended))
+        # The kv Linear's output holds all keys, then all values (each head after head).
+        key, value = self.kv(self.key_value_source(tokens, height, width)).chunk(2, dim=-1)
+        return self.proj(multi_head_attention(self.q(tokens), key, value, self.heads, self.scale))
 
 
 class DepthwiseConv(nn.Module):

@@ -17,7 +17,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DETECTION_FEATURES = 8
 DETECTION_HIDDEN = 128
-OUTPUT_NAMES = ("localization_logits", "confidence_logits", "noiseprint")
 
 
 def _channel_constant(values) -> torch.Tensor:

@@ -1,0 +1,169 @@
+"""`trufor-trt export`: a TensorRT-shaped, self-verified, self-describing model folder."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+from typer.testing import CliRunner
+
+from trufor_trt.cli import app
+from trufor_trt.engine.model_dir import MANIFEST_FILE, VARIANTS, ModelDir, ModelDirError, sha256_file
+from trufor_trt.export import verify
+from trufor_trt.export.bundle import export_model_dir
+from trufor_trt.export.graph_rules import (TENSORRT_ONNX_OPERATORS, operator_types,
+                                           tensorrt_shape_problems)
+from trufor_trt.export.verify import ExportVerificationError
+
+from conftest import make_checkpoint
+
+ATTENTION_LAYERS = 2 * (3 + 4 + 6 + 3)  # two streams x MiT-B2 depths
+
+
+@pytest.fixture(scope="module")
+def graphs(model_seed0):
+    return {variant.name: onnx.load(model_seed0 / variant.file, load_external_data=False)
+            for variant in VARIANTS}
+
+
+def test_manifest_describes_the_folder(model_seed0, checkpoint_seed0):
+    manifest = json.loads((model_seed0 / MANIFEST_FILE).read_text())
+    assert manifest["checkpoint"]["sha256"] == sha256_file(checkpoint_seed0)
+    assert set(manifest["variants"]) == {variant.name for variant in VARIANTS}
+    for name, digest in manifest["files"].items():
+        assert sha256_file(model_seed0 / name) == digest
+    assert manifest["input"]["value"] == "uint8 / 256" and manifest["input"]["min_side"] == 29
+    assert set(manifest["outputs"]) == {"localization_logits", "confidence_logits", "noiseprint"}
+    assert manifest["tools"]["onnxruntime"] and manifest["tools"]["torch"]
+    assert manifest["detection_head"]["file"] in manifest["files"]
+    results = manifest["verification"]["results"]
+    assert {tuple(result["size"]) for result in results} == {(61, 83), (96, 128)}
+    for result in results:
+        for output, error in result["max_abs"].items():
+            assert error <= manifest["verification"]["bounds_max_abs"][output]
+
+
+def test_tensorrt_graph_uses_only_parser_operators(graphs):
+    graph = graphs["fp32"]
+    assert operator_types(graph) <= TENSORRT_ONNX_OPERATORS
+    assert tensorrt_shape_problems(graph) == []
+
+
+def test_height_and_width_are_symbolic(graphs):
+    for graph in graphs.values():
+        for value in [*graph.graph.input, *graph.graph.output]:
+            dims = value.type.tensor_type.shape.dim
+            assert all(dims[axis].dim_param and not dims[axis].dim_value for axis in (0, 2, 3))
+        assert graph.ir_version == 10
+
+
+def _producer(graph, tensor):
+    return next((node for node in graph.graph.node if tensor in node.output), None)
+
+
+def test_attention_is_in_the_form_tensorrt_fuses(graphs):
+    """Mul(q, 1/8) -> MatMul -> Softmax -> MatMul, once per attention layer."""
+    graph = graphs["fp32"]
+    constants = {init.name: onnx.numpy_helper.to_array(init) for init in graph.graph.initializer}
+    fused = 0
+    for softmax in (node for node in graph.graph.node if node.op_type == "Softmax"):
+        scores = _producer(graph, softmax.input[0])
+        if scores is None or scores.op_type != "MatMul":
+            continue
+        scaled = _producer(graph, scores.input[0])
+        consumers = [node for node in graph.graph.node if softmax.output[0] in node.input]
+        if (scaled is not None and scaled.op_type == "Mul" and len(consumers) == 1
+                and consumers[0].op_type == "MatMul"
+                and any(np.allclose(constants.get(name, np.nan), 0.125) for name in scaled.input)):
+            fused += 1
+    assert fused == ATTENTION_LAYERS
+
+
+def test_cpu_variant_uses_onnxruntime_multi_head_attention(graphs):
+    nodes = [node for node in graphs["fp32-cpu"].graph.node if node.op_type == "MultiHeadAttention"]
+    assert len(nodes) == ATTENTION_LAYERS
+    assert all(node.domain == "com.microsoft" for node in nodes)
+
+
+def _tiny_graph(op: str, attributes=None, dims=("batch", 3, "height", "width")):
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(dims))]
+    node = helper.make_node(op, ["x"], ["y"], **(attributes or {}))
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    return helper.make_model(helper.make_graph([node], "tiny", inputs, outputs))
+
+
+@pytest.mark.parametrize("graph, fragment", [
+    (_tiny_graph("Relu"), None),
+    (_tiny_graph("NonZero"), "data-dependent"),
+    (_tiny_graph("Hardmax"), "not parsed by TensorRT"),
+    (_tiny_graph("Resize", {"mode": "cubic"}), "Resize cubic"),
+    (_tiny_graph("Relu", dims=(1, 3, 224, 224)), "fixed, not symbolic"),
+])
+def test_shape_rules_catch_what_tensorrt_cannot_build(graph, fragment):
+    problems = tensorrt_shape_problems(graph)
+    if fragment is None:
+        assert problems == []
+    else:
+        assert any(fragment in problem for problem in problems), problems
+
+
+def test_failed_verification_leaves_no_folder(tmp_path, checkpoint_seed0, monkeypatch):
+    monkeypatch.setattr(verify, "BOUNDS", {name: 1e-12 for name in verify.BOUNDS})
+    out = tmp_path / "model"
+    with pytest.raises(ExportVerificationError, match="is not faithful"):
+        export_model_dir(checkpoint_seed0, out, on_step=lambda message: None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_command_writes_a_loadable_folder(tmp_path, checkpoint_seed0):
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(checkpoint_seed0),
+                                      "--out", str(tmp_path / "m"), "--opset", "17"])
+    assert result.exit_code == 0, result.output
+    model = ModelDir.open(tmp_path / "m", checkpoint_sha256=sha256_file(checkpoint_seed0))
+    assert model.manifest["opset"] == 17
+
+
+def test_export_command_refuses_a_wrong_checkpoint(tmp_path):
+    bad = tmp_path / "bad.pth.tar"
+    bad.write_bytes(b"not a checkpoint")
+    result = CliRunner().invoke(app, ["export", "--checkpoint", str(bad), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2 and "not a readable PyTorch checkpoint" in result.output
+    assert not (tmp_path / "m").exists()
+
+
+def _copy(model_seed0, tmp_path):
+    return shutil.copytree(model_seed0, tmp_path / "copy")
+
+
+def _edit_manifest(folder, **changes):
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    manifest.update(changes)
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+REFUSALS = {
+    "format_version": (lambda folder: _edit_manifest(folder, format_version=99), "version 99"),
+    "no_manifest": (lambda folder: (folder / MANIFEST_FILE).unlink(), "no manifest.json"),
+    "missing_graph": (lambda folder: (folder / VARIANTS[1].file).unlink(), "is missing"),
+    "modified_head": (lambda folder: (folder / "detection_head.npz").write_bytes(b"x"),
+                      "does not match its manifest hash"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_unusable_model_folders_are_refused(tmp_path, model_seed0, case):
+    damage, fragment = REFUSALS[case]
+    folder = _copy(model_seed0, tmp_path)
+    damage(folder)
+    with pytest.raises(ModelDirError, match=fragment):
+        ModelDir.open(folder)
+
+
+def test_model_folder_from_another_checkpoint_is_refused(tmp_path, model_seed0, checkpoint_seed0):
+    other = make_checkpoint(tmp_path / "seed5.pth.tar", 5)
+    result = CliRunner().invoke(app, ["analyze", str(checkpoint_seed0), "--out", str(tmp_path / "o"),
+                                      "--model", str(model_seed0), "--checkpoint", str(other),
+                                      "--backend", "onnxruntime"])
+    assert result.exit_code == 2 and "exported from checkpoint" in result.output

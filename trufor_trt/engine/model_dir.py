@@ -1,0 +1,109 @@
+"""A model folder: the exported graphs, the detection head and a manifest that describes them.
+
+Reading and checking one needs neither torch nor onnx (a Jetson or CPU-only install loads it);
+`trufor_trt.export.bundle` writes it. A folder is refused, with the reason, when its format
+version is not ours, when it was exported from another checkpoint than the one asked for, or
+when any file is missing or differs from the hash the manifest recorded.
+"""
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import TruforError
+from .postprocess import DetectionHead
+
+FORMAT = "trufor-trt-model"
+FORMAT_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+DETECTION_HEAD_FILE = "detection_head.npz"
+
+
+@dataclass(frozen=True)
+class GraphVariant:
+    name: str
+    file: str
+    attention: str  # the attention form it was exported with (see model/attention.py)
+    precision: str
+    purpose: str
+
+
+VARIANTS = (
+    GraphVariant("fp32", "trufor_fp32.onnx", "tensorrt", "fp32",
+                 "TensorRT-shaped graph every engine is built from"),
+    GraphVariant("fp32-cpu", "trufor_fp32_cpu.onnx", "onnxruntime", "fp32",
+                 "ONNX Runtime CPU graph: attention as com.microsoft.MultiHeadAttention"),
+)
+CPU_VARIANT_BY_PRECISION = {"fp32": "fp32-cpu"}
+
+
+class ModelDirError(TruforError):
+    """A model folder that cannot be used as it is."""
+
+
+def sha256_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_manifest(path: Path) -> dict:
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ModelDirError(f"model folder {path}: no {MANIFEST_FILE} (not exported, or incomplete)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (ValueError, OSError) as exc:
+        raise ModelDirError(f"model folder {path}: unreadable {MANIFEST_FILE}: {exc}") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelDirError(
+            f"model folder {path}: format {manifest.get('format')!r} version "
+            f"{manifest.get('format_version')!r}, this trufor-trt reads {FORMAT!r} version "
+            f"{FORMAT_VERSION}: export it again")
+    return manifest
+
+
+def _check_files(path: Path, manifest: dict) -> None:
+    for name, expected in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise ModelDirError(f"model folder {path}: {name} is missing")
+        if sha256_file(file) != expected:
+            raise ModelDirError(f"model folder {path}: {name} does not match its manifest hash "
+                                "(corrupt or modified)")
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path, checkpoint_sha256: str = None) -> "ModelDir":
+        """A checked model folder; `checkpoint_sha256`, when given, must be its source's."""
+        path = Path(path)
+        if not path.is_dir():
+            raise ModelDirError(f"model folder {path}: no such folder")
+        manifest = _read_manifest(path)
+        source = manifest["checkpoint"]["sha256"]
+        if checkpoint_sha256 is not None and source != checkpoint_sha256:
+            raise ModelDirError(f"model folder {path}: exported from checkpoint {source[:12]}..., "
+                                f"not from the given one ({checkpoint_sha256[:12]}...)")
+        _check_files(path, manifest)
+        return cls(path, manifest)
+
+    def variant_path(self, name: str) -> Path:
+        variants = self.manifest["variants"]
+        if name not in variants:
+            raise ModelDirError(f"model folder {self.path}: has no {name!r} graph "
+                                f"(it has: {', '.join(sorted(variants))})")
+        return self.path / variants[name]["file"]
+
+    def detection_head(self) -> DetectionHead:
+        with np.load(self.path / self.manifest["detection_head"]["file"]) as arrays:
+            return DetectionHead(**{name: arrays[name] for name in arrays.files})
