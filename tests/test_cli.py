@@ -84,14 +84,17 @@ def test_rerun_skips_done_images_and_overwrite_redoes_them(tmp_path, image_folde
     assert not list(out.glob("*.png"))
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 @pytest.mark.parametrize("name", ["grey.png", "nested/rgba.png", "odd size.png"])
-def test_outputs_match_the_float64_reference(tmp_path, image_folder, checkpoint_seed0,
-                                             reference_runner, name):
+def test_outputs_match_the_float64_reference(request, tmp_path, image_folder, checkpoint_seed0,
+                                             reference_runner, name, backend):
     """Grey, RGBA and odd-sized inputs: the CLI's float32 outputs against the float64 network
     run on Pillow's decoding of the same file."""
     out = tmp_path / "out"
-    assert _analyze(image_folder / name, "--out", out, "--checkpoint", checkpoint_seed0,
-                    "--save-noiseprint", "--no-png").exit_code == 0
+    source = (["--checkpoint", checkpoint_seed0] if backend == "torch"
+              else ["--model", request.getfixturevalue("model_seed0")])
+    assert _analyze(image_folder / name, "--out", out, *source, "--save-noiseprint", "--no-png",
+                    backend=backend).exit_code == 0
     saved = np.load(out / f"{name.split('/')[-1]}.npz")
     rgb = np.array(Image.open(image_folder / name).convert("RGB"))
     reference = postprocess(reference_runner.infer(prepare_input(rgb, np.float64)),
