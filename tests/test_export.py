@@ -13,8 +13,8 @@ from trufor_trt.cli import app
 from trufor_trt.engine.model_dir import MANIFEST_FILE, VARIANTS, ModelDir, ModelDirError, sha256_file
 from trufor_trt.export import verify
 from trufor_trt.export.bundle import export_model_dir
-from trufor_trt.export.graph_rules import (TENSORRT_ONNX_OPERATORS, operator_types,
-                                           tensorrt_shape_problems)
+from trufor_trt.export.graph_rules import (TENSORRT_ONNX_OPERATORS, attention_chains,
+                                           operator_types, tensorrt_shape_problems)
 from trufor_trt.export.verify import ExportVerificationError
 
 from conftest import make_checkpoint
@@ -59,26 +59,15 @@ def test_height_and_width_are_symbolic(graphs):
         assert graph.ir_version == 10
 
 
-def _producer(graph, tensor):
-    return next((node for node in graph.graph.node if tensor in node.output), None)
-
-
 def test_attention_is_in_the_form_tensorrt_fuses(graphs):
     """Mul(q, 1/8) -> MatMul -> Softmax -> MatMul, once per attention layer."""
     graph = graphs["fp32"]
+    chains = attention_chains(graph)
+    assert len(chains) == ATTENTION_LAYERS
     constants = {init.name: onnx.numpy_helper.to_array(init) for init in graph.graph.initializer}
-    fused = 0
-    for softmax in (node for node in graph.graph.node if node.op_type == "Softmax"):
-        scores = _producer(graph, softmax.input[0])
-        if scores is None or scores.op_type != "MatMul":
-            continue
-        scaled = _producer(graph, scores.input[0])
-        consumers = [node for node in graph.graph.node if softmax.output[0] in node.input]
-        if (scaled is not None and scaled.op_type == "Mul" and len(consumers) == 1
-                and consumers[0].op_type == "MatMul"
-                and any(np.allclose(constants.get(name, np.nan), 0.125) for name in scaled.input)):
-            fused += 1
-    assert fused == ATTENTION_LAYERS
+    nodes = {node.name: node for node in graph.graph.node}
+    for scale, *_ in chains:
+        assert any(np.allclose(constants.get(name, np.nan), 0.125) for name in nodes[scale].input)
 
 
 def test_cpu_variant_uses_onnxruntime_multi_head_attention(graphs):

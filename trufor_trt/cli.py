@@ -10,6 +10,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -30,21 +31,24 @@ console = Console(stderr=True, highlight=False)
 
 class Backend(str, Enum):
     auto = "auto"
+    tensorrt = "tensorrt"
     onnxruntime = "onnxruntime"
     torch = "torch"
 
 
 class Precision(str, Enum):
     fp32 = "fp32"
+    fp16 = "fp16"
+    int8 = "int8"
 
 
 def fail_setup(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(EXIT_SETUP)
 
 
 def say(message: str) -> None:
-    console.print(f"[dim]{message}[/]", soft_wrap=True)
+    console.print(f"[dim]{escape(message)}[/]", soft_wrap=True)
 
 
 def _missing_package(exc: ModuleNotFoundError, extra: str) -> str:
@@ -66,22 +70,42 @@ def main(version: bool = typer.Option(False, "--version", callback=_show_version
 @app.command()
 def export(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="TruFor checkpoint (trufor.pth.tar)."),
-    out: Path = typer.Option(..., "--out", help="Model folder to write (replaced if it exists)."),
+    out: Path = typer.Option(..., "--out", help="Model folder to write (FP32: replaced if it exists)."),
     opset: int = typer.Option(18, "--opset", min=17, max=20, help="ONNX opset."),
+    precision: Precision = typer.Option(Precision.fp32, "--precision",
+                                        help="fp16 / int8: add that variant to the model folder."),
+    calib_images: Optional[Path] = typer.Option(None, "--calib-images",
+                                                help="Real images to measure fp16 / calibrate int8 on."),
 ) -> None:
-    """Export the network to a verified ONNX model folder (graphs, detection head, manifest)."""
+    """Export the network to a verified ONNX model folder, or add an FP16 / INT8 variant to it."""
+    if precision != Precision.fp32 and calib_images is None:
+        fail_setup(f"--precision {precision.value} needs --calib-images DIR (real images)")
     try:
+        from .engine.model_dir import ModelDir, ModelDirError, sha256_file
         from .export.bundle import export_model_dir
 
-        manifest = export_model_dir(checkpoint, out, opset=opset, on_step=say)
+        try:
+            manifest = ModelDir.open(out, checkpoint_sha256=sha256_file(checkpoint)).manifest
+            fresh = precision == Precision.fp32
+        except ModelDirError:
+            fresh = True
+        if fresh:
+            manifest = export_model_dir(checkpoint, out, opset=opset, on_step=say)
+            worst = max(result["max_abs"]["localization_logits"]
+                        for result in manifest["verification"]["results"])
+            console.print(f"wrote {escape(str(out))} ({', '.join(manifest['variants'])}); worst logit deviation "
+                          f"from the float64 network {worst:.2e}")
+        if precision != Precision.fp32:
+            from .export.variants import add_precision_variant
+
+            entry = add_precision_variant(out, precision.value, calib_images, on_step=say)
+            measured = ", ".join(f"{name} {error:.2e}"
+                                 for name, error in entry["deviation_vs_fp32"]["max_abs"].items())
+            console.print(f"added {precision.value} to {escape(str(out))}; deviation from fp32: {measured}")
     except TruforError as exc:
         fail_setup(str(exc))
     except ModuleNotFoundError as exc:
         fail_setup(_missing_package(exc, "export"))
-    worst = max(result["max_abs"]["localization_logits"]
-                for result in manifest["verification"]["results"])
-    console.print(f"wrote {out} ({', '.join(manifest['variants'])}); worst logit deviation from "
-                  f"the float64 network {worst:.2e}")
 
 
 def _open_model(model: Optional[Path], checkpoint: Optional[Path]):
@@ -99,18 +123,21 @@ def _open_model(model: Optional[Path], checkpoint: Optional[Path]):
 
 def _load_runner(backend: str, model: Optional[Path], checkpoint: Optional[Path], device: str,
                  precision: str):
+    """The loaded runner for the requested backend (auto resolved here)."""
     try:
         if backend == "torch":
             if checkpoint is None:
                 fail_setup("the torch backend runs from --checkpoint FILE")
             runner = create_runner("torch", checkpoint=checkpoint, device=device, precision=precision)
         else:
-            runner = create_runner(backend, model=_open_model(model, checkpoint), precision=precision)
+            opened = _open_model(model, checkpoint)
+            backend = pick_backend(backend, opened.path, precision)
+            runner = create_runner(backend, model=opened, precision=precision)
         runner.load()
     except TruforError as exc:
         fail_setup(str(exc))
     except ModuleNotFoundError as exc:
-        fail_setup(_missing_package(exc, "export" if exc.name == "torch" else BACKEND_EXTRAS[backend]))
+        fail_setup(_missing_package(exc, "export" if exc.name in ("torch", "onnx") else BACKEND_EXTRAS[backend]))
     return runner
 
 
@@ -141,7 +168,7 @@ def analyze(
     jobs = expand_inputs(inputs)
     if not jobs:
         fail_setup("no input images found in: " + " ".join(inputs))
-    runner = _load_runner(pick_backend(backend.value), model, checkpoint, device, precision.value)
+    runner = _load_runner(backend.value, model, checkpoint, device, precision.value)
     options = AnalyzeOptions(out_dir=out, save_noiseprint=save_noiseprint, write_png=not no_png,
                              overwrite=overwrite, max_pixels=max_pixels)
     try:
@@ -150,30 +177,31 @@ def analyze(
 
             def report(record: dict) -> None:
                 if record["status"] == "error":
-                    progress.console.print(f"[red]failed[/] {record['input']}: {record['reason']}",
-                                           soft_wrap=True)
+                    progress.console.print(f"[red]failed[/] {escape(record['input'])}: "
+                                           f"{escape(record['reason'])}", soft_wrap=True)
                 progress.advance(task)
 
             summary = analyze_batch(jobs, runner, options, on_record=report)
     finally:
         runner.close()
     console.print(f"{summary['ok']} analysed, {summary['skipped']} skipped (outputs exist), "
-                  f"{summary['error']} failed; details in {out / RESULTS_FILE}")
+                  f"{summary['error']} failed; details in {escape(str(out / RESULTS_FILE))}")
     raise typer.Exit(EXIT_FAILED if summary["error"] else 0)
 
 
 def _selftest_table(report) -> Table:
-    from .selftest import BOUNDS
+    from .selftest import bounds_for
 
-    table = Table(title=f"selftest: {report.backend} vs the float64 PyTorch network (max abs)")
+    table = Table(title=f"selftest: {report.backend} {report.precision} vs the float64 PyTorch "
+                        "network (max abs)")
     table.add_column("image")
-    for name, bound in BOUNDS.items():
+    for name, bound in bounds_for(report.precision).items():
         table.add_column(f"{name} (<= {bound:g})", justify="right")
     table.add_column("ms: decode / infer / post", justify="right")
     for check in report.checks:
         times = check.times_ms
         table.add_row(f"{check.size[1]}x{check.size[0]}",
-                      *(f"{check.deviations[name]:.2e}" for name in BOUNDS),
+                      *(f"{check.deviations[name]:.2e}" for name in check.bounds),
                       f"{times['decode']:.0f} / {times['inference']:.0f} / {times['postprocess']:.0f}")
     return table
 
@@ -181,14 +209,16 @@ def _selftest_table(report) -> Table:
 @app.command()
 def selftest(
     backend: Backend = typer.Option(Backend.auto, "--backend", help="Backend to prove."),
+    precision: Precision = typer.Option(Precision.fp32, "--precision", help="fp32 or fp16."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random checkpoint."),
 ) -> None:
-    """Prove this installation end to end on a random checkpoint and synthetic images."""
-    chosen = pick_backend(backend.value)
+    """Prove this installation end to end on a random checkpoint and synthetic images
+    (with --backend tensorrt: a small-profile engine built on this GPU)."""
+    chosen = "onnxruntime" if backend == Backend.auto else backend.value
     try:
         from .selftest import run_selftest
 
-        report = run_selftest(chosen, seed=seed, on_step=say)
+        report = run_selftest(chosen, precision=precision.value, seed=seed, on_step=say)
     except TruforError as exc:
         fail_setup(str(exc))
     except ModuleNotFoundError as exc:
@@ -196,5 +226,77 @@ def selftest(
     Console(highlight=False).print(_selftest_table(report))
     setup = ", ".join(f"{stage} {ms / 1000:.1f} s" for stage, ms in report.setup_ms.items())
     worst = ", ".join(f"{name} {error:.2e}" for name, error in report.worst().items())
-    typer.echo(f"{'PASS' if report.passed else 'FAIL'}: {chosen}; worst {worst}; setup: {setup}")
+    typer.echo(f"{'PASS' if report.passed else 'FAIL'}: {chosen} {report.precision}; worst {worst}; "
+               f"setup: {setup}")
     raise typer.Exit(0 if report.passed else EXIT_FAILED)
+
+
+@app.command()
+def build(
+    model: Path = typer.Option(Path("trufor-model"), "--model", help="Model folder from `trufor-trt export`."),
+    fp16: bool = typer.Option(False, "--fp16", help="Build the FP16 variant."),
+    int8: bool = typer.Option(False, "--int8", help="Build the INT8 variant."),
+    fp32: bool = typer.Option(False, "--fp32", help="Build the FP32 graph."),
+    min_shape: Optional[str] = typer.Option(None, "--min-shape", help="HxW; default 32x32."),
+    opt_shape: Optional[str] = typer.Option(None, "--opt-shape",
+                                            help="HxW; default 768x768 on a Jetson, 1024x1024 else."),
+    max_shape: Optional[str] = typer.Option(None, "--max-shape",
+                                            help="HxW; default 1536x1536 on a Jetson, 2048x2048 else."),
+    workspace: float = typer.Option(4.0, "--workspace", min=0.25, help="Builder workspace, GiB."),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Loaded and saved."),
+) -> None:
+    """Build a TensorRT engine for this GPU (like trtexec): one profile, timing cache, sidecar."""
+    chosen = [name for name, wanted in (("fp16", fp16), ("int8", int8), ("fp32", fp32)) if wanted]
+    if len(chosen) != 1:
+        fail_setup("choose exactly one of --fp16, --int8, --fp32")
+    try:
+        from .export.tensorrt_build import build_engine
+
+        engine = build_engine(model, chosen[0], workspace_gib=workspace, timing_cache_path=timing_cache,
+                              min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape, on_step=say)
+    except TruforError as exc:
+        fail_setup(str(exc))
+    console.print(f"wrote {escape(str(engine))}")
+
+
+def _validation_table(report) -> Table:
+    table = Table(title=f"{report.backend} {report.precision} vs fp32 (onnxruntime)")
+    for column in ("image", "map max", "map mean", "conf max", "conf mean", "score err", "flipped"):
+        table.add_column(column, justify="left" if column == "image" else "right")
+    for row in report.images:
+        table.add_row(row.image, f"{row.map_max:.2e}", f"{row.map_mean:.2e}", f"{row.conf_max:.2e}",
+                      f"{row.conf_mean:.2e}", f"{row.score_error:.2e}", "YES" if row.flipped else "no")
+    overall = report.overall()
+    table.add_row("overall", f"{overall['map_max']:.2e}", f"{overall['map_mean']:.2e}",
+                  f"{overall['conf_max']:.2e}", f"{overall['conf_mean']:.2e}",
+                  f"{overall['score_error_max']:.2e}", str(overall["decisions_flipped"]))
+    return table
+
+
+@app.command()
+def validate(
+    model: Path = typer.Option(..., "--model", help="Model folder from `trufor-trt export`."),
+    backend: Backend = typer.Option(Backend.auto, "--backend", help="Backend to validate."),
+    precision: Precision = typer.Option(Precision.fp16, "--precision", help="Variant to validate."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Real images (default: synthetic)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report here."),
+) -> None:
+    """Faithfulness of one engine or graph variant against the FP32 reference, per image."""
+    import json
+
+    from .batch.outputs import write_atomically
+    from .engine.model_dir import ModelDir
+    from .validate import validate as run_validation
+
+    try:
+        opened = ModelDir.open(model)
+        chosen = pick_backend(backend.value, opened.path, precision.value)
+        report = run_validation(opened, chosen, precision.value, images)
+    except TruforError as exc:
+        fail_setup(str(exc))
+    except ModuleNotFoundError as exc:
+        fail_setup(_missing_package(exc, "export" if exc.name in ("onnx", "onnx_graphsurgeon")
+                                    else BACKEND_EXTRAS[chosen]))
+    Console(highlight=False).print(_validation_table(report))
+    if json_path is not None:
+        write_atomically(json_path, (json.dumps(report.to_json(), indent=2) + "\n").encode())

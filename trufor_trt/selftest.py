@@ -15,9 +15,11 @@ import numpy as np
 
 from .batch.analyze import analyse_file
 from .engine import create_runner
-from .engine.postprocess import Analysis, postprocess
+from .engine.postprocess import postprocess
 from .engine.preprocess import prepare_input
 from .engine.timing import StageClock
+from .errors import TruforError
+from .export.measure import output_errors
 from .export.synthetic import synthetic_image
 
 SELFTEST_SIZES = ((45, 67), (61, 83), (97, 130))
@@ -30,15 +32,17 @@ class ImageCheck:
     size: tuple
     deviations: dict
     times_ms: dict
+    bounds: dict = field(default_factory=lambda: BOUNDS)
 
     @property
     def passed(self) -> bool:
-        return all(self.deviations[name] <= bound for name, bound in BOUNDS.items())
+        return all(self.deviations[name] <= bound for name, bound in self.bounds.items())
 
 
 @dataclass
 class SelftestReport:
     backend: str
+    precision: str = "fp32"
     setup_ms: dict = field(default_factory=dict)
     checks: list = field(default_factory=list)
 
@@ -82,31 +86,66 @@ def write_random_checkpoint(path: Path, seed: int) -> None:
     torch.save({"epoch": 0, "state_dict": state}, path)
 
 
-def analysis_deviations(ours: Analysis, reference: Analysis) -> dict:
-    def worst(left, right):
-        return float(np.max(np.abs(np.asarray(left, np.float64) - np.asarray(right, np.float64))))
-
-    return {"map": worst(ours.localization_map, reference.localization_map),
-            "conf": worst(ours.confidence_map, reference.confidence_map),
-            "score": worst(ours.score, reference.score),
-            "np++": worst(ours.noiseprint, reference.noiseprint)}
+SELFTEST_PROFILE = ((32, 32), (96, 128), (160, 160))  # covers SELFTEST_SIZES, builds fast
 
 
-def _prepare_model(backend: str, checkpoint: Path, scratch: Path, clock: StageClock):
+def _write_calibration_images(folder: Path, seed: int) -> Path:
+    folder.mkdir()
+    for index, (height, width) in enumerate(SELFTEST_SIZES):
+        cv2.imwrite(str(folder / f"calibration_{index}.png"),
+                    synthetic_image(height, width, seed=seed + 100 + index)[:, :, ::-1])
+    return folder
+
+
+def _prepare_model(backend: str, precision: str, checkpoint: Path, scratch: Path, clock: StageClock,
+                   seed: int):
+    """The model folder the backend runs (none for torch); for TensorRT, with its engine."""
     from .export.bundle import export_model_dir
 
     if backend == "torch":
         return None
     with clock.stage("export"):
         export_model_dir(checkpoint, scratch / "model", on_step=lambda message: None)
+    if precision != "fp32":
+        from .export.variants import add_precision_variant
+
+        with clock.stage(f"{precision} variant"):
+            add_precision_variant(scratch / "model", precision,
+                                  _write_calibration_images(scratch / "calibration", seed),
+                                  on_step=lambda message: None)
+    if backend == "tensorrt":
+        from .engine.tensorrt_plan import Profile
+        from .export.tensorrt_build import build_engine
+
+        with clock.stage("engine build"):
+            build_engine(scratch / "model", precision, Profile(*SELFTEST_PROFILE),
+                         on_step=lambda message: None)
     return scratch / "model"
 
 
-def run_selftest(backend: str, seed: int = 0, on_step=print) -> SelftestReport:
+def bounds_for(precision: str) -> dict:
+    """FP32 backends: the core floors. FP16: the budget its variant was planned against."""
+    if precision == "fp16":
+        from .export.fp16_plan import FP16_BUDGET
+
+        return FP16_BUDGET
+    return BOUNDS
+
+
+def run_selftest(backend: str, precision: str = "fp32", seed: int = 0, on_step=print) -> SelftestReport:
     from .export.verify import float64_reference
     from .model import load_trufor
 
-    report = SelftestReport(backend=backend)
+    if precision == "int8":
+        raise TruforError("selftest proves fp32 and fp16; judge int8 on real images with "
+                          "`trufor-trt validate --precision int8 --images DIR`")
+    if backend == "tensorrt":  # say what is missing before minutes of export
+        from .engine.cuda import gpu_info
+        from .export.tensorrt_build import import_tensorrt
+
+        import_tensorrt()
+        gpu_info()
+    report = SelftestReport(backend=backend, precision=precision)
     clock = StageClock(report.setup_ms)
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
@@ -115,9 +154,10 @@ def run_selftest(backend: str, seed: int = 0, on_step=print) -> SelftestReport:
         with clock.stage("checkpoint"):
             write_random_checkpoint(checkpoint, seed)
         on_step("exporting and verifying the ONNX graphs" if backend != "torch" else "loading")
-        model = _prepare_model(backend, checkpoint, scratch, clock)
+        model = _prepare_model(backend, precision, checkpoint, scratch, clock, seed)
         reference = float64_reference(load_trufor(checkpoint))
-        runner = create_runner(backend, checkpoint=checkpoint, model=model, device="cpu")
+        runner = create_runner(backend, checkpoint=checkpoint, model=model, device="cpu",
+                               precision=precision)
         with clock.stage("load"):
             runner.load()
         try:
@@ -129,8 +169,8 @@ def run_selftest(backend: str, seed: int = 0, on_step=print) -> SelftestReport:
                 image_clock = StageClock()
                 _, ours = analyse_file(path, runner, image_clock)
                 truth = postprocess(reference(prepare_input(rgb, np.float64)), runner.detection_head)
-                report.checks.append(ImageCheck((height, width), analysis_deviations(ours, truth),
-                                                image_clock.times_ms))
+                report.checks.append(ImageCheck((height, width), output_errors(ours, truth),
+                                                image_clock.times_ms, bounds_for(precision)))
         finally:
             runner.close()
     return report

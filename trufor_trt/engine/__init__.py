@@ -1,25 +1,44 @@
 """Runners behind one interface, and the CPU stages around them (decode, prepare, postprocess).
 
-Nothing here imports torch, onnxruntime or tensorrt at import time: each runner imports its
-own backend when it is loaded.
+Nothing here imports torch, onnxruntime, tensorrt or pycuda at import time: each runner
+imports its own backend when it is loaded.
 """
+
+import importlib.util
 
 from .runner import RawOutputs, Runner
 
-BACKENDS = ("onnxruntime", "torch")
-BACKEND_EXTRAS = {"onnxruntime": "cpu", "torch": "export"}
+BACKENDS = ("tensorrt", "onnxruntime", "torch")
+BACKEND_EXTRAS = {"tensorrt": "trt", "onnxruntime": "cpu", "torch": "export"}
 
 
-def pick_backend(requested: str) -> str:
-    """`auto` is TensorRT where a TensorRT runner can run and an engine for this GPU exists,
-    else ONNX Runtime; this build has no TensorRT runner yet, so it is ONNX Runtime."""
-    return "onnxruntime" if requested == "auto" else requested
+def tensorrt_engine_ready(model_dir, precision: str) -> bool:
+    """TensorRT and pycuda import, a GPU answers, and an engine for it exists in the folder."""
+    if not all(importlib.util.find_spec(module) for module in ("tensorrt", "pycuda")):
+        return False
+    from .cuda import gpu_info
+    from .tensorrt_plan import EngineError, find_engines
+
+    try:
+        import tensorrt
+
+        return bool(find_engines(model_dir, gpu_info(), tensorrt.__version__, precision))
+    except EngineError:
+        return False
+
+
+def pick_backend(requested: str, model_dir=None, precision: str = "fp32") -> str:
+    """`auto`: TensorRT where it can run and an engine for this GPU exists, else ONNX Runtime."""
+    if requested != "auto":
+        return requested
+    ready = model_dir is not None and tensorrt_engine_ready(model_dir, precision)
+    return "tensorrt" if ready else "onnxruntime"
 
 
 def create_runner(backend: str, *, checkpoint=None, model=None, device: str = "auto",
                   precision: str = "fp32") -> Runner:
     """The runner for a backend name, not yet loaded. `model` is a model folder (or ModelDir)
-    for the ONNX backends; `checkpoint` feeds the torch backend."""
+    for the ONNX and TensorRT backends; `checkpoint` feeds the torch backend."""
     if backend == "torch":
         from .torch_runner import TorchRunner
 
@@ -28,6 +47,10 @@ def create_runner(backend: str, *, checkpoint=None, model=None, device: str = "a
         from .onnxruntime_runner import OnnxRuntimeRunner
 
         return OnnxRuntimeRunner(model, precision=precision)
+    if backend == "tensorrt":
+        from .tensorrt_runner import TensorRTRunner
+
+        return TensorRTRunner(model, precision=precision)
     raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
 
 

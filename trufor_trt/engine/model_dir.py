@@ -37,7 +37,7 @@ VARIANTS = (
     GraphVariant("fp32-cpu", "trufor_fp32_cpu.onnx", "onnxruntime", "fp32",
                  "ONNX Runtime CPU graph: attention as com.microsoft.MultiHeadAttention"),
 )
-CPU_VARIANT_BY_PRECISION = {"fp32": "fp32-cpu"}
+CPU_VARIANT = "fp32-cpu"
 
 
 class ModelDirError(TruforError):

@@ -5,11 +5,9 @@ whose flash kernel keeps memory bounded). The session settings below, and what e
 measured to buy on a 2-core CPU, are in the README ("ONNX Runtime settings").
 """
 
-from pathlib import Path
-
 import numpy as np
 
-from .model_dir import CPU_VARIANT_BY_PRECISION, ModelDir
+from .model_dir import CPU_VARIANT, ModelDir
 from .runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs, Runner
 
 
@@ -29,8 +27,9 @@ def _register_shared_arena(ort) -> None:
         _shared_arena_registered = True
 
 
-def create_session(graph: Path, threads: int = 0):
-    """An ONNX Runtime CPU session configured for one image at a time of varying size."""
+def create_session(graph, threads: int = 0):
+    """An ONNX Runtime CPU session configured for one image at a time of varying size.
+    `graph`: a path, or a serialized model (bytes)."""
     import onnxruntime as ort
 
     _register_shared_arena(ort)
@@ -44,13 +43,25 @@ def create_session(graph: Path, threads: int = 0):
     options.enable_mem_pattern = False
     options.add_session_config_entry("session.use_env_allocators", "1")
     options.log_severity_level = 3
-    return ort.InferenceSession(str(graph), sess_options=options,
-                                providers=["CPUExecutionProvider"])
+    source = graph if isinstance(graph, bytes) else str(graph)
+    return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
 
 
 def run_session(session, prepared: np.ndarray) -> RawOutputs:
     outputs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: prepared})
     return RawOutputs.from_batch_of_one(*outputs)
+
+
+def _cpu_graph(model: ModelDir, precision: str):
+    """FP32: the CPU variant. FP16 / INT8: the TensorRT variant with its float16 storage
+    simulated in float32 (ORT has almost no CPU float16 kernels); that needs the `export` extra."""
+    if precision == "fp32":
+        return model.variant_path(CPU_VARIANT)
+    import onnx
+
+    from ..export.precision import upcast_fp16
+
+    return upcast_fp16(onnx.load(model.variant_path(precision))).SerializeToString()
 
 
 class OnnxRuntimeRunner(Runner):
@@ -66,11 +77,7 @@ class OnnxRuntimeRunner(Runner):
 
     def load(self) -> None:
         model = self.model if isinstance(self.model, ModelDir) else ModelDir.open(self.model)
-        if self.precision not in CPU_VARIANT_BY_PRECISION:
-            raise ValueError(f"precision {self.precision!r} has no ONNX Runtime graph; "
-                             f"choose {', '.join(CPU_VARIANT_BY_PRECISION)}")
-        self.session = create_session(model.variant_path(CPU_VARIANT_BY_PRECISION[self.precision]),
-                                      self.threads)
+        self.session = create_session(_cpu_graph(model, self.precision), self.threads)
         self.detection_head = model.detection_head()
 
     def infer(self, prepared: np.ndarray) -> RawOutputs:

@@ -40,10 +40,18 @@ def _trace_to_onnx(network, path: Path, attention: str, opset: int) -> None:
     network.eval()  # the exporter restores the training flag it found, which may not be eval
 
 
+def quiet_graphsurgeon():
+    """onnx-graphsurgeon, logging errors only (its warnings are about our own naming)."""
+    import onnx_graphsurgeon as gs
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    G_LOGGER.severity = G_LOGGER.ERROR
+    return gs
+
+
 def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     """Constant folding, dead-node removal and topological order (onnx-graphsurgeon)."""
-    import onnx_graphsurgeon as gs
-
+    gs = quiet_graphsurgeon()
     graph = gs.import_onnx(model)
     graph.fold_constants().cleanup().toposort()
     cleaned = gs.export_onnx(graph)

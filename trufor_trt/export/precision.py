@@ -1,15 +1,15 @@
 """Mixed precision written into the ONNX graph itself (TensorRT 11 takes precision from there).
 
-One pass, two outputs, from an FP32 graph and the set of nodes chosen to run in FP16:
-- `lower_to_fp16`: those nodes read and write float16 tensors (weights converted, Casts at the
-  borders); graph inputs and outputs stay float32. This is the graph TensorRT builds.
-- `simulate_fp16`: the same nodes compute in float32 on inputs rounded to float16, and their
-  outputs are rounded to float16 (Cast to float16 and back). ONNX Runtime's CPU provider has
-  almost no float16 kernels, so this is how an FP16 variant is measured on a CPU. It proves
-  the effect of storing every weight and every activation of those nodes in float16 (rounding,
-  and overflow to inf when a value leaves the float16 range); it does not prove the effect of
-  float16 arithmetic inside a kernel (TensorRT accumulates most convolutions and matrix
-  products in float32, but its fused kernels and tactics are its own).
+- `lower_to_fp16(graph, nodes)`: the chosen nodes read and write float16 tensors (their float
+  weights converted, Casts at the borders); graph inputs and outputs stay float32. This is
+  the graph TensorRT builds.
+- `upcast_fp16(graph)`: runs any such graph on a CPU. ONNX Runtime's CPU provider has almost
+  no float16 kernels, so every float16 tensor becomes float32 *rounded to float16* (a Cast to
+  float16 and back after each node that wrote float16). This proves the effect of storing every
+  weight and activation of those nodes in float16 (rounding, and overflow to inf where a value
+  leaves the float16 range); it does not prove the effect of float16 arithmetic inside a kernel
+  (TensorRT accumulates most convolutions and matrix products in float32, but its fused kernels
+  and tactics are its own), which only a run on the GPU shows.
 """
 
 import numpy as np
@@ -18,100 +18,96 @@ from onnx import TensorProto, helper, numpy_helper
 
 # Float inputs that are parameters, not data: they keep their type (Resize's roi and scales).
 PARAMETER_INPUTS = {"Resize": {1, 2}}
-LOW = "fp16"
+HALF_SUFFIX = "/fp16"
 
 
-def _float_tensors(model: onnx.ModelProto) -> set:
-    inferred = onnx.shape_inference.infer_shapes(model)
-    graph = inferred.graph
-    infos = [*graph.value_info, *graph.input, *graph.output]
-    floats = {info.name for info in infos if info.type.tensor_type.elem_type == TensorProto.FLOAT}
-    return floats | {init.name for init in graph.initializer if init.data_type == TensorProto.FLOAT}
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    return onnx.ModelProto.FromString(model.SerializeToString())
 
 
-class _Lowering:
-    """Rewrites the chosen nodes' float inputs and outputs; `simulate` picks the flavour."""
-
-    def __init__(self, model: onnx.ModelProto, simulate: bool):
-        self.model = model
-        self.simulate = simulate
-        self.floats = _float_tensors(model)
-        self.initializers = {init.name: init for init in model.graph.initializer}
-        self.low_names = {}  # float32 tensor -> its float16 (or rounded) twin
-        self.new_nodes = []
-        self.new_initializers = []
-
-    def _cast(self, source: str, target: str, to: int) -> None:
-        self.new_nodes.append(helper.make_node("Cast", [source], [target], to=to,
-                                               name=f"{target}/Cast"))
-
-    def _round_trip(self, source: str, target: str) -> None:
-        middle = f"{target}/half"
-        self._cast(source, middle, TensorProto.FLOAT16)
-        self._cast(middle, target, TensorProto.FLOAT)
-
-    def low(self, name: str) -> str:
-        """The float16 twin of a float32 tensor (created once)."""
-        if name not in self.low_names:
-            twin = f"{name}/{LOW}"
-            if name in self.initializers:
-                values = numpy_helper.to_array(self.initializers[name]).astype(np.float16)
-                stored = values.astype(np.float32) if self.simulate else values
-                self.new_initializers.append(numpy_helper.from_array(stored, twin))
-            elif self.simulate:
-                self._round_trip(name, twin)
-            else:
-                self._cast(name, twin, TensorProto.FLOAT16)
-            self.low_names[name] = twin
-        return self.low_names[name]
-
-    def lower_node(self, node: onnx.NodeProto) -> None:
-        if node.op_type == "Cast":
-            raise ValueError(f"{node.name}: Cast nodes are not lowered")
-        parameters = PARAMETER_INPUTS.get(node.op_type, set())
-        for index, name in enumerate(node.input):
-            if name in self.floats and index not in parameters:
-                node.input[index] = self.low(name)
-        for index, name in enumerate(node.output):
-            if name not in self.floats:
-                continue
-            if self.simulate:  # the node computes in float32; its result is rounded
-                node.output[index] = f"{name}/raw"
-                self._round_trip(node.output[index], name)
-                self.low_names[name] = name
-            else:  # the node writes float16; float32 consumers read a Cast of it
-                node.output[index] = f"{name}/{LOW}"
-                self._cast(node.output[index], name, TensorProto.FLOAT)
-                self.low_names[name] = node.output[index]
+def tensor_types(model: onnx.ModelProto) -> dict:
+    """Element type of every tensor whose type shape inference can tell."""
+    graph = onnx.shape_inference.infer_shapes(model).graph
+    types = {info.name: info.type.tensor_type.elem_type
+             for info in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({init.name: init.data_type for init in graph.initializer})
+    return types
 
 
-def _lower(model: onnx.ModelProto, low_nodes: set, simulate: bool) -> onnx.ModelProto:
-    import onnx_graphsurgeon as gs
+def _cast(source: str, target: str, to: int, role: str) -> onnx.NodeProto:
+    """A Cast named after its output and its role, so the two passes never collide."""
+    return helper.make_node("Cast", [source], [target], to=to, name=f"{target}/{role}")
 
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    lowering = _Lowering(model, simulate)
-    rewritten = []
-    for node in model.graph.node:
-        lowering.new_nodes = []
-        if node.name in low_nodes:
-            lowering.lower_node(node)
-        rewritten += [*lowering.new_nodes, node]
+
+def _finish(model: onnx.ModelProto, nodes: list, initializers: list) -> onnx.ModelProto:
+    from .onnx_graph import quiet_graphsurgeon
+
+    gs = quiet_graphsurgeon()
+    ir_version = model.ir_version
     del model.graph.node[:]
-    model.graph.node.extend(rewritten)
-    model.graph.initializer.extend(lowering.new_initializers)
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(initializers)
     del model.graph.value_info[:]
     graph = gs.import_onnx(model)
     graph.cleanup().toposort()
-    lowered = gs.export_onnx(graph)
-    lowered.ir_version = model.ir_version
-    return lowered
+    finished = gs.export_onnx(graph)
+    finished.ir_version = ir_version
+    return finished
 
 
-def lower_to_fp16(model: onnx.ModelProto, low_nodes: set) -> onnx.ModelProto:
-    """The FP16-typed graph for TensorRT."""
-    return _lower(model, low_nodes, simulate=False)
+def lower_to_fp16(model: onnx.ModelProto, half_nodes: set) -> onnx.ModelProto:
+    """The graph with `half_nodes` (node names) computing in float16."""
+    model = _copy(model)
+    types = tensor_types(model)
+    initializers = {init.name: init for init in model.graph.initializer}
+    half_twin, nodes, new_initializers = {}, [], []
+
+    def half(name: str) -> str:
+        if name not in half_twin:
+            twin = name + HALF_SUFFIX
+            if name in initializers:
+                values = numpy_helper.to_array(initializers[name]).astype(np.float16)
+                new_initializers.append(numpy_helper.from_array(values, twin))
+            else:
+                nodes.append(_cast(name, twin, TensorProto.FLOAT16, "lower"))
+            half_twin[name] = twin
+        return half_twin[name]
+
+    for node in model.graph.node:
+        if node.name in half_nodes and node.op_type != "Cast":
+            skip = PARAMETER_INPUTS.get(node.op_type, set())
+            for index, name in enumerate(node.input):
+                if types.get(name) == TensorProto.FLOAT and index not in skip:
+                    node.input[index] = half(name)
+            for index, name in enumerate(node.output):
+                if types.get(name) == TensorProto.FLOAT:
+                    node.output[index] = half_twin[name] = name + HALF_SUFFIX
+                    nodes.append(_cast(node.output[index], name, TensorProto.FLOAT, "lower"))
+        nodes.append(node)
+    return _finish(model, nodes, new_initializers)
 
 
-def simulate_fp16(model: onnx.ModelProto, low_nodes: set) -> onnx.ModelProto:
-    """An FP32 graph that rounds the chosen nodes' inputs and outputs to float16."""
-    return _lower(model, low_nodes, simulate=True)
+def upcast_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A float32 graph that rounds to float16 wherever `model` stores float16."""
+    model = _copy(model)
+    types = tensor_types(model)
+    initializers = []
+    for init in model.graph.initializer:
+        if init.data_type == TensorProto.FLOAT16:
+            initializers.append(numpy_helper.from_array(
+                numpy_helper.to_array(init).astype(np.float32), init.name))
+        else:
+            initializers.append(init)
+    del model.graph.initializer[:]
+    nodes = []
+    for node in model.graph.node:
+        nodes.append(node)
+        for index, name in enumerate(node.output):
+            if types.get(name) == TensorProto.FLOAT16:
+                rounded = f"{name}/rounded"
+                node.output[index] = rounded
+                if node.op_type != "Cast":
+                    nodes.append(_cast(rounded, f"{name}/half", TensorProto.FLOAT16, "upcast"))
+                    rounded = f"{name}/half"
+                nodes.append(_cast(rounded, name, TensorProto.FLOAT, "upcast"))
+    return _finish(model, nodes, initializers)

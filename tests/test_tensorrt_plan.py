@@ -1,0 +1,130 @@
+"""Everything about TensorRT engines that runs without TensorRT: shapes, profiles, typing mode
+per release, engine paths, sidecar checks, and `build`'s refusal where TensorRT is missing."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from trufor_trt.cli import app
+from trufor_trt.engine.tensorrt_plan import (DEFAULT_PROFILES, EngineError, Gpu, Profile, Sidecar,
+                                             build_command, builder_flags, engine_path,
+                                             find_engines, parse_shape, profile_from_options,
+                                             sidecar_path, strongly_typed)
+from trufor_trt.engine.tensorrt_runner import grid_side, output_shape
+
+H100 = Gpu(name="NVIDIA H100 80GB HBM3", compute_capability=(9, 0), integrated=False)
+ORIN = Gpu(name="Orin", compute_capability=(8, 7), integrated=True)
+
+
+@pytest.mark.parametrize("text, shape", [("1024x768", (1024, 768)), (" 29 X 31 ", (29, 31))])
+def test_shapes_parse(text, shape):
+    assert parse_shape(text) == shape
+
+
+@pytest.mark.parametrize("text", ["1024", "28x100", "axb", "100x100x3"])
+def test_bad_shapes_are_refused(text):
+    with pytest.raises(EngineError):
+        parse_shape(text)
+
+
+def test_profile_needs_ordered_shapes():
+    with pytest.raises(EngineError, match="min <= opt <= max"):
+        Profile(min=(64, 64), opt=(32, 64), max=(128, 128))
+
+
+def test_default_profiles_follow_the_device():
+    assert profile_from_options(integrated_gpu=True) == DEFAULT_PROFILES["jetson"]
+    assert profile_from_options(integrated_gpu=False, max_shape="3000x4000").max == (3000, 4000)
+
+
+def test_profile_refusal_names_the_build_that_fits():
+    profile = Profile(min=(32, 32), opt=(512, 512), max=(1024, 1024))
+    assert profile.admits(1024, 32) and not profile.admits(1025, 512)
+    assert "--max-shape 3000x4000" in profile.refusal(3000, 4000)
+    assert "--max-shape 1024x1500" in profile.refusal(600, 1500)
+    assert "smaller --min-shape" in Profile(min=(64, 64), opt=(64, 64), max=(64, 64)).refusal(40, 64)
+
+
+@pytest.mark.parametrize("version, strong, fp16_flags, int8_flags", [
+    ("10.3.0", False, ("FP16",), ("INT8", "FP16")),  # JetPack 6: weak typing + builder flags
+    ("10.11.0.33", False, ("FP16",), ("INT8", "FP16")),
+    ("10.12.0", True, (), ()),  # weak typing deprecated: precision from the ONNX
+    ("11.4.0.106", True, (), ()),  # weak typing and the flags removed
+])
+def test_precision_mode_per_tensorrt_release(version, strong, fp16_flags, int8_flags):
+    assert strongly_typed(version) is strong
+    assert builder_flags(version, "fp16") == fp16_flags
+    assert builder_flags(version, "int8") == int8_flags
+    assert builder_flags(version, "fp32") == ()
+
+
+def test_engine_paths_name_gpu_compute_capability_and_tensorrt(tmp_path):
+    profile = DEFAULT_PROFILES["datacenter"]
+    path = engine_path(tmp_path, H100, "10.13.0", "fp16", profile)
+    assert path == (tmp_path / "engines" / "nvidia-h100-80gb-hbm3-sm90-trt10.13.0"
+                    / "fp16-32x32_1024x1024_2048x2048.engine")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"")
+    assert find_engines(tmp_path, H100, "10.13.0", "fp16") == [path]
+    assert find_engines(tmp_path, ORIN, "10.13.0", "fp16") == []
+    assert find_engines(tmp_path, H100, "10.13.0", "int8") == []
+
+
+def _sidecar(**changes):
+    values = dict(precision="fp16", profile={"min": [32, 32], "opt": [64, 64], "max": [96, 96]},
+                  tensorrt_version="10.3.0", device=ORIN.name, compute_capability=[8, 7],
+                  onnx_file="trufor_fp16.onnx", onnx_sha256="abc", strongly_typed=False,
+                  builder_flags=["FP16"], workspace_gib=4.0, build_seconds=12.5)
+    values.update(changes)
+    return Sidecar(**values)
+
+
+def test_sidecar_round_trips_and_says_why_an_engine_cannot_run(tmp_path):
+    path = sidecar_path(tmp_path / "fp16-x.engine")
+    _sidecar().write(path)
+    sidecar = Sidecar.read(path)
+    assert sidecar == _sidecar() and sidecar.profile_object().max == (96, 96)
+    assert sidecar.mismatch(ORIN, "10.3.0", "abc") == ""
+    assert "TensorRT 10.3.0, this is 10.4.0" in sidecar.mismatch(ORIN, "10.4.0", "abc")
+    assert "built for Orin (sm87), this is NVIDIA H100" in sidecar.mismatch(H100, "10.3.0", "abc")
+    assert "another ONNX graph" in sidecar.mismatch(ORIN, "10.3.0", "other")
+    with pytest.raises(EngineError, match="sidecar"):
+        Sidecar.read(tmp_path / "missing.json")
+
+
+def test_build_command_reproduces_the_profile():
+    profile = Profile(min=(32, 32), opt=(64, 80), max=(96, 128))
+    assert build_command(Path("m"), "int8", profile) == (
+        "trufor-trt build --model m --int8 --min-shape 32x32 --opt-shape 64x80 --max-shape 96x128")
+
+
+@pytest.mark.parametrize("height, width", [(29, 29), (173, 229), (1536, 2048)])
+def test_output_shapes_follow_the_network_grid(height, width):
+    assert grid_side(height) == -(-height // 4)
+    assert output_shape("localization_logits", height, width) == (1, 2, grid_side(height), grid_side(width))
+    assert output_shape("noiseprint", height, width) == (1, 1, height, width)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
+                    reason="TensorRT is installed here: the refusal path does not apply")
+def test_build_without_tensorrt_exits_2_with_one_line():
+    result = CliRunner().invoke(app, ["build", "--fp16"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "TensorRT is not installed" in lines[0]
+    assert 'pip install "trufor-trt[trt]"' in lines[0] and "JetPack" in lines[0]
+
+
+def test_build_needs_exactly_one_precision():
+    result = CliRunner().invoke(app, ["build", "--fp16", "--int8"])
+    assert result.exit_code == 2 and "exactly one" in result.output
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
+                    reason="TensorRT is installed here: the refusal path does not apply")
+def test_tensorrt_selftest_without_tensorrt_exits_2_at_once():
+    result = CliRunner().invoke(app, ["selftest", "--backend", "tensorrt", "--precision", "fp16"])
+    assert result.exit_code == 2 and "TensorRT is not installed" in result.output
+    assert "exporting" not in result.output
