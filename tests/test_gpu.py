@@ -38,8 +38,7 @@ def test_cuda_layer_pinned_async_copies_events_and_two_streams():
     _cuda_driver()
     from trufor_trt.engine.cuda import PrimaryContext
 
-    with PrimaryContext() as context:
-        cuda = context.driver
+    with PrimaryContext() as context, context.current() as cuda:
         streams = [cuda.Stream(), cuda.Stream()]
         sources = [np.arange(1 << 20, dtype=np.float32) * (k + 1) for k in range(2)]
         pinned = [cuda.pagelocked_empty(source.size, np.float32) for source in sources]

@@ -4,6 +4,8 @@ It uses the device's primary context (the one the CUDA runtime and TensorRT use 
 pycuda.autoinit's private context: retained and pushed on open, popped and released on close.
 """
 
+from contextlib import contextmanager
+
 from .tensorrt_plan import EngineError, Gpu
 
 
@@ -30,7 +32,8 @@ def gpu_info(ordinal: int = 0) -> Gpu:
 
 
 class PrimaryContext:
-    """The primary context of one GPU, current on this thread while open."""
+    """The primary context of one GPU: retained while open, made current on the calling thread
+    only inside `current()`, so runners may be used from any thread."""
 
     def __init__(self, ordinal: int = 0):
         self.driver = _driver()
@@ -39,11 +42,17 @@ class PrimaryContext:
 
     def __enter__(self) -> "PrimaryContext":
         self.context = self.device.retain_primary_context()
-        self.context.push()
         return self
+
+    @contextmanager
+    def current(self):
+        self.context.push()
+        try:
+            yield self.driver
+        finally:
+            self.driver.Context.pop()
 
     def __exit__(self, *exc_info) -> None:
         if self.context is not None:
-            self.driver.Context.pop()
             self.context.detach()
             self.context = None

@@ -68,7 +68,11 @@ class TensorRTRunner(Runner):
         gpu = gpu_info(self.device)
         path, sidecar = self._checked_engine(trt, model, gpu)
         self._context_guard = PrimaryContext(self.device).__enter__()
-        cuda = self._context_guard.driver
+        with self._context_guard.current() as cuda:
+            self._allocate(trt, cuda, path, sidecar)
+        self.detection_head = model.detection_head()
+
+    def _allocate(self, trt, cuda, path: Path, sidecar: Sidecar) -> None:
         self.profile = sidecar.profile_object()
         self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
@@ -85,13 +89,15 @@ class TensorRTRunner(Runner):
                         for name, shape in largest.items()}
         for name, buffer in self._device.items():
             self._context.set_tensor_address(name, int(buffer))
-        self.detection_head = model.detection_head()
 
     def infer(self, prepared: np.ndarray) -> RawOutputs:
-        cuda = self._context_guard.driver
         height, width = prepared.shape[2:]
         if prepared.shape[0] != 1 or not self.profile.admits(height, width):
             raise ImageError(f"{height}x{width}", self.profile.refusal(height, width))
+        with self._context_guard.current() as cuda:
+            return self._run(cuda, prepared)
+
+    def _run(self, cuda, prepared: np.ndarray) -> RawOutputs:
         staged = self._host[INPUT_NAME][:prepared.size]
         np.copyto(staged, prepared.ravel())
         self._context.set_input_shape(INPUT_NAME, prepared.shape)
@@ -118,9 +124,11 @@ class TensorRTRunner(Runner):
     def close(self) -> None:
         if self._context_guard is None:
             return
-        for buffer in self._device.values():
-            buffer.free()
-        self._device, self._host = {}, {}
-        self._context = self._engine = self._runtime = None
+        with self._context_guard.current():
+            for buffer in self._device.values():
+                buffer.free()
+            self._device, self._host = {}, {}
+            self._stream = self._events = None
+            self._context = self._engine = self._runtime = None
         self._context_guard.__exit__(None, None, None)
         self._context_guard = None

@@ -81,7 +81,7 @@ def build_engine(model_dir, precision: str, profile: Profile = None, workspace_g
     strong = strongly_typed(trt.__version__)
     target = engine_path(model.path, gpu, trt.__version__, precision, profile)
     cache_path = Path(timing_cache_path) if timing_cache_path else None
-    with PrimaryContext():
+    with PrimaryContext() as gpu_context, gpu_context.current():
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
         _check_platform(trt, builder, precision)
