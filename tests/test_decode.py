@@ -1,6 +1,5 @@
 """Decoding gives Pillow's `Image.open(p).convert("RGB")`, and refuses bad input in one line."""
 
-import io
 import struct
 import zlib
 

@@ -284,7 +284,7 @@ def validate(
     """Faithfulness of one engine or graph variant against the FP32 reference, per image."""
     import json
 
-    from .batch.outputs import write_atomically
+    from .files import write_atomically
     from .engine.model_dir import ModelDir
     from .validate import validate as run_validation
 

@@ -17,7 +17,8 @@ from ..engine.runner import Runner
 from ..engine.timing import StageClock
 from ..errors import TruforError
 from .inputs import ImageJob
-from .outputs import OutputPaths, heatmap_png, npz_bytes, overlay_png, write_atomically
+from ..files import write_atomically
+from .outputs import OutputPaths, heatmap_png, npz_bytes, overlay_png
 
 RESULTS_FILE = "results.jsonl"
 

@@ -1,7 +1,6 @@
 """What `analyze` writes per image, always atomically (temporary name, then rename)."""
 
 import io
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,17 +27,6 @@ class OutputPaths:
 
     def expected(self, with_png: bool) -> list:
         return [self.npz, self.heatmap, self.overlay] if with_png else [self.npz]
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Readers never see a half-written file: write beside it, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def npz_bytes(analysis: Analysis, save_noiseprint: bool) -> bytes:

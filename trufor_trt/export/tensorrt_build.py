@@ -4,12 +4,12 @@ The TensorRT calls are the documented Python API present in 10.3 (JetPack 6) and
 decision that differs between releases is made in engine/tensorrt_plan.py, where it is tested.
 """
 
-import os
 import time
 from pathlib import Path
 
 from ..engine.cuda import PrimaryContext, gpu_info
 from ..engine.model_dir import ModelDir, sha256_file
+from ..files import write_atomically
 from ..engine.runner import INPUT_NAME
 from ..engine.tensorrt_plan import (EngineError, Profile, Sidecar, builder_flags, engine_path,
                                     sidecar_path, strongly_typed)
@@ -60,13 +60,6 @@ def _config(trt, builder, precision: str, profile: Profile, workspace_gib: float
     return config, cache
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
 def build_engine(model_dir, precision: str, profile: Profile = None, workspace_gib: float = 4.0,
                  timing_cache_path=None, min_shape=None, opt_shape=None, max_shape=None,
                  on_step=print) -> Path:
@@ -96,8 +89,8 @@ def build_engine(model_dir, precision: str, profile: Profile = None, workspace_g
             raise EngineError(f"TensorRT could not build a {precision} engine (see its log above)")
         seconds = time.perf_counter() - started
         if cache_path:
-            _write_atomically(cache_path, bytes(cache.serialize()))
-    _write_atomically(target, bytes(serialized))
+            write_atomically(cache_path, bytes(cache.serialize()))
+    write_atomically(target, bytes(serialized))
     Sidecar(precision=precision, profile={"min": profile.min, "opt": profile.opt, "max": profile.max},
             tensorrt_version=trt.__version__, device=gpu.name,
             compute_capability=list(gpu.compute_capability), onnx_file=onnx_path.name,

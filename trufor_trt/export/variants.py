@@ -6,13 +6,13 @@ recorded in the manifest with its calibration set, its decisions and its deviati
 """
 
 import json
-import os
 from dataclasses import asdict
 from pathlib import Path
 
 import onnx
 
 from ..calibration.images import load_calibration_set
+from ..files import write_atomically
 from ..engine.model_dir import MANIFEST_FILE, GraphVariant, ModelDir, sha256_file
 from .measure import deviation, reference_analyses
 from .precision import lower_to_fp16, upcast_fp16
@@ -23,12 +23,6 @@ REDUCED_VARIANTS = {
     "int8": GraphVariant("int8", "trufor_int8.onnx", "tensorrt", "int8",
                          "TensorRT INT8 engines: explicit Q/DQ, attention FP16"),
 }
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
 
 
 def _build(precision: str, fp32_path: Path, fp32: onnx.ModelProto, inputs: list, head, on_step):
@@ -55,12 +49,12 @@ def add_precision_variant(model_dir, precision: str, calibration_folder, on_step
     graph, details = _build(precision, fp32_path, fp32, inputs, head, on_step)
     on_step(f"measuring {precision} against fp32 on the calibration images")
     measured = deviation(upcast_fp16(graph), reference_analyses(fp32, inputs, head), inputs, head)
-    _write_atomically(model.path / variant.file, graph.SerializeToString())
+    write_atomically(model.path / variant.file, graph.SerializeToString())
     entry = {**asdict(variant), "calibration": calibration, **details,
              "deviation_vs_fp32": {"max_abs": measured, "measured_on": "the calibration images, "
                                    "ONNX Runtime CPU, float16 storage simulated"}}
     manifest = dict(model.manifest)
     manifest["variants"] = {**manifest["variants"], precision: entry}
     manifest["files"] = {**manifest["files"], variant.file: sha256_file(model.path / variant.file)}
-    _write_atomically(model.path / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
+    write_atomically(model.path / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode())
     return entry
