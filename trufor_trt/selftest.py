@@ -141,7 +141,7 @@ def run_selftest(backend: str, precision: str = "fp32", seed: int = 0, on_step=p
                           "`trufor-trt validate --precision int8 --images DIR`")
     if backend == "tensorrt":  # say what is missing before minutes of export
         from .engine.cuda import gpu_info
-        from .export.tensorrt_build import import_tensorrt
+        from .engine.tensorrt_runner import import_tensorrt
 
         import_tensorrt()
         gpu_info()

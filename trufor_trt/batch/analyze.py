@@ -16,8 +16,8 @@ from ..engine.preprocess import prepare_input
 from ..engine.runner import Runner
 from ..engine.timing import StageClock
 from ..errors import TruforError
-from .inputs import ImageJob
 from ..files import write_atomically
+from .inputs import ImageJob
 from .outputs import OutputPaths, heatmap_png, npz_bytes, overlay_png
 
 RESULTS_FILE = "results.jsonl"

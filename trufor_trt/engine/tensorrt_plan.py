@@ -14,11 +14,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import TruforError
+from ..files import write_atomically
 from .decode import MIN_SIDE
 
 STRONG_TYPING_FROM = (10, 12)
 ENGINES_FOLDER = "engines"
-PRECISIONS = ("fp32", "fp16", "int8")
 # Weakly typed builds (TensorRT < 10.12) need the flags that let TensorRT pick lower
 # precision; INT8 graphs keep their attention in FP16, so INT8 needs both.
 WEAK_TYPING_FLAGS = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8", "FP16")}
@@ -142,7 +142,7 @@ class Sidecar:
     build_seconds: float
 
     def write(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        write_atomically(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
 
     @classmethod
     def read(cls, path: Path) -> "Sidecar":

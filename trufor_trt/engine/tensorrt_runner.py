@@ -17,6 +17,17 @@ from .runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs, Runner
 from .tensorrt_plan import EngineError, Sidecar, build_command, find_engines, sidecar_path
 
 FLOAT_BYTES = 4
+MISSING_TENSORRT = ('TensorRT is not installed: on a Jetson it comes with JetPack '
+                    '(apt install nvidia-jetpack); elsewhere: pip install "trufor-trt[trt]"')
+
+
+def import_tensorrt():
+    """tensorrt, or an EngineError saying how to get it."""
+    try:
+        import tensorrt
+    except ModuleNotFoundError:
+        raise EngineError(MISSING_TENSORRT) from None
+    return tensorrt
 
 
 def grid_side(side: int) -> int:
@@ -41,17 +52,16 @@ def choose_engine(model: ModelDir, gpu, tensorrt_version: str, precision: str) -
 class TensorRTRunner(Runner):
     backend = "tensorrt"
 
-    def __init__(self, model, precision: str = "fp16", engine=None, device: int = 0):
+    def __init__(self, model, precision: str = "fp16", device: int = 0):
         super().__init__()
         self.model = model
         self.precision = precision
-        self.engine_path = Path(engine) if engine else None
         self.device = device
         self.last_stage_ms = {}
         self._context_guard = None
 
     def _checked_engine(self, trt, model: ModelDir, gpu) -> tuple:
-        path = self.engine_path or choose_engine(model, gpu, trt.__version__, self.precision)
+        path = choose_engine(model, gpu, trt.__version__, self.precision)
         sidecar = Sidecar.read(sidecar_path(path))
         why = sidecar.mismatch(gpu, trt.__version__, sha256_file(model.variant_path(sidecar.precision)))
         if why:
@@ -60,7 +70,6 @@ class TensorRTRunner(Runner):
         return path, sidecar
 
     def load(self) -> None:
-        from ..export.tensorrt_build import import_tensorrt
         from .cuda import PrimaryContext, gpu_info
 
         trt = import_tensorrt()

@@ -20,7 +20,7 @@ import onnx
 
 from .graph_rules import pixel_sum_chains
 from .measure import OUTPUTS, create_session_from_model, deviation, reference_analyses
-from .precision import lower_to_fp16, upcast_fp16
+from .precision import lower_to_fp16, tensor_types, upcast_fp16
 
 ALWAYS_FP32 = frozenset({"LayerNormalization", "Softmax", "Cast", "Constant"})
 FP16_RANGE_LIMIT = 2.0 ** 14
@@ -64,8 +64,6 @@ def candidate_blocks(model: onnx.ModelProto) -> dict:
 
 def activation_ranges(model: onnx.ModelProto, inputs: list, blocks: dict) -> dict:
     """block -> the largest |activation| its nodes wrote on the calibration inputs."""
-    from .precision import tensor_types
-
     float_type = onnx.TensorProto.FLOAT
     types = tensor_types(model)
     owner = {output: block_of(node.name) for node in model.graph.node for output in node.output

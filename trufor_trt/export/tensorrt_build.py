@@ -9,21 +9,11 @@ from pathlib import Path
 
 from ..engine.cuda import PrimaryContext, gpu_info
 from ..engine.model_dir import ModelDir, sha256_file
-from ..files import write_atomically
 from ..engine.runner import INPUT_NAME
 from ..engine.tensorrt_plan import (EngineError, Profile, Sidecar, builder_flags, engine_path,
-                                    sidecar_path, strongly_typed)
-
-MISSING_TENSORRT = ('TensorRT is not installed: on a Jetson it comes with JetPack '
-                    '(apt install nvidia-jetpack); elsewhere: pip install "trufor-trt[trt]"')
-
-
-def import_tensorrt():
-    try:
-        import tensorrt
-    except ModuleNotFoundError:
-        raise EngineError(MISSING_TENSORRT) from None
-    return tensorrt
+                                    profile_from_options, sidecar_path, strongly_typed)
+from ..engine.tensorrt_runner import import_tensorrt
+from ..files import write_atomically
 
 
 def _parse(trt, builder, logger, onnx_path: Path, strong: bool):
@@ -64,8 +54,6 @@ def build_engine(model_dir, precision: str, profile: Profile = None, workspace_g
                  timing_cache_path=None, min_shape=None, opt_shape=None, max_shape=None,
                  on_step=print) -> Path:
     """Build and write the engine and its sidecar; returns the engine's path."""
-    from ..engine.tensorrt_plan import profile_from_options
-
     trt = import_tensorrt()
     gpu = gpu_info()
     profile = profile or profile_from_options(gpu.integrated, min_shape, opt_shape, max_shape)
@@ -90,11 +78,12 @@ def build_engine(model_dir, precision: str, profile: Profile = None, workspace_g
         seconds = time.perf_counter() - started
         if cache_path:
             write_atomically(cache_path, bytes(cache.serialize()))
-    write_atomically(target, bytes(serialized))
+    # The sidecar first: an engine that exists always has one.
     Sidecar(precision=precision, profile={"min": profile.min, "opt": profile.opt, "max": profile.max},
             tensorrt_version=trt.__version__, device=gpu.name,
             compute_capability=list(gpu.compute_capability), onnx_file=onnx_path.name,
             onnx_sha256=sha256_file(onnx_path), strongly_typed=strong,
             builder_flags=list(builder_flags(trt.__version__, precision)),
             workspace_gib=workspace_gib, build_seconds=round(seconds, 1)).write(sidecar_path(target))
+    write_atomically(target, bytes(serialized))
     return target
