@@ -98,3 +98,23 @@ def test_torch_network_on_cuda_matches_the_goldens(checkpoint_seed0, golden_path
     for key, ours in (("map", analysis.localization_map), ("conf", analysis.confidence_map),
                       ("score", analysis.score), ("np++", analysis.noiseprint)):
         assert max_abs_error(ours, golden, key) <= tolerance(golden, key)
+
+
+def test_bench_times_device_stages_of_the_torch_network_on_cuda(tmp_path, checkpoint_seed0):
+    import json
+
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("PyTorch sees no CUDA GPU")
+    from typer.testing import CliRunner
+
+    from trufor_trt.cli import app
+
+    result = CliRunner().invoke(app, ["bench", "--backend", "torch", "--device", "cuda",
+                                      "--checkpoint", str(checkpoint_seed0), "--sizes", "96x128",
+                                      "--repeat", "2", "--streams", "2", "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    run = json.loads((tmp_path / "r.json").read_text())["runs"][0]
+    assert {"host_to_device", "inference", "device_to_host"} <= set(run["single_stream"]["stats_ms"])
+    assert run["memory"]["device_peak_bytes"] > 0
+    assert "fraction_of_gemm_rate" not in run  # a CPU rate says nothing about a GPU run

@@ -300,3 +300,65 @@ def validate(
     Console(highlight=False).print(_validation_table(report))
     if json_path is not None:
         write_atomically(json_path, (json.dumps(report.to_json(), indent=2) + "\n").encode())
+
+
+@app.command()
+def bench(
+    model: Optional[Path] = typer.Option(None, "--model", help="Model folder from `trufor-trt export`."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint",
+                                              help="TruFor checkpoint (else random weights: speed "
+                                                   "does not depend on their values)."),
+    backend: Backend = typer.Option(Backend.auto, "--backend", help="Backend to measure."),
+    precision: Precision = typer.Option(Precision.fp32, "--precision", help="Numeric precision."),
+    sizes: str = typer.Option("512x512", "--sizes", help="Synthetic images, HxW[,HxW...]."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Real images instead of --sizes."),
+    warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed images first, per case."),
+    repeat: int = typer.Option(5, "--repeat", min=1, help="Timed images per case."),
+    streams: int = typer.Option(1, "--streams", min=0,
+                                help="Runners side by side in the Offline run (0: skip it)."),
+    compare: Optional[str] = typer.Option(None, "--compare",
+                                          help="torch: also run the PyTorch FP32 reference."),
+    device: str = typer.Option("auto", "--device", help="torch runs: cpu, cuda or auto."),
+    peak_gflops: Optional[float] = typer.Option(None, "--peak-gflops", min=0.001,
+                                                help="The machine's nominal FP32 peak, if known."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Latency per megapixel, PNG (matplotlib)."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown",
+                                            help="Write the results table here (between the bench "
+                                                 "markers if the file has them)."),
+) -> None:
+    """Benchmark per stage: latency (SingleStream), throughput (Offline), memory, FLOP/s."""
+    import json
+
+    from .files import write_atomically
+
+    if compare not in (None, "torch"):
+        fail_setup(f"--compare {compare}: only torch (the PyTorch reference) can be compared")
+    try:
+        from .benchmarks.bench import BenchOptions, parse_sizes, run_bench
+        from .benchmarks.report import print_tables, write_markdown, write_plot
+
+        options = BenchOptions(model=model, checkpoint=checkpoint, backend=backend.value,
+                               precision=precision.value, sizes=parse_sizes(sizes), images=images,
+                               warmup=warmup, repeat=repeat, streams=streams,
+                               compare_torch=compare == "torch", device=device, peak_gflops=peak_gflops)
+        report = run_bench(options, on_step=say)
+    except TruforError as exc:
+        fail_setup(str(exc))
+    except ModuleNotFoundError as exc:
+        fail_setup(_missing_package(exc, "export" if exc.name in ("torch", "onnx") else BACKEND_EXTRAS.get(backend.value, "cpu")))
+    print_tables(report, Console(highlight=False, width=200))
+    if json_path is not None:
+        write_atomically(json_path, (json.dumps(report, indent=2) + "\n").encode())
+    if markdown is not None:
+        write_markdown(report, markdown)
+    if plot is not None:
+        try:
+            write_plot(report, plot)
+        except ModuleNotFoundError:
+            fail_setup('--plot needs matplotlib: pip install "trufor-trt[bench]"')
+    failed = [run for run in report["runs"] if "error" in run]
+    for run in failed:
+        console.print(f"[red]failed[/] {escape(run['input'])} {run['backend']}: {escape(run['error'])}")
+    raise typer.Exit(EXIT_FAILED if failed else 0)
+

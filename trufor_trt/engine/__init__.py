@@ -36,17 +36,18 @@ def pick_backend(requested: str, model_dir=None, precision: str = "fp32") -> str
 
 
 def create_runner(backend: str, *, checkpoint=None, model=None, device: str = "auto",
-                  precision: str = "fp32") -> Runner:
+                  precision: str = "fp32", threads: int = 0) -> Runner:
     """The runner for a backend name, not yet loaded. `model` is a model folder (or ModelDir)
-    for the ONNX and TensorRT backends; `checkpoint` feeds the torch backend."""
+    for the ONNX and TensorRT backends; `checkpoint` feeds the torch backend. `threads`: CPU
+    threads per runner for the CPU backends (0: one per core), for runners side by side."""
     if backend == "torch":
         from .torch_runner import TorchRunner
 
-        return TorchRunner(checkpoint, device=device, precision=precision)
+        return TorchRunner(checkpoint, device=device, precision=precision, threads=threads)
     if backend == "onnxruntime":
         from .onnxruntime_runner import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(model, precision=precision)
+        return OnnxRuntimeRunner(model, precision=precision, threads=threads)
     if backend == "tensorrt":
         from .tensorrt_runner import TensorRTRunner
 

@@ -34,6 +34,9 @@ class Runner(ABC):
     """load() -> infer() per image -> close(); also a context manager.
 
     After load(), `detection_head` holds the detection MLP of the model this runner runs.
+    Runners on a GPU also time their device stages: after infer(), `last_stage_ms` holds
+    host_to_device, inference and device_to_host in milliseconds (CUDA events); CPU runners
+    leave it empty, their inference being the infer() call itself.
     """
 
     backend: str = ""
@@ -41,6 +44,7 @@ class Runner(ABC):
 
     def __init__(self):
         self.detection_head = None
+        self.last_stage_ms = {}
 
     @abstractmethod
     def load(self) -> None:
@@ -52,6 +56,10 @@ class Runner(ABC):
 
     def close(self) -> None:
         """Release what load() acquired."""
+
+    def device_memory_bytes(self):
+        """Peak device memory this runner has used, where it runs on a device; else None."""
+        return None
 
     def __enter__(self) -> "Runner":
         self.load()

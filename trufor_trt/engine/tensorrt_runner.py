@@ -57,7 +57,6 @@ class TensorRTRunner(Runner):
         self.model = model
         self.precision = precision
         self.device = device
-        self.last_stage_ms = {}
         self._context_guard = None
 
     def _checked_engine(self, trt, model: ModelDir, gpu) -> tuple:
@@ -78,7 +77,10 @@ class TensorRTRunner(Runner):
         path, sidecar = self._checked_engine(trt, model, gpu)
         self._context_guard = PrimaryContext(self.device).__enter__()
         with self._context_guard.current() as cuda:
+            free_before = cuda.mem_get_info()[0]
             self._allocate(trt, cuda, path, sidecar)
+            # Weights, the context's activation memory and our buffers are all taken here.
+            self._device_bytes = free_before - cuda.mem_get_info()[0]
         self.detection_head = model.detection_head()
 
     def _allocate(self, trt, cuda, path: Path, sidecar: Sidecar) -> None:
@@ -129,6 +131,9 @@ class TensorRTRunner(Runner):
                               "inference": computed.time_since(copied_in),
                               "device_to_host": copied_out.time_since(computed)}
         return RawOutputs.from_batch_of_one(*(result.copy() for result in results))
+
+    def device_memory_bytes(self):
+        return self._device_bytes if self._context_guard is not None else None
 
     def close(self) -> None:
         if self._context_guard is None:

@@ -4,9 +4,7 @@ import torch
 from torch import nn
 
 from .layers import grid_to_tokens, resize_bilinear, tokens_to_grid
-from .mit import EMBED_DIMS
-
-DECODER_DIM = 512
+from ..architecture import DECODER_DIM, EMBED_DIMS
 # Quirk of the official training config: the localization head's BatchNorm uses eps 1e-3,
 # the confidence head keeps PyTorch's default.
 LOCALIZATION_BN_EPS = 1e-3

@@ -9,16 +9,16 @@ from torch import nn
 
 from .fusion import FeatureFusion, FeatureRectify
 from .layers import tokens_to_grid
-from .mit import (BLOCK_NORM_EPS, DEPTHS, EMBED_DIMS, HEADS, REDUCTION_RATIOS, OverlapPatchEmbed,
-                  TransformerBlock)
+from ..architecture import (DEPTHS, EMBED_DIMS, HEADS, PATCH_KERNELS, PATCH_STRIDES,
+                            REDUCTION_RATIOS)
+from .mit import BLOCK_NORM_EPS, OverlapPatchEmbed, TransformerBlock
 
 STREAM_PREFIXES = ("", "extra_")  # RGB, Noiseprint++
 
 
 def _patch_embed(stage: int) -> OverlapPatchEmbed:
-    if stage == 0:
-        return OverlapPatchEmbed(3, EMBED_DIMS[0], kernel=7, stride=4)
-    return OverlapPatchEmbed(EMBED_DIMS[stage - 1], EMBED_DIMS[stage], kernel=3, stride=2)
+    in_channels = 3 if stage == 0 else EMBED_DIMS[stage - 1]
+    return OverlapPatchEmbed(in_channels, EMBED_DIMS[stage], PATCH_KERNELS[stage], PATCH_STRIDES[stage])
 
 
 class DualMiT(nn.Module):

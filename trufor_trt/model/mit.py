@@ -3,14 +3,10 @@
 import torch
 from torch import nn
 
+from ..architecture import MLP_RATIO
 from .attention import multi_head_attention
 from .layers import grid_to_tokens, tokens_to_grid
 
-EMBED_DIMS = (64, 128, 320, 512)
-HEADS = (1, 2, 5, 8)
-DEPTHS = (3, 4, 6, 3)
-REDUCTION_RATIOS = (8, 4, 2, 1)
-MLP_RATIO = 4
 # The official code gives the blocks' and stages' LayerNorms eps 1e-6; the patch embedding's
 # and the attention's spatial-reduction LayerNorm keep PyTorch's default 1e-5.
 BLOCK_NORM_EPS = 1e-6

@@ -5,8 +5,9 @@ Built as a plain Sequential so its indices are the checkpoint's keys (`dncnn.<in
 
 from torch import nn
 
-LAYERS = 17
-FEATURES = 64
+from ..architecture import NOISEPRINT_FEATURES as FEATURES
+from ..architecture import NOISEPRINT_LAYERS as LAYERS
+
 BATCHNORM_EPS = 1e-5
 
 

@@ -9,6 +9,7 @@ The detection head's weights still live here so that the official checkpoint loa
 import torch
 from torch import nn
 
+from ..architecture import CONFIDENCE_CLASSES, LOCALIZATION_CLASSES
 from .decoder import CONFIDENCE_BN_EPS, LOCALIZATION_BN_EPS, DecoderHead
 from .encoder import DualMiT
 from .noiseprint import build_noiseprint
@@ -27,8 +28,8 @@ class TruFor(nn.Module):
     def __init__(self):
         super().__init__()
         self.backbone = DualMiT()
-        self.decode_head = DecoderHead(classes=2, bn_eps=LOCALIZATION_BN_EPS)
-        self.decode_head_conf = DecoderHead(classes=1, bn_eps=CONFIDENCE_BN_EPS)
+        self.decode_head = DecoderHead(classes=LOCALIZATION_CLASSES, bn_eps=LOCALIZATION_BN_EPS)
+        self.decode_head_conf = DecoderHead(classes=CONFIDENCE_CLASSES, bn_eps=CONFIDENCE_BN_EPS)
         self.detection = nn.Sequential(
             nn.Linear(DETECTION_FEATURES, DETECTION_HIDDEN),
             nn.ReLU(),

@@ -1,0 +1,203 @@
+"""`trufor-trt bench`: every case in a fresh process, then one report.
+
+Why a process per case: peak memory is then the case's own (a process's high-water mark
+never falls), thread pools of one backend (PyTorch's OpenMP workers) cannot steal cores from
+the next, and a case that runs out of memory is reported instead of ending the run.
+"""
+
+import datetime
+import multiprocessing
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import cv2
+
+from trufor_trt import __version__
+from trufor_trt.batch.inputs import expand_inputs
+from trufor_trt.engine import pick_backend
+from trufor_trt.engine.tensorrt_plan import parse_shape
+from trufor_trt.errors import TruforError
+from trufor_trt.export.synthetic import synthetic_image
+
+from .cases import CaseSpec, measure_gemm_rates, run_case
+from .flops import network_flops
+from .machine import machine_info
+from .stats import busiest, summarize
+
+RANDOM_WEIGHTS_SEED = 0
+REFERENCE = "torch fp32 (official formulation, eager, batch 1)"
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    model: Optional[Path] = None
+    checkpoint: Optional[Path] = None
+    backend: str = "auto"
+    precision: str = "fp32"
+    sizes: tuple = ((512, 512),)
+    images: Optional[Path] = None
+    warmup: int = 1
+    repeat: int = 5
+    streams: int = 1
+    compare_torch: bool = False
+    device: str = "auto"
+    peak_gflops: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class InputGroup:
+    label: str
+    paths: tuple
+
+
+def parse_sizes(text: str) -> tuple:
+    """'512x512,1024x768' -> ((512, 512), (1024, 768)) (HEIGHTxWIDTH each)."""
+    return tuple(parse_shape(part) for part in text.split(",") if part.strip())
+
+
+def in_fresh_process(function, *args):
+    """function(*args) in a new spawned process; its result or its exception."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def synthetic_groups(sizes, folder: Path) -> list:
+    """One deterministic synthetic photograph per size, as a PNG (decoding is measured too)."""
+    groups = []
+    for height, width in sizes:
+        path = folder / f"synthetic_{height}x{width}.png"
+        cv2.imwrite(str(path), synthetic_image(height, width, seed=height * 7919 + width)[:, :, ::-1])
+        groups.append(InputGroup(f"{height}x{width}", (str(path),)))
+    return groups
+
+
+def image_group(folder: Path) -> InputGroup:
+    paths = tuple(str(job.path) for job in expand_inputs([str(folder)]))
+    if not paths:
+        raise TruforError(f"--images {folder}: no images found")
+    return InputGroup(str(folder), paths)
+
+
+def _random_checkpoint(folder: Path, on_step) -> Path:
+    from trufor_trt.selftest import write_random_checkpoint
+
+    on_step(f"no --checkpoint or --model: timing random weights (seed {RANDOM_WEIGHTS_SEED}); "
+            "speed does not depend on the weights' values")
+    path = folder / "random.pth.tar"
+    write_random_checkpoint(path, RANDOM_WEIGHTS_SEED)
+    return path
+
+
+def resolve_sources(options: BenchOptions, scratch: Path, on_step) -> tuple:
+    """(model folder or None, checkpoint or None, what weights these are)."""
+    checkpoint = options.checkpoint
+    weights = f"checkpoint {checkpoint}" if checkpoint else None
+    if checkpoint is None and options.model is None:
+        checkpoint = _random_checkpoint(scratch, on_step)
+        weights = f"random (seed {RANDOM_WEIGHTS_SEED}, official layout)"
+    if options.compare_torch and checkpoint is None:
+        raise TruforError("--compare torch runs the PyTorch network: give --checkpoint (the model's source)")
+    model = options.model
+    if model is None and options.backend != "torch":
+        from trufor_trt.export.cache import cached_model_dir
+
+        model = cached_model_dir(checkpoint, on_step=on_step).path
+    return model, checkpoint, weights or f"model folder {model}"
+
+
+def _achieved(run: dict, flop_per_image: list, gemm: dict, nominal_peak: Optional[float]) -> None:
+    """GFLOP/s over the recorded inferences; its share of the best measured GEMM rate and,
+    when the user gave one, of the machine's nominal peak."""
+    inference_s = sum(run["single_stream"]["samples_ms"]["inference"]) / 1e3
+    run["achieved_gflops"] = sum(flop_per_image) / inference_s / 1e9
+    if gemm:
+        run["fraction_of_gemm_rate"] = run["achieved_gflops"] / max(gemm.values())
+    if nominal_peak:
+        run["fraction_of_peak"] = run["achieved_gflops"] / nominal_peak
+
+
+def _summarise(result: dict, group: InputGroup, gemm: dict, nominal_peak) -> dict:
+    stream = result["single_stream"]
+    shapes = stream.pop("shapes")
+    flop_per_image = [network_flops(*shape)["total"] for shape in shapes]
+    megapixels = [height * width / 1e6 for height, width in shapes]
+    run = {"input": group.label, "images": len(group.paths),
+           "megapixels": sum(megapixels) / len(megapixels),
+           "gflop_per_image": sum(flop_per_image) / len(flop_per_image) / 1e9, **result}
+    stream["stats_ms"] = {name: summarize(samples) for name, samples in stream["samples_ms"].items()}
+    on_cpu = result["memory"]["device_peak_bytes"] is None  # the GEMM rates are the CPU's
+    _achieved(run, flop_per_image, gemm if on_cpu else {}, nominal_peak)
+    if "offline" in result:
+        offline = result["offline"]
+        offline["images_per_s"] = offline["images"] / (offline["wall_ms"] / 1e3)
+        offline["bottleneck"], offline["utilisation"] = busiest(
+            offline["busy_ms"], offline["wall_ms"], offline["workers"])
+    return run
+
+
+def _run_group(spec: CaseSpec, group: InputGroup, gemm: dict, nominal_peak, role: str) -> dict:
+    try:
+        result = in_fresh_process(run_case, replace(spec, images=group.paths))
+        return {"role": role, **_summarise(result, group, gemm, nominal_peak)}
+    except BrokenProcessPool:
+        reason = "the benchmark process died (out of memory?)"
+    except Exception as exc:  # reported per case; the other cases still run
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return {"role": role, "input": group.label, "backend": spec.backend, "precision": spec.precision,
+            "error": reason}
+
+
+def _comparison(engine: dict, reference: dict) -> Optional[dict]:
+    if "error" in engine or "error" in reference:
+        return None
+
+    def median(run, stage):
+        return run["single_stream"]["stats_ms"][stage]["median"]
+
+    return {"input": engine["input"], "engine": f"{engine['backend']} {engine['precision']}",
+            "reference": REFERENCE,
+            "speedup_end_to_end": median(reference, "end_to_end") / median(engine, "end_to_end"),
+            "speedup_inference": median(reference, "inference") / median(engine, "inference")}
+
+
+def run_bench(options: BenchOptions, on_step=print) -> dict:
+    with tempfile.TemporaryDirectory(prefix="trufor-bench-") as scratch_name:
+        scratch = Path(scratch_name)
+        model, checkpoint, weights = resolve_sources(options, scratch, on_step)
+        backend = pick_backend(options.backend, model, options.precision)
+        groups = ([image_group(options.images)] if options.images
+                  else synthetic_groups(options.sizes, scratch))
+        on_step("measuring the CPU's FP32 GEMM rate")
+        gemm = in_fresh_process(measure_gemm_rates)
+        engine_spec = CaseSpec(backend, options.precision, (), options.warmup, options.repeat,
+                               model=str(model) if model else None,
+                               checkpoint=str(checkpoint) if checkpoint else None,
+                               device=options.device, streams=options.streams)
+        reference_spec = CaseSpec("torch", "fp32", (), options.warmup, options.repeat,
+                                  checkpoint=str(checkpoint) if checkpoint else None,
+                                  device=options.device, official=True)
+        runs, comparisons = [], []
+        for group in groups:
+            on_step(f"{group.label}: {backend} {options.precision}")
+            engine = _run_group(engine_spec, group, gemm, options.peak_gflops, "engine")
+            runs.append(engine)
+            if options.compare_torch:
+                on_step(f"{group.label}: {REFERENCE}")
+                reference = _run_group(reference_spec, group, gemm, options.peak_gflops,
+                                       "reference")
+                runs.append(reference)
+                comparisons.append(_comparison(engine, reference))
+    return {
+        "tool": "trufor-trt bench", "version": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(), "cpu_gemm_gflops": gemm,
+        "nominal_peak_gflops": options.peak_gflops,
+        "weights": weights, "model": str(model) if model else None,
+        "settings": {"warmup": options.warmup, "repeat": options.repeat, "streams": options.streams,
+                     "device": options.device},
+        "runs": runs, "comparisons": [item for item in comparisons if item],
+    }
