@@ -120,15 +120,25 @@ def _achieved(run: dict, flop_per_image: list, gemm: dict, nominal_peak: Optiona
         run["fraction_of_peak"] = run["achieved_gflops"] / nominal_peak
 
 
-def _summarise(result: dict, group: InputGroup, gemm: dict, nominal_peak) -> dict:
+def _mean(values) -> float:
+    return sum(values) / len(values)
+
+
+def _summarise(result: dict, group: InputGroup, gemm: dict, nominal_peak, official: bool) -> dict:
+    """Statistics, FLOP/s (against the official network's FLOPs, the work that defines the
+    result; `executed_gflop_per_image` is what the folded decoders actually run) and the
+    per-megapixel figures of one case."""
     stream = result["single_stream"]
     shapes = stream.pop("shapes")
     flop_per_image = [network_flops(*shape)["total"] for shape in shapes]
-    megapixels = [height * width / 1e6 for height, width in shapes]
-    run = {"input": group.label, "images": len(group.paths),
-           "megapixels": sum(megapixels) / len(megapixels),
-           "gflop_per_image": sum(flop_per_image) / len(flop_per_image) / 1e9, **result}
+    executed = [network_flops(*shape, folded_decoders=not official)["total"] for shape in shapes]
+    megapixels = _mean([height * width / 1e6 for height, width in shapes])
+    run = {"input": group.label, "images": len(group.paths), "megapixels": megapixels,
+           "gflop_per_image": _mean(flop_per_image) / 1e9,
+           "executed_gflop_per_image": _mean(executed) / 1e9, **result}
     stream["stats_ms"] = {name: summarize(samples) for name, samples in stream["samples_ms"].items()}
+    run["seconds_per_megapixel"] = stream["stats_ms"]["end_to_end"]["median"] / 1e3 / megapixels
+    run["peak_rss_gib_per_megapixel"] = result["memory"]["host_peak_rss_bytes"] / 1024 ** 3 / megapixels
     on_cpu = result["memory"]["device_peak_bytes"] is None  # the GEMM rates are the CPU's
     _achieved(run, flop_per_image, gemm if on_cpu else {}, nominal_peak)
     if "offline" in result:
@@ -142,7 +152,7 @@ def _summarise(result: dict, group: InputGroup, gemm: dict, nominal_peak) -> dic
 def _run_group(spec: CaseSpec, group: InputGroup, gemm: dict, nominal_peak, role: str) -> dict:
     try:
         result = in_fresh_process(run_case, replace(spec, images=group.paths))
-        return {"role": role, **_summarise(result, group, gemm, nominal_peak)}
+        return {"role": role, **_summarise(result, group, gemm, nominal_peak, spec.official)}
     except BrokenProcessPool:
         reason = "the benchmark process died (out of memory?)"
     except Exception as exc:  # reported per case; the other cases still run

@@ -65,22 +65,24 @@ def encoder_flops(height: int, width: int) -> int:
     return total
 
 
-def decoder_flops(height: int, width: int, classes: int) -> int:
-    """The official decoder: a Linear per scale, concatenated at 1/4, then 1x1 convolutions."""
+def decoder_flops(height: int, width: int, classes: int, folded: bool = False) -> int:
+    """The official decoder: a Linear per scale, concatenated at 1/4, then 1x1 convolutions.
+    Folded (model/decoder.py): one 1x1 map per scale at its own resolution, no 2048 -> 512."""
     grids = stage_grids(height, width)
     finest = grids[0][0] * grids[0][1]
     per_scale = sum(linear(dim, DECODER_DIM, h * w) for dim, (h, w) in zip(EMBED_DIMS, grids))
-    fuse = conv(len(EMBED_DIMS) * DECODER_DIM, DECODER_DIM, 1, finest)
+    fuse = 0 if folded else conv(len(EMBED_DIMS) * DECODER_DIM, DECODER_DIM, 1, finest)
     return per_scale + fuse + conv(DECODER_DIM, classes, 1, finest)
 
 
-def network_flops(height: int, width: int) -> dict:
-    """FLOPs per part of the network the engines run, and their total."""
+def network_flops(height: int, width: int, folded_decoders: bool = False) -> dict:
+    """FLOPs per part of the network, and their total: the official network's by default
+    (the work FLOP/s are quoted against), or what the folded decoders execute."""
     parts = {
         "noiseprint": noiseprint_flops(height * width),
         "encoder": encoder_flops(height, width),
-        "decoders": (decoder_flops(height, width, LOCALIZATION_CLASSES)
-                     + decoder_flops(height, width, CONFIDENCE_CLASSES)),
+        "decoders": (decoder_flops(height, width, LOCALIZATION_CLASSES, folded_decoders)
+                     + decoder_flops(height, width, CONFIDENCE_CLASSES, folded_decoders)),
     }
     parts["total"] = sum(parts.values())
     return parts

@@ -47,7 +47,7 @@ def _offline(run: dict) -> str:
 
 
 def summary_rows(report: dict):
-    """(input, runner, MP, GFLOP, GFLOP/s, % GEMM, % peak, peak RSS, device, offline)."""
+    """(input, runner, MP, GFLOP, GFLOP/s, % GEMM, % peak, peak RSS, s/MP, GiB/MP, device, offline)."""
     for run in report["runs"]:
         if "error" in run:
             continue
@@ -56,6 +56,7 @@ def summary_rows(report: dict):
                f"{run['achieved_gflops']:.0f}", _percent(run, "fraction_of_gemm_rate"),
                _percent(run, "fraction_of_peak"),
                f"{run['memory']['host_peak_rss_bytes'] / GIB:.2f} GiB",
+               f"{run['seconds_per_megapixel']:.1f}", f"{run['peak_rss_gib_per_megapixel']:.2f}",
                f"{device / GIB:.2f} GiB" if device is not None else "-", _offline(run))
 
 
@@ -70,7 +71,7 @@ def print_tables(report: dict, console) -> None:
     console.print(latency)
     summary = Table(title="Compute, memory, throughput")
     for column in ("input", "runner", "MP", "GFLOP", "GFLOP/s", "% GEMM", "% peak", "peak RSS",
-                   "device", "Offline"):
+                   "s/MP", "GiB/MP", "device", "Offline"):
         summary.add_column(column, justify="left" if column in ("input", "runner", "Offline") else "right")
     for row in summary_rows(report):
         summary.add_row(*row)
@@ -82,7 +83,7 @@ def print_tables(report: dict, console) -> None:
 
 def _markdown_row(run: dict, speedup) -> str:
     if "error" in run:
-        return f"| {run['input']} | {run_name(run)} | error: {run['error']} | | | | | |"
+        return f"| {run['input']} | {run_name(run)} | error: {run['error']} | | | | | | |"
     stats = run["single_stream"]["stats_ms"]
     offline = run.get("offline")
     cells = [
@@ -91,6 +92,7 @@ def _markdown_row(run: dict, speedup) -> str:
         f"{stats['inference']['median'] / 1e3:.2f} s",
         f"{run['achieved_gflops']:.0f} ({_percent(run, 'fraction_of_gemm_rate')})",
         f"{run['memory']['host_peak_rss_bytes'] / GIB:.2f} GiB",
+        f"{run['seconds_per_megapixel']:.1f} s, {run['peak_rss_gib_per_megapixel']:.2f} GiB",
         f"{offline['images_per_s']:.2f} img/s" if offline else "-",
         f"{speedup['speedup_end_to_end']:.2f}x" if speedup else "",
     ]
@@ -107,8 +109,8 @@ def markdown_table(report: dict) -> str:
         f"{report['settings']['warmup']} warm-up + {report['settings']['repeat']} timed images per row.",
         "",
         "| input | runner | end to end, median (p90) | inference, median | GFLOP/s (% of GEMM) "
-        "| peak RSS | Offline | speed-up vs reference |",
-        "|---|---|---|---|---|---|---|---|",
+        "| peak RSS | per megapixel | Offline | speed-up vs reference |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     speedups = {item["input"]: item for item in report["comparisons"]}
     lines += [_markdown_row(run, speedups.get(run["input"]) if run["role"] == "engine" else None)

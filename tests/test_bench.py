@@ -50,11 +50,12 @@ def test_flop_count_equals_pytorchs_counter_on_our_network_at_an_odd_size(checkp
     from torch.utils.flop_counter import FlopCounterMode
 
     from trufor_trt.model import load_trufor
-    from trufor_trt.model.attention import attention_form
+    from trufor_trt.model.formulation import official
 
     network = load_trufor(checkpoint_seed0)
-    # The explicit attention form: the counter does not see the CPU flash kernel's products.
-    with torch.inference_mode(), attention_form("tensorrt"), FlopCounterMode(display=False) as counter:
+    # The official formulation: explicit attention products (the counter does not see the CPU
+    # flash kernel's) and the unfolded decoders.
+    with torch.inference_mode(), official(), FlopCounterMode(display=False) as counter:
         network(torch.rand(1, 3, 61, 83))
     assert network_flops(61, 83)["total"] == counter.get_total_flops()
 
@@ -96,6 +97,9 @@ def test_bench_json_has_every_field(bench_report):
         assert run["gflop_per_image"] * 1e9 == pytest.approx(
             network_flops(*map(int, run["input"].split("x")))["total"])
         assert run["achieved_gflops"] > 0 and run["fraction_of_gemm_rate"] > 0
+        # The folded decoders run fewer FLOPs than the official network (the reference).
+        assert (run["executed_gflop_per_image"] < run["gflop_per_image"]) == (run["role"] == "engine")
+        assert run["seconds_per_megapixel"] > 0 and run["peak_rss_gib_per_megapixel"] > 0
         assert run["memory"]["host_peak_rss_bytes"] >= run["host_rss_after_load_bytes"] > 0
         assert run["memory"]["device_peak_bytes"] is None
     offline = report["runs"][0]["offline"]

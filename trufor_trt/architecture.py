@@ -32,3 +32,4 @@ def stage_grids(height: int, width: int) -> list:
         width = (width + 2 * (kernel // 2) - kernel) // stride + 1
         grids.append((height, width))
     return grids
+

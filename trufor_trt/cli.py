@@ -122,17 +122,21 @@ def _open_model(model: Optional[Path], checkpoint: Optional[Path]):
 
 
 def _load_runner(backend: str, model: Optional[Path], checkpoint: Optional[Path], device: str,
-                 precision: str):
+                 precision: str, max_memory: Optional[str] = None):
     """The loaded runner for the requested backend (auto resolved here)."""
     try:
+        from .engine.memory_budget import parse_memory
+
+        budget = parse_memory(max_memory) if max_memory else None
         if backend == "torch":
             if checkpoint is None:
                 fail_setup("the torch backend runs from --checkpoint FILE")
-            runner = create_runner("torch", checkpoint=checkpoint, device=device, precision=precision)
+            runner = create_runner("torch", checkpoint=checkpoint, device=device, precision=precision,
+                                   max_memory_bytes=budget)
         else:
             opened = _open_model(model, checkpoint)
             backend = pick_backend(backend, opened.path, precision)
-            runner = create_runner(backend, model=opened, precision=precision)
+            runner = create_runner(backend, model=opened, precision=precision, max_memory_bytes=budget)
         runner.load()
     except TruforError as exc:
         fail_setup(str(exc))
@@ -163,12 +167,15 @@ def analyze(
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo images whose outputs exist."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1,
                                    help="Refuse images with more pixels (decompression bombs)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory",
+                                             help="Host memory budget per image on the CPU, e.g. 8G "
+                                                  "(default: physical memory); bands follow from it."),
 ) -> None:
     """Analyse images: per image an .npz with map, conf, score, imgsize (+ PNGs), and results.jsonl."""
     jobs = expand_inputs(inputs)
     if not jobs:
         fail_setup("no input images found in: " + " ".join(inputs))
-    runner = _load_runner(backend.value, model, checkpoint, device, precision.value)
+    runner = _load_runner(backend.value, model, checkpoint, device, precision.value, max_memory)
     options = AnalyzeOptions(out_dir=out, save_noiseprint=save_noiseprint, write_png=not no_png,
                              overwrite=overwrite, max_pixels=max_pixels)
     try:

@@ -42,7 +42,7 @@ def _one_line(exc: BaseException) -> str:
 def analyse_file(path, runner: Runner, clock: StageClock, max_pixels: int = DEFAULT_MAX_PIXELS):
     """decode -> prepare -> infer -> postprocess, each stage timed; returns (rgb, Analysis)."""
     with clock.stage("decode"):
-        rgb = decode_image(path, max_pixels=max_pixels)
+        rgb = decode_image(path, max_pixels=max_pixels, admit=runner.refusal)
     with clock.stage("preprocess"):
         prepared = prepare_input(rgb)
     with clock.stage("inference"):

@@ -36,18 +36,21 @@ def pick_backend(requested: str, model_dir=None, precision: str = "fp32") -> str
 
 
 def create_runner(backend: str, *, checkpoint=None, model=None, device: str = "auto",
-                  precision: str = "fp32", threads: int = 0) -> Runner:
+                  precision: str = "fp32", threads: int = 0, max_memory_bytes=None) -> Runner:
     """The runner for a backend name, not yet loaded. `model` is a model folder (or ModelDir)
     for the ONNX and TensorRT backends; `checkpoint` feeds the torch backend. `threads`: CPU
-    threads per runner for the CPU backends (0: one per core), for runners side by side."""
+    threads per runner for the CPU backends (0: one per core), for runners side by side.
+    `max_memory_bytes`: host budget per image for the CPU backends (default: physical memory)."""
     if backend == "torch":
         from .torch_runner import TorchRunner
 
-        return TorchRunner(checkpoint, device=device, precision=precision, threads=threads)
+        return TorchRunner(checkpoint, device=device, precision=precision, threads=threads,
+                           max_memory_bytes=max_memory_bytes)
     if backend == "onnxruntime":
         from .onnxruntime_runner import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(model, precision=precision, threads=threads)
+        return OnnxRuntimeRunner(model, precision=precision, threads=threads,
+                                 max_memory_bytes=max_memory_bytes)
     if backend == "tensorrt":
         from .tensorrt_runner import TensorRTRunner
 

@@ -117,8 +117,15 @@ def _to_rgb8(path, pixels: np.ndarray) -> np.ndarray:
     raise ImageError(path, f"unsupported channel count {channels}")
 
 
-def decode_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """H x W x 3 uint8 RGB, as the official code feeds the network."""
+def _admit(path, height: int, width: int, admit) -> None:
+    reason = admit(height, width) if admit is not None else None
+    if reason:
+        raise ImageError(path, reason)
+
+
+def decode_image(path, max_pixels: int = DEFAULT_MAX_PIXELS, admit=None) -> np.ndarray:
+    """H x W x 3 uint8 RGB, as the official code feeds the network. `admit(height, width)`,
+    when given, may refuse the size (returning why) before any pixel is decoded."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(path, "no such file" if not path.exists() else "not a regular file")
@@ -131,6 +138,7 @@ def decode_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     size = _header_size(data, kind)
     if size is not None:
         _check_size(path, *size, max_pixels)
+        _admit(path, *size, admit)
     if kind == "JPEG" and not _jpeg_is_complete(data):
         raise ImageError(path, "truncated or corrupt JPEG (no end-of-image marker)")
     with _quiet_opencv():
@@ -138,4 +146,5 @@ def decode_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     if pixels is None:
         raise ImageError(path, f"truncated or corrupt {kind} (the decoder could not read it)")
     _check_size(path, pixels.shape[0], pixels.shape[1], max_pixels)
+    _admit(path, pixels.shape[0], pixels.shape[1], admit)
     return _to_rgb8(path, pixels)

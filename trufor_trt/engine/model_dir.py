@@ -17,7 +17,7 @@ from ..errors import TruforError
 from .postprocess import DetectionHead
 
 FORMAT = "trufor-trt-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: folded decoders; the CPU graph split into three for exact bands
 MANIFEST_FILE = "manifest.json"
 DETECTION_HEAD_FILE = "detection_head.npz"
 
@@ -29,15 +29,26 @@ class GraphVariant:
     attention: str  # the attention form it was exported with (see model/attention.py)
     precision: str
     purpose: str
+    # "whole": image -> logits and Noiseprint++. The CPU graphs split it where exact row
+    # bands bound the memory (bands.py): "noiseprint": image -> Noiseprint++; "features":
+    # (image, Noiseprint++) -> the encoder's four maps; "decoder-band": a band of the 1/4 grid
+    # of the four maps (with its bilinear taps) -> the band's logits.
+    part: str = "whole"
 
 
 VARIANTS = (
     GraphVariant("fp32", "trufor_fp32.onnx", "tensorrt", "fp32",
                  "TensorRT-shaped graph every engine is built from"),
+    GraphVariant("fp32-cpu-noiseprint", "trufor_fp32_cpu_noiseprint.onnx", "onnxruntime", "fp32",
+                 "ONNX Runtime CPU: Noiseprint++, run in row bands", part="noiseprint"),
     GraphVariant("fp32-cpu", "trufor_fp32_cpu.onnx", "onnxruntime", "fp32",
-                 "ONNX Runtime CPU graph: attention as com.microsoft.MultiHeadAttention"),
+                 "ONNX Runtime CPU: the two-stream encoder, attention as "
+                 "com.microsoft.MultiHeadAttention", part="features"),
+    GraphVariant("fp32-cpu-decoders", "trufor_fp32_cpu_decoders.onnx", "onnxruntime", "fp32",
+                 "ONNX Runtime CPU: both folded decoders, run in row bands", part="decoder-band"),
 )
-CPU_VARIANT = "fp32-cpu"
+CPU_NOISEPRINT_VARIANT, CPU_VARIANT, CPU_DECODER_VARIANT = (
+    "fp32-cpu-noiseprint", "fp32-cpu", "fp32-cpu-decoders")
 
 
 class ModelDirError(TruforError):

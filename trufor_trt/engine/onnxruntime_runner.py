@@ -1,14 +1,29 @@
 """The ONNX Runtime backend: the embedded default that runs on any CPU.
 
-It runs the model folder's CPU graph variant (attention as com.microsoft.MultiHeadAttention,
-whose flash kernel keeps memory bounded). The session settings below, and what each was
-measured to buy on a 2-core CPU, are in the README ("ONNX Runtime settings").
+FP32 runs the model folder's three CPU graphs in bounded memory: Noiseprint++ in exact row
+bands, the two-stream encoder on the whole image (attention as com.microsoft.MultiHeadAttention,
+whose flash kernel keeps no score matrix), then both folded decoders in exact row bands of the
+1/4 grid (bands.py); band heights follow the memory budget. The session settings below, and
+what each was measured to buy on a 2-core CPU, are in the README ("ONNX Runtime settings",
+"Large images").
 """
+
+from dataclasses import dataclass
 
 import numpy as np
 
-from .model_dir import CPU_VARIANT, ModelDir
+from ..bands import decoder_band_taps, noiseprint_row_bands, row_bands
+from .memory_budget import MemoryModel, physical_memory
+from .model_dir import CPU_DECODER_VARIANT, CPU_NOISEPRINT_VARIANT, CPU_VARIANT, ModelDir
 from .runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs, Runner
+
+NOISEPRINT = OUTPUT_NAMES[2]
+LOGITS = list(OUTPUT_NAMES[:2])
+FEATURES = ("c1", "c2", "c3", "c4")
+COARSE = ("c4", "c3", "c2")  # the order the decoder band graph takes the coarse scales in
+# Peak RSS of `analyze` per image (measured with ONNX Runtime 1.31 on the 2-core CPU; README).
+MEMORY = MemoryModel(fixed_bytes=0.6e9, bytes_per_pixel=400, noiseprint_bytes_per_pixel=1000,
+                     decoder_bytes_per_cell=16000)
 
 
 _shared_arena_registered = False
@@ -48,15 +63,68 @@ def create_session(graph, threads: int = 0):
 
 
 def run_session(session, prepared: np.ndarray) -> RawOutputs:
+    """A whole-network graph: image -> logits and Noiseprint++."""
     outputs = session.run(list(OUTPUT_NAMES), {INPUT_NAME: prepared})
     return RawOutputs.from_batch_of_one(*outputs)
 
 
-def _cpu_graph(model: ModelDir, precision: str):
-    """FP32: the CPU variant. FP16 / INT8: the TensorRT variant with its float16 storage
-    simulated in float32 (ORT has almost no CPU float16 kernels); that needs the `export` extra."""
-    if precision == "fp32":
-        return model.variant_path(CPU_VARIANT)
+def noiseprint_in_row_bands(session, prepared: np.ndarray, band_rows: int) -> np.ndarray:
+    """The Noiseprint++ graph over the image, `band_rows` output rows at a time (exact)."""
+    batch, _, height, width = prepared.shape
+    noiseprint = np.empty((batch, 1, height, width), np.float32)
+    for top, bottom, first, last in noiseprint_row_bands(height, band_rows):
+        band = session.run([NOISEPRINT], {INPUT_NAME: np.ascontiguousarray(prepared[:, :, first:last])})[0]
+        noiseprint[:, :, top:bottom] = band[:, :, top - first:bottom - first]
+    return noiseprint
+
+
+def _band_feed(features: dict, top: int, bottom: int) -> dict:
+    """The decoder band graph's inputs for 1/4-grid rows [top, bottom)."""
+    grid = features["c1"].shape[2:]
+    taps = decoder_band_taps([features[name].shape[2:] for name in COARSE], grid, top, bottom)
+    feed = {"c1_rows": np.ascontiguousarray(features["c1"][:, :, top:bottom])}
+    for name, scale_taps in zip(COARSE, taps):
+        feed.update({f"{name}_rows": np.ascontiguousarray(features[name][:, :, scale_taps.first:scale_taps.last]),
+                     f"{name}_row_taps": scale_taps.rows,
+                     f"{name}_row_weight": scale_taps.row_weight.astype(np.float32),
+                     f"{name}_column_taps": scale_taps.columns,
+                     f"{name}_column_weight": scale_taps.column_weight.astype(np.float32)})
+    return feed
+
+
+def decoders_in_row_bands(session, features: dict, band_rows: int) -> list:
+    """Both decoders' logits, `band_rows` rows of the 1/4 grid at a time (exact)."""
+    batch, _, grid_height, grid_width = features["c1"].shape
+    logits = [np.empty((batch, channels, grid_height, grid_width), np.float32) for channels in (2, 1)]
+    for top, bottom in row_bands(grid_height, band_rows):
+        for whole, band in zip(logits, session.run(LOGITS, _band_feed(features, top, bottom))):
+            whole[:, :, top:bottom] = band
+    return logits
+
+
+@dataclass(frozen=True)
+class CpuSessions:
+    """The three CPU graphs of a model folder, one session each."""
+
+    noiseprint: object
+    features: object
+    decoders: object
+
+    @classmethod
+    def from_files(cls, files: dict, threads: int = 0) -> "CpuSessions":
+        return cls(*(create_session(files[name], threads)
+                     for name in (CPU_NOISEPRINT_VARIANT, CPU_VARIANT, CPU_DECODER_VARIANT)))
+
+    def run(self, prepared: np.ndarray, noiseprint_rows: int, decoder_rows: int) -> RawOutputs:
+        noiseprint = noiseprint_in_row_bands(self.noiseprint, prepared, noiseprint_rows)
+        maps = self.features.run(list(FEATURES), {INPUT_NAME: prepared, NOISEPRINT: noiseprint})
+        logits = decoders_in_row_bands(self.decoders, dict(zip(FEATURES, maps)), decoder_rows)
+        return RawOutputs.from_batch_of_one(*logits, noiseprint)
+
+
+def _reduced_precision_graph(model: ModelDir, precision: str) -> bytes:
+    """The TensorRT FP16 / INT8 variant with its float16 storage simulated in float32 (ORT has
+    almost no CPU float16 kernels); whole-image, for measurement; needs the `export` extra."""
     import onnx
 
     from ..export.precision import upcast_fp16
@@ -67,21 +135,37 @@ def _cpu_graph(model: ModelDir, precision: str):
 class OnnxRuntimeRunner(Runner):
     backend = "onnxruntime"
 
-    def __init__(self, model, precision: str = "fp32", threads: int = 0):
-        """`model`: a model folder's path, or a ModelDir already opened (and checked)."""
+    def __init__(self, model, precision: str = "fp32", threads: int = 0, max_memory_bytes=None):
+        """`model`: a model folder's path, or a ModelDir already opened (and checked).
+        `max_memory_bytes`: the budget Noiseprint++'s bands are sized from (default: the
+        machine's physical memory)."""
         super().__init__()
         self.model = model
         self.precision = precision
         self.threads = threads
-        self.session = None
+        self.max_memory_bytes = max_memory_bytes or physical_memory()
+        self.session = None  # FP16 / INT8: one whole-network session
+        self.cpu_sessions = None  # FP32: the three banded CPU graphs
 
     def load(self) -> None:
         model = self.model if isinstance(self.model, ModelDir) else ModelDir.open(self.model)
-        self.session = create_session(_cpu_graph(model, self.precision), self.threads)
+        if self.precision == "fp32":
+            files = {name: model.variant_path(name)
+                     for name in (CPU_NOISEPRINT_VARIANT, CPU_VARIANT, CPU_DECODER_VARIANT)}
+            self.cpu_sessions = CpuSessions.from_files(files, self.threads)
+        else:
+            self.session = create_session(_reduced_precision_graph(model, self.precision), self.threads)
         self.detection_head = model.detection_head()
 
+    def refusal(self, height: int, width: int):
+        return MEMORY.refusal(height, width, self.max_memory_bytes) if self.cpu_sessions else None
+
     def infer(self, prepared: np.ndarray) -> RawOutputs:
-        return run_session(self.session, np.ascontiguousarray(prepared, dtype=np.float32))
+        prepared = np.ascontiguousarray(prepared, dtype=np.float32)
+        if self.cpu_sessions is None:
+            return run_session(self.session, prepared)
+        plan = MEMORY.plan(*prepared.shape[2:], self.max_memory_bytes)
+        return self.cpu_sessions.run(prepared, plan.noiseprint_rows, plan.decoder_rows)
 
     def close(self) -> None:
-        self.session = None
+        self.session = self.cpu_sessions = None

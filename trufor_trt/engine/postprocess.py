@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..bands import bilinear_taps
 from .runner import RawOutputs
 
 
@@ -40,21 +41,12 @@ class Analysis:
     noiseprint: np.ndarray  # H x W float32, `np++`
 
 
-def _source_positions(size_in: int, size_out: int):
-    """Per output index: the two source indices and the weight of the second
-    (PyTorch's half-pixel rule, negative positions clamped to 0)."""
-    positions = np.maximum((np.arange(size_out) + 0.5) * (size_in / size_out) - 0.5, 0.0)
-    low = np.minimum(positions.astype(np.int64), size_in - 1)
-    high = np.minimum(low + 1, size_in - 1)
-    return low, high, positions - low
-
-
 def upsample_bilinear(planes: np.ndarray, height: int, width: int) -> np.ndarray:
     """C x h x w -> C x H x W (float64), equal to F.interpolate(bilinear, align_corners=False)."""
     planes = planes.astype(np.float64, copy=False)
-    top, bottom, down = _source_positions(planes.shape[1], height)
+    top, bottom, down = bilinear_taps(planes.shape[1], height)
     rows = planes[:, top, :] * (1.0 - down)[:, None] + planes[:, bottom, :] * down[:, None]
-    left, right, across = _source_positions(planes.shape[2], width)
+    left, right, across = bilinear_taps(planes.shape[2], width)
     return rows[:, :, left] * (1.0 - across) + rows[:, :, right] * across
 
 

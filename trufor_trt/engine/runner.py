@@ -54,6 +54,11 @@ class Runner(ABC):
     def infer(self, prepared: np.ndarray) -> RawOutputs:
         """One prepared input -> its raw outputs."""
 
+    def refusal(self, height: int, width: int):
+        """Why this runner cannot take an image of this size (checked from the file's header,
+        before any decoding), or None."""
+        return None
+
     def close(self) -> None:
         """Release what load() acquired."""
 

@@ -101,6 +101,9 @@ class TensorRTRunner(Runner):
         for name, buffer in self._device.items():
             self._context.set_tensor_address(name, int(buffer))
 
+    def refusal(self, height: int, width: int):
+        return None if self.profile.admits(height, width) else self.profile.refusal(height, width)
+
     def infer(self, prepared: np.ndarray) -> RawOutputs:
         height, width = prepared.shape[2:]
         if prepared.shape[0] != 1 or not self.profile.admits(height, width):

@@ -109,14 +109,14 @@ def export_model_dir(checkpoint, out_dir, opset: int = DEFAULT_OPSET,
     try:
         for variant in VARIANTS:
             on_step(f"exporting {variant.name} ({variant.purpose})")
-            graph = export_graph(network, staging / variant.file, variant.attention, opset)
+            graph = export_graph(network, staging / variant.file, variant.attention, opset, variant.part)
             problems = tensorrt_shape_problems(graph) if variant.attention == "tensorrt" else []
             if problems:
                 raise ExportVerificationError(f"graph {variant.name} is not TensorRT-shaped: "
                                               + "; ".join(problems))
         _write_detection_head(network, staging)
         on_step("verifying every graph against the float64 network")
-        deviations = verify_graphs(network, {v.name: staging / v.file for v in VARIANTS})
+        deviations = verify_graphs(network, staging)
         manifest = _manifest(checkpoint, checkpoint_sha256, staging, opset, deviations)
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         _replace_folder(staging, out_dir)

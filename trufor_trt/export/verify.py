@@ -14,13 +14,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..engine.onnxruntime_runner import create_session, run_session
+from ..engine.model_dir import CPU_VARIANT, VARIANTS
+from ..engine.onnxruntime_runner import CpuSessions, create_session, run_session
 from ..engine.preprocess import prepare_input
 from ..engine.runner import OUTPUT_NAMES, RawOutputs
 from ..errors import TruforError
 from .synthetic import synthetic_image
 
 VERIFY_SIZES = ((61, 83), (96, 128))
+# The CPU graphs are verified as the runner runs them, in several row bands of each kind.
+VERIFY_NOISEPRINT_ROWS, VERIFY_DECODER_ROWS = 24, 5
 BOUNDS = {"localization_logits": 1.5e-2, "confidence_logits": 1.5e-2, "noiseprint": 4e-3}
 
 
@@ -55,17 +58,24 @@ def raw_deviation(ours: RawOutputs, reference: RawOutputs) -> dict:
             for name in OUTPUT_NAMES}
 
 
-def verify_graphs(network, graphs: dict) -> list:
-    """Run each {name: path} graph in ONNX Runtime on the verification images; raise
+def _graph_runs(folder) -> dict:
+    """name -> infer(prepared) for the exported graphs in `folder`, each as ONNX Runtime runs it."""
+    files = {variant.name: folder / variant.file for variant in VARIANTS}
+    whole, cpu = create_session(files["fp32"]), CpuSessions.from_files(files)
+    return {"fp32": lambda prepared: run_session(whole, prepared),
+            CPU_VARIANT: lambda prepared: cpu.run(prepared, VERIFY_NOISEPRINT_ROWS, VERIFY_DECODER_ROWS)}
+
+
+def verify_graphs(network, folder) -> list:
+    """Run the exported graphs in `folder` in ONNX Runtime on the verification images; raise
     ExportVerificationError naming the worst output if any is over its bound."""
     reference = float64_reference(network)
     inputs = [prepare_input(synthetic_image(h, w, seed=index)) for index, (h, w) in enumerate(VERIFY_SIZES)]
     expected = [reference(prepared) for prepared in inputs]
     deviations = []
-    for name, path in graphs.items():
-        session = create_session(path)
+    for name, infer in _graph_runs(folder).items():
         for prepared, truth in zip(inputs, expected):
-            deviation = Deviation(name, prepared.shape[2:], raw_deviation(run_session(session, prepared), truth))
+            deviation = Deviation(name, prepared.shape[2:], raw_deviation(infer(prepared), truth))
             deviations.append(deviation)
             over = deviation.over_bounds()
             if over:

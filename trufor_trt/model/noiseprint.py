@@ -7,6 +7,7 @@ from torch import nn
 
 from ..architecture import NOISEPRINT_FEATURES as FEATURES
 from ..architecture import NOISEPRINT_LAYERS as LAYERS
+from ..bands import noiseprint_row_bands
 
 BATCHNORM_EPS = 1e-5
 
@@ -22,3 +23,12 @@ def build_noiseprint() -> nn.Sequential:
         ]
     layers.append(nn.Conv2d(FEATURES, 1, 3, padding=1))
     return nn.Sequential(*layers)
+
+
+def noiseprint_in_row_bands(dncnn: nn.Module, image, band_rows: int):
+    """Noiseprint++ of N x 3 x H x W, `band_rows` output rows at a time: equal to the whole
+    image at once (see bands.py), memory following the band."""
+    output = image.new_empty((image.shape[0], 1, *image.shape[-2:]))
+    for top, bottom, first, last in noiseprint_row_bands(image.shape[-2], band_rows):
+        output[:, :, top:bottom] = dncnn(image[:, :, first:last])[:, :, top - first:bottom - first]
+    return output

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from ..architecture import CONFIDENCE_CLASSES, LOCALIZATION_CLASSES
-from .decoder import CONFIDENCE_BN_EPS, LOCALIZATION_BN_EPS, DecoderHead
+from .decoder import CONFIDENCE_BN_EPS, LOCALIZATION_BN_EPS, DecoderHead, decode_in_bands
 from .encoder import DualMiT
-from .noiseprint import build_noiseprint
+from .formulation import decoder_band_rows, noiseprint_band_rows
+from .noiseprint import build_noiseprint, noiseprint_in_row_bands
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,10 +42,28 @@ class TruFor(nn.Module):
         self.register_buffer("rgb_mean", _channel_constant(IMAGENET_MEAN), persistent=False)
         self.register_buffer("rgb_std", _channel_constant(IMAGENET_STD), persistent=False)
 
+    def noiseprint(self, image: torch.Tensor) -> torch.Tensor:
+        """Noiseprint++, in row bands when a band height is set (model/formulation.py)."""
+        rows = noiseprint_band_rows()
+        if rows is None or rows >= image.shape[-2]:
+            return self.dncnn(image)
+        return noiseprint_in_row_bands(self.dncnn, image, rows)
+
     def forward(self, image: torch.Tensor):
         """image: N x 3 x H x W, RGB / 256. Returns (N x 2 x H/4 x W/4 localization logits,
         N x 1 x H/4 x W/4 confidence logits, N x 1 x H x W Noiseprint++)."""
-        noiseprint = self.dncnn(image)
-        features = self.backbone((image - self.rgb_mean) / self.rgb_std,
-                                 noiseprint.expand(-1, 3, -1, -1))
-        return self.decode_head(features), self.decode_head_conf(features), noiseprint
+        noiseprint = self.noiseprint(image)
+        return (*self.logits(image, noiseprint), noiseprint)
+
+    def logits(self, image: torch.Tensor, noiseprint: torch.Tensor):
+        """Everything after Noiseprint++: the two-stream encoder and both decoders."""
+        features = self.features(image, noiseprint)
+        heads = (self.decode_head, self.decode_head_conf)
+        rows = decoder_band_rows()
+        if rows is None or rows >= features[0].shape[-2]:
+            return tuple(head(features) for head in heads)
+        return tuple(decode_in_bands(heads, features, rows))
+
+    def features(self, image: torch.Tensor, noiseprint: torch.Tensor) -> list:
+        """The two-stream encoder's fused maps at 1/4, 1/8, 1/16 and 1/32."""
+        return self.backbone((image - self.rgb_mean) / self.rgb_std, noiseprint.expand(-1, 3, -1, -1))

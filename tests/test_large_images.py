@@ -1,0 +1,162 @@
+"""Large images, exactly, in bounded memory: row bands (Noiseprint++ and the folded decoders),
+the memory budget, and a 4000 x 3000 image through `analyze` within 8 GB."""
+
+import json
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from trufor_trt.bands import NOISEPRINT_HALO, decoder_band_taps, noiseprint_row_bands, row_bands
+from trufor_trt.cli import app
+from trufor_trt.engine.memory_budget import GIB, MemoryBudgetError, MemoryModel, parse_memory
+from trufor_trt.engine.onnxruntime_runner import MEMORY, OnnxRuntimeRunner
+from trufor_trt.engine.postprocess import upsample_bilinear
+from trufor_trt.engine.preprocess import prepare_input
+from trufor_trt.export.synthetic import synthetic_image
+from trufor_trt.export.verify import raw_deviation
+from trufor_trt.model import load_trufor
+from trufor_trt.model.formulation import in_bands, official
+
+from conftest import IMAGES_DIR
+
+
+def test_noiseprint_bands_cover_every_row_once_with_the_halo_clipped_at_the_border():
+    bands = noiseprint_row_bands(100, 30)
+    assert [(top, bottom) for top, bottom, _, _ in bands] == [(0, 30), (30, 60), (60, 90), (90, 100)]
+    assert [(first, last) for _, _, first, last in bands] == [
+        (0, 30 + NOISEPRINT_HALO), (30 - NOISEPRINT_HALO, 60 + NOISEPRINT_HALO),
+        (60 - NOISEPRINT_HALO, 100), (90 - NOISEPRINT_HALO, 100)]  # 90 + 17 > 100: clipped
+
+
+@pytest.mark.parametrize("coarse, grid, band_rows", [((7, 9), (25, 33), 4), ((2, 3), (7, 11), 3),
+                                                     ((13, 17), (25, 33), 25)])
+def test_band_taps_rebuild_the_whole_bilinear_upsampling(coarse, grid, band_rows):
+    """Bands of rows, each reading only the coarse rows its taps name, give F.interpolate's
+    upsampling of the whole map."""
+    planes = np.random.default_rng(0).standard_normal((3, *coarse))
+    whole = upsample_bilinear(planes, *grid)
+    banded = np.empty_like(whole)
+    for top, bottom in row_bands(grid[0], band_rows):
+        taps = decoder_band_taps([coarse], grid, top, bottom)[0]
+        rows = planes[:, taps.first:taps.last]
+        vertical = (rows[:, taps.rows[0]] * (1 - taps.row_weight)[:, None]
+                    + rows[:, taps.rows[1]] * taps.row_weight[:, None])
+        banded[:, top:bottom] = (vertical[..., taps.columns[0]] * (1 - taps.column_weight)
+                                 + vertical[..., taps.columns[1]] * taps.column_weight)
+    np.testing.assert_allclose(banded, whole, rtol=0, atol=1e-13)
+
+
+@pytest.fixture(scope="module")
+def float64_network(checkpoint_seed0):
+    return load_trufor(checkpoint_seed0).double()
+
+
+@pytest.mark.parametrize("noiseprint_rows, decoder_rows", [(None, None), (20, 4), (37, 1)])
+def test_bounded_formulation_equals_the_official_one_in_float64(float64_network, noiseprint_rows,
+                                                                decoder_rows):
+    """Folded decoders and both kinds of band change nothing but float reassociation."""
+    image = torch.from_numpy(prepare_input(synthetic_image(107, 141, seed=5), np.float64))
+    with torch.inference_mode():
+        with official():
+            expected = float64_network(image)
+        with in_bands(noiseprint_rows, decoder_rows):
+            bounded = float64_network(image)
+    for ours, theirs in zip(bounded, expected):
+        assert float((ours - theirs).abs().max()) < 1e-11
+
+
+def test_onnxruntime_bands_equal_the_whole_image_and_the_float64_network(model_seed0, float64_network):
+    """A budget small enough to force several bands of each kind at 300 x 420."""
+    prepared = prepare_input(synthetic_image(300, 420, seed=9))
+    budget = MEMORY.without_bands(300, 420) + 48 * 1024 ** 2
+    plan = MEMORY.plan(300, 420, budget)
+    assert plan.noiseprint_rows < 300 and plan.decoder_rows < 75
+    with OnnxRuntimeRunner(model_seed0, max_memory_bytes=budget) as banded, \
+            OnnxRuntimeRunner(model_seed0) as whole:
+        in_bands_out, whole_out = banded.infer(prepared), whole.infer(prepared)
+    assert max(raw_deviation(in_bands_out, whole_out).values()) < 1e-5
+    with torch.inference_mode():
+        truth = float64_network(torch.from_numpy(prepared.astype(np.float64)))
+    errors = {name: float(np.abs(getattr(in_bands_out, name) - value[0].numpy()).max())
+              for name, value in zip(("localization_logits", "confidence_logits"), truth)}
+    assert max(errors.values()) < 1.5e-2, errors
+
+
+def test_budget_sizes_the_bands_and_refuses_what_cannot_fit():
+    model = MemoryModel(fixed_bytes=1e9, bytes_per_pixel=400, noiseprint_bytes_per_pixel=1000,
+                        decoder_bytes_per_cell=16000)
+    roomy, tight = model.plan(3000, 4000, 16 * GIB), model.plan(3000, 4000, 6.2e9)  # 0.4 GB of room
+    assert tight.noiseprint_rows < roomy.noiseprint_rows and tight.decoder_rows < roomy.decoder_rows
+    assert model.plan(100, 120, 16 * GIB).noiseprint_rows == 100  # small images: one band
+    with pytest.raises(MemoryBudgetError, match=r"4000x3000 needs about 5\.\d GiB.*4\.0 GiB budget"):
+        model.plan(3000, 4000, 4 * GIB)
+    assert model.refusal(3000, 4000, 16 * GIB) is None
+
+
+@pytest.mark.parametrize("text, expected", [("8G", 8 * GIB), ("8GiB", 8 * GIB), ("512M", 512 * 1024 ** 2),
+                                            ("1.5", int(1.5 * GIB)), ("2tb", 2 * 1024 * GIB)])
+def test_memory_sizes_parse(text, expected):
+    assert parse_memory(text) == expected
+
+
+def test_parse_memory_rejects_nonsense():
+    with pytest.raises(MemoryBudgetError, match="expected a number"):
+        parse_memory("lots")
+
+
+def test_image_over_the_budget_is_refused_before_decoding_and_the_batch_goes_on(tmp_path, model_seed0):
+    images = tmp_path / "images"
+    images.mkdir()
+    cv2.imwrite(str(images / "small.png"), synthetic_image(64, 80, seed=1))
+    cv2.imwrite(str(images / "large.png"), synthetic_image(1200, 1600, seed=2))
+    budget = MEMORY.without_bands(1200, 1600) / GIB  # no room left for any band at 1200 x 1600
+    result = CliRunner().invoke(app, ["analyze", str(images), "--model", str(model_seed0), "--out",
+                                      str(tmp_path / "out"), "--backend", "onnxruntime", "--no-png",
+                                      "--max-memory", f"{budget:.3f}G"])
+    assert result.exit_code == 1, result.output
+    records = {json.loads(line)["input"].rsplit("/", 1)[1]: json.loads(line)
+               for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()}
+    assert records["small.png"]["status"] == "ok"
+    assert records["large.png"]["status"] == "error"
+    assert "1600x1200 needs about" in records["large.png"]["reason"]
+    assert records["large.png"]["times_ms"]["decode"] < 50  # refused from the header
+
+
+def _camera_sized_image(path, height=3000, width=4000):
+    """Real photographs tiled edge to edge into one 12 MP image."""
+    from PIL import Image
+
+    sources = [np.array(Image.open(source).convert("RGB"))
+               for source in sorted(IMAGES_DIR.rglob("*")) if source.suffix in (".png", ".jpg")]
+    canvas, top, index = np.zeros((height, width, 3), np.uint8), 0, 0
+    while top < height:
+        left, row_height = 0, 0
+        while left < width:
+            tile = sources[index % len(sources)][:height - top, :width - left]
+            canvas[top:top + tile.shape[0], left:left + tile.shape[1]] = tile
+            left, row_height, index = left + tile.shape[1], max(row_height, tile.shape[0]), index + 1
+        top += row_height
+    cv2.imwrite(str(path), canvas[:, :, ::-1])
+
+
+def test_4000x3000_through_onnxruntime_within_8_gb(tmp_path, model_seed0):
+    """The acceptance case, end to end in its own process: peak RSS is that process's."""
+    _camera_sized_image(tmp_path / "camera.png")
+    measure = ("import resource, subprocess, sys; "
+               "done = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); "
+               "sys.exit(done.returncode)")
+    command = [sys.executable, "-c", measure, sys.executable, "-m", "trufor_trt", "analyze",
+               str(tmp_path / "camera.png"), "--model", str(model_seed0), "--backend", "onnxruntime",
+               "--out", str(tmp_path / "out"), "--no-png"]
+    finished = subprocess.run(command, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr
+    peak_bytes = int(finished.stdout.strip().splitlines()[-1])
+    assert peak_bytes <= 8e9, f"peak RSS {peak_bytes / 1e9:.2f} GB"
+    outputs = np.load(tmp_path / "out" / "camera.png.npz")
+    assert outputs["map"].shape == (3000, 4000) and np.isfinite(outputs["map"]).all()

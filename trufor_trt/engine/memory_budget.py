@@ -1,0 +1,89 @@
+"""Host memory per image, and the Noiseprint++ band height that keeps it within a budget.
+
+With Noiseprint++ and the folded decoders in row bands (bands.py), what one image needs is a
+fixed part (runtime, weights), a part proportional to its pixels (input, Noiseprint++ map, the
+encoder's activations and maps, the postprocessed outputs) and the bands: Noiseprint++'s 64
+full-resolution channels and the decoders' 512-channel 1/4-grid maps, each proportional to the
+band's size. Each runner carries its own coefficients,
+measured on this project's machines (see the README, "Large images"); an image whose
+proportional part alone exceeds the budget is refused before any work.
+"""
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from ..bands import NOISEPRINT_HALO
+from ..errors import TruforError
+
+GIB = 1024 ** 3
+MIB = 1024 ** 2
+MIN_BAND_ROWS = 32
+# Bands cost only their halo's recomputation, so even with memory to spare Noiseprint++ runs
+# in bands of about this much activation memory: larger ones buy nothing.
+PREFERRED_BAND_BYTES = 512 * MIB
+_UNITS = {"": GIB, "K": 1024, "M": MIB, "G": GIB, "T": 1024 * GIB}
+
+
+class MemoryBudgetError(TruforError):
+    """A --max-memory value that cannot be read, or an image that cannot fit within it."""
+
+
+def parse_memory(text: str) -> int:
+    """'8G', '8GB', '8GiB', '512M', '1.5' (GiB) -> bytes (binary units)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise MemoryBudgetError(f"memory size {text!r}: expected a number with K, M, G or T, e.g. 8G")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def physical_memory() -> Optional[int]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+@dataclass(frozen=True)
+class BandPlan:
+    noiseprint_rows: int  # output rows per Noiseprint++ band
+    decoder_rows: int  # 1/4-grid rows per decoder band
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    fixed_bytes: float
+    bytes_per_pixel: float  # everything proportional to the image but the bands
+    noiseprint_bytes_per_pixel: float  # Noiseprint++'s activations per pixel of its band
+    decoder_bytes_per_cell: float  # both decoders' activations per 1/4-grid cell of a band
+
+    def without_bands(self, height: int, width: int) -> float:
+        return self.fixed_bytes + self.bytes_per_pixel * height * width
+
+    def _band_room(self, height: int, width: int, budget_bytes: Optional[int]) -> float:
+        room = PREFERRED_BAND_BYTES
+        if budget_bytes is not None:
+            room = min(room, budget_bytes - self.without_bands(height, width))
+        return room
+
+    def plan(self, height: int, width: int, budget_bytes: Optional[int]) -> BandPlan:
+        """Band heights for this image within the budget (the two kinds of band run one after
+        the other, so each may use the room); MemoryBudgetError when the smallest do not fit."""
+        room = self._band_room(height, width, budget_bytes)
+        grid_height, grid_width = (height - 1) // 4 + 1, (width - 1) // 4 + 1
+        noiseprint_rows = int(room // (self.noiseprint_bytes_per_pixel * width)) - 2 * NOISEPRINT_HALO
+        decoder_rows = int(room // (self.decoder_bytes_per_cell * grid_width))
+        if noiseprint_rows < min(MIN_BAND_ROWS, height) or decoder_rows < min(MIN_BAND_ROWS // 4, grid_height):
+            need = (self.without_bands(height, width)
+                    + self.noiseprint_bytes_per_pixel * width * (MIN_BAND_ROWS + 2 * NOISEPRINT_HALO))
+            raise MemoryBudgetError(f"{width}x{height} needs about {need / GIB:.1f} GiB of memory, more "
+                                    f"than the {budget_bytes / GIB:.1f} GiB budget (--max-memory)")
+        return BandPlan(min(noiseprint_rows, height), min(decoder_rows, grid_height))
+
+    def refusal(self, height: int, width: int, budget_bytes: Optional[int]) -> Optional[str]:
+        try:
+            self.plan(height, width, budget_bytes)
+        except MemoryBudgetError as exc:
+            return str(exc)
+        return None
