@@ -177,12 +177,13 @@ def _comparison(engine: dict, reference: dict) -> Optional[dict]:
 def run_bench(options: BenchOptions, on_step=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="trufor-bench-") as scratch_name:
         scratch = Path(scratch_name)
+        # First, while nothing else of ours has run: an export's sessions and threads are gone.
+        on_step("measuring the CPU's FP32 GEMM rate")
+        gemm = in_fresh_process(measure_gemm_rates)
         model, checkpoint, weights = resolve_sources(options, scratch, on_step)
         backend = pick_backend(options.backend, model, options.precision)
         groups = ([image_group(options.images)] if options.images
                   else synthetic_groups(options.sizes, scratch))
-        on_step("measuring the CPU's FP32 GEMM rate")
-        gemm = in_fresh_process(measure_gemm_rates)
         engine_spec = CaseSpec(backend, options.precision, (), options.warmup, options.repeat,
                                model=str(model) if model else None,
                                checkpoint=str(checkpoint) if checkpoint else None,
