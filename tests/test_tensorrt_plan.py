@@ -12,7 +12,7 @@ from trufor_trt.engine.tensorrt_plan import (DEFAULT_PROFILES, EngineError, Gpu,
                                              build_command, builder_flags, engine_path,
                                              find_engines, parse_shape, profile_from_options,
                                              sidecar_path, strongly_typed)
-from trufor_trt.engine.tensorrt_runner import grid_side, output_shape
+from trufor_trt.engine.tensorrt_runner import output_shape
 
 H100 = Gpu(name="NVIDIA H100 80GB HBM3", compute_capability=(9, 0), integrated=False)
 ORIN = Gpu(name="Orin", compute_capability=(8, 7), integrated=True)
@@ -102,8 +102,9 @@ def test_build_command_reproduces_the_profile():
 
 @pytest.mark.parametrize("height, width", [(29, 29), (173, 229), (1536, 2048)])
 def test_output_shapes_follow_the_network_grid(height, width):
-    assert grid_side(height) == -(-height // 4)
-    assert output_shape("localization_logits", height, width) == (1, 2, grid_side(height), grid_side(width))
+    grid = (-(-height // 4), -(-width // 4))  # ceil(side / 4): the 7x7 stride-4 patch embedding
+    assert output_shape("localization_logits", height, width) == (1, 2, *grid)
+    assert output_shape("confidence_logits", height, width) == (1, 1, *grid)
     assert output_shape("noiseprint", height, width) == (1, 1, height, width)
 
 

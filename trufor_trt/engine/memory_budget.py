@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
+from ..architecture import stage_grids
 from ..bands import NOISEPRINT_HALO
 from ..errors import TruforError
 
@@ -71,7 +72,7 @@ class MemoryModel:
         """Band heights for this image within the budget (the two kinds of band run one after
         the other, so each may use the room); MemoryBudgetError when the smallest do not fit."""
         room = self._band_room(height, width, budget_bytes)
-        grid_height, grid_width = (height - 1) // 4 + 1, (width - 1) // 4 + 1
+        grid_height, grid_width = stage_grids(height, width)[0]
         noiseprint_rows = int(room // (self.noiseprint_bytes_per_pixel * width)) - 2 * NOISEPRINT_HALO
         decoder_rows = int(room // (self.decoder_bytes_per_cell * grid_width))
         if noiseprint_rows < min(MIN_BAND_ROWS, height) or decoder_rows < min(MIN_BAND_ROWS // 4, grid_height):

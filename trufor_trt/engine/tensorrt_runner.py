@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..architecture import stage_grids
 from ..errors import ImageError
 from .model_dir import ModelDir, sha256_file
 from .runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs, Runner
@@ -30,15 +31,10 @@ def import_tensorrt():
     return tensorrt
 
 
-def grid_side(side: int) -> int:
-    """The 1/4 grid of the logits (the 7x7 stride-4 patch embedding)."""
-    return (side - 1) // 4 + 1
-
-
 def output_shape(name: str, height: int, width: int) -> tuple:
     if name == "noiseprint":
         return (1, 1, height, width)
-    return (1, 2 if name == "localization_logits" else 1, grid_side(height), grid_side(width))
+    return (1, 2 if name == "localization_logits" else 1, *stage_grids(height, width)[0])
 
 
 def choose_engine(model: ModelDir, gpu, tensorrt_version: str, precision: str) -> Path:
