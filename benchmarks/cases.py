@@ -9,10 +9,12 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from trufor_trt.batch.analyze import analyse_file
 from trufor_trt.engine import create_runner
 from trufor_trt.engine.decode import decode_image
 from trufor_trt.engine.postprocess import postprocess
 from trufor_trt.engine.preprocess import prepare_input
+from trufor_trt.engine.timing import StageClock
 
 from .memory import peak_rss_bytes, rss_bytes
 
@@ -49,25 +51,19 @@ def _elapsed_ms(start_ns: int) -> float:
 
 
 def time_one_image(runner, path) -> tuple:
-    """(ms per stage, end-to-end ms, image shape) for one image; end to end is its own clock."""
-    stages = {}
+    """(ms per stage, end-to-end ms, image shape) for one image, run exactly as `analyze` runs
+    it; end to end is its own clock. GPU runners' device stages replace the infer() call."""
+    clock = StageClock()
     begin = time.perf_counter_ns()
-    start = begin
-    rgb = decode_image(path)
-    stages["decode"] = _elapsed_ms(start)
-    start = time.perf_counter_ns()
-    prepared = prepare_input(rgb)
-    stages["preprocess"] = _elapsed_ms(start)
-    start = time.perf_counter_ns()
-    raw = runner.infer(prepared)
-    infer_ms = _elapsed_ms(start)
+    rgb, _ = analyse_file(path, runner, clock)
+    total_ms = _elapsed_ms(begin)
+    stages = dict(clock.times_ms)
     device_stages = {name: runner.last_stage_ms[name] for name in DEVICE_STAGES
                      if name in runner.last_stage_ms}
-    stages.update(device_stages or {"inference": infer_ms})
-    start = time.perf_counter_ns()
-    postprocess(raw, runner.detection_head)
-    stages["postprocess"] = _elapsed_ms(start)
-    return stages, _elapsed_ms(begin), rgb.shape[:2]
+    if device_stages:
+        del stages["inference"]
+        stages.update(device_stages)
+    return stages, total_ms, rgb.shape[:2]
 
 
 def single_stream(runner, spec: CaseSpec) -> dict:

@@ -11,6 +11,8 @@ from importlib import metadata
 
 import numpy as np
 
+from trufor_trt.engine.memory_budget import physical_memory
+
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile")
 PACKAGES = ("trufor-trt", "numpy", "opencv-python-headless", "onnxruntime", "onnx", "torch",
             "tensorrt", "pycuda")
@@ -46,13 +48,6 @@ def _physical_cores() -> int:
     return len(cores) or os.cpu_count() or 1
 
 
-def _memory_bytes():
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def _gpus() -> list:
     """Name and memory of each NVIDIA GPU nvidia-smi lists (none without the driver)."""
     if shutil.which("nvidia-smi") is None:
@@ -85,7 +80,7 @@ def machine_info() -> dict:
         "physical_cores": _physical_cores(),
         "logical_cpus": os.cpu_count(),
         "simd": [flag for flag in SIMD_FLAGS if flag in flags],
-        "memory_bytes": _memory_bytes(),
+        "memory_bytes": physical_memory(),
         "os": platform.platform(),
         "gpus": _gpus(),
         "versions": _versions(),

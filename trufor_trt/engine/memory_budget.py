@@ -1,12 +1,12 @@
-"""Host memory per image, and the Noiseprint++ band height that keeps it within a budget.
+"""Host memory per image, and the row band heights that keep it within a budget.
 
 With Noiseprint++ and the folded decoders in row bands (bands.py), what one image needs is a
 fixed part (runtime, weights), a part proportional to its pixels (input, Noiseprint++ map, the
 encoder's activations and maps, the postprocessed outputs) and the bands: Noiseprint++'s 64
 full-resolution channels and the decoders' 512-channel 1/4-grid maps, each proportional to the
-band's size. Each runner carries its own coefficients,
-measured on this project's machines (see the README, "Large images"); an image whose
-proportional part alone exceeds the budget is refused before any work.
+band's size. Each runner carries its own coefficients, measured on this project's machines
+(README, "Large images"); an image that does not fit even with the smallest bands is refused
+before any work.
 """
 
 import os
@@ -21,8 +21,8 @@ from ..errors import TruforError
 GIB = 1024 ** 3
 MIB = 1024 ** 2
 MIN_BAND_ROWS = 32
-# Bands cost only their halo's recomputation, so even with memory to spare Noiseprint++ runs
-# in bands of about this much activation memory: larger ones buy nothing.
+# Bands cost little (Noiseprint++'s halo, the decoders' few shared coarse rows), so even with
+# memory to spare both run in bands of about this much activation memory: larger buy nothing.
 PREFERRED_BAND_BYTES = 512 * MIB
 _UNITS = {"": GIB, "K": 1024, "M": MIB, "G": GIB, "T": 1024 * GIB}
 
@@ -75,7 +75,12 @@ class MemoryModel:
         grid_height, grid_width = stage_grids(height, width)[0]
         noiseprint_rows = int(room // (self.noiseprint_bytes_per_pixel * width)) - 2 * NOISEPRINT_HALO
         decoder_rows = int(room // (self.decoder_bytes_per_cell * grid_width))
-        if noiseprint_rows < min(MIN_BAND_ROWS, height) or decoder_rows < min(MIN_BAND_ROWS // 4, grid_height):
+        too_small = (noiseprint_rows < min(MIN_BAND_ROWS, height)
+                     or decoder_rows < min(MIN_BAND_ROWS // 4, grid_height))
+        if too_small and budget_bytes is None:  # no budget to refuse against: smallest bands
+            noiseprint_rows = max(noiseprint_rows, MIN_BAND_ROWS)
+            decoder_rows = max(decoder_rows, MIN_BAND_ROWS // 4)
+        elif too_small:
             need = (self.without_bands(height, width)
                     + self.noiseprint_bytes_per_pixel * width * (MIN_BAND_ROWS + 2 * NOISEPRINT_HALO))
             raise MemoryBudgetError(f"{width}x{height} needs about {need / GIB:.1f} GiB of memory, more "

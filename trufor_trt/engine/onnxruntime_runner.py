@@ -14,7 +14,7 @@ import numpy as np
 
 from ..bands import decoder_band_taps, noiseprint_row_bands, row_bands
 from .memory_budget import MemoryModel, physical_memory
-from .model_dir import CPU_DECODER_VARIANT, CPU_NOISEPRINT_VARIANT, CPU_VARIANT, ModelDir
+from .model_dir import CPU_VARIANTS, ModelDir
 from .runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs, Runner
 
 NOISEPRINT = OUTPUT_NAMES[2]
@@ -116,8 +116,7 @@ class CpuSessions:
     def from_files(cls, files: dict, threads: int = 0) -> "CpuSessions":
         # Each session has its own thread pool; threads left spinning after one graph steal the
         # cores from the next (measured, 2 cores: 387 -> 299 ms at 256 px, 1314 -> 1246 at 512).
-        return cls(*(create_session(files[name], threads, spinning=False)
-                     for name in (CPU_NOISEPRINT_VARIANT, CPU_VARIANT, CPU_DECODER_VARIANT)))
+        return cls(*(create_session(files[name], threads, spinning=False) for name in CPU_VARIANTS))
 
     def run(self, prepared: np.ndarray, noiseprint_rows: int, decoder_rows: int) -> RawOutputs:
         noiseprint = noiseprint_in_row_bands(self.noiseprint, prepared, noiseprint_rows)
@@ -141,8 +140,8 @@ class OnnxRuntimeRunner(Runner):
 
     def __init__(self, model, precision: str = "fp32", threads: int = 0, max_memory_bytes=None):
         """`model`: a model folder's path, or a ModelDir already opened (and checked).
-        `max_memory_bytes`: the budget Noiseprint++'s bands are sized from (default: the
-        machine's physical memory)."""
+        `max_memory_bytes`: the budget the row bands are sized from (default: the machine's
+        physical memory)."""
         super().__init__()
         self.model = model
         self.precision = precision
@@ -154,8 +153,7 @@ class OnnxRuntimeRunner(Runner):
     def load(self) -> None:
         model = self.model if isinstance(self.model, ModelDir) else ModelDir.open(self.model)
         if self.precision == "fp32":
-            files = {name: model.variant_path(name)
-                     for name in (CPU_NOISEPRINT_VARIANT, CPU_VARIANT, CPU_DECODER_VARIANT)}
+            files = {name: model.variant_path(name) for name in CPU_VARIANTS}
             self.cpu_sessions = CpuSessions.from_files(files, self.threads)
         else:
             self.session = create_session(_reduced_precision_graph(model, self.precision), self.threads)

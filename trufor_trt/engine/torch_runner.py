@@ -20,8 +20,8 @@ class TorchRunner(Runner):
                  official: bool = False, max_memory_bytes=None):
         """`official`: compute as the official code does (explicit attention score matrices,
         the decoders' 2048-channel concatenation), not in bounded memory; the benchmarks'
-        reference. `max_memory_bytes`: the host budget Noiseprint++'s bands are sized from on
-        the CPU (default: the machine's physical memory)."""
+        reference. `max_memory_bytes`: the host budget the row bands are sized from on the CPU
+        (default: the machine's physical memory)."""
         super().__init__()
         self.max_memory_bytes = max_memory_bytes or physical_memory()
         self.checkpoint = checkpoint
