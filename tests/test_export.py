@@ -13,9 +13,9 @@ from trufor_trt.cli import app
 from trufor_trt.engine.model_dir import MANIFEST_FILE, VARIANTS, ModelDir, ModelDirError, sha256_file
 from trufor_trt.export import verify
 from trufor_trt.export.bundle import export_model_dir
-from trufor_trt.export.graph_rules import (TENSORRT_ONNX_OPERATORS, attention_chains,
-                                           operator_types, tensorrt_shape_problems)
+from trufor_trt.export.graph_rules import TENSORRT_ONNX_OPERATORS, operator_types, tensorrt_shape_problems
 from trufor_trt.export.verify import ExportVerificationError
+from trufor_trt.precision.blocks import attention_chains
 
 from conftest import make_checkpoint
 

@@ -13,9 +13,8 @@ from typer.testing import CliRunner
 
 from trufor_trt.cli import app
 from trufor_trt.engine.model_dir import ModelDir
-from trufor_trt.export.fp16_plan import block_of
-from trufor_trt.export.graph_rules import pixel_sum_chains
-from trufor_trt.export.precision import lower_to_fp16, upcast_fp16
+from trufor_trt.precision.blocks import block_of, pixel_sum_chains
+from trufor_trt.precision.fp16 import lower_to_fp16, upcast_fp16
 
 from conftest import IMAGES_DIR
 

@@ -85,35 +85,3 @@ def tensorrt_shape_problems(model: onnx.ModelProto) -> list:
                  for op in sorted(ops & DATA_DEPENDENT_OPERATORS)]
     return problems + _reduce_axes_problems(model) + _resize_problems(model) + \
         _symbolic_input_problems(model)
-
-
-def attention_chains(model: onnx.ModelProto) -> list:
-    """Every Mul(q, scale) -> MatMul -> Softmax -> MatMul chain, as four node names each:
-    the self-attention pattern TensorRT fuses (see model/attention.py)."""
-    producer = {output: node for node in model.graph.node for output in node.output}
-    consumers = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    chains = []
-    for softmax in (node for node in model.graph.node if node.op_type == "Softmax"):
-        scores = producer.get(softmax.input[0])
-        scaled = producer.get(scores.input[0]) if scores is not None and scores.op_type == "MatMul" else None
-        after = consumers.get(softmax.output[0], [])
-        if scaled is not None and scaled.op_type == "Mul" and len(after) == 1 \
-                and after[0].op_type == "MatMul":
-            chains.append((scaled.name, scores.name, softmax.name, after[0].name))
-    return chains
-
-
-def pixel_sum_chains(model: onnx.ModelProto) -> list:
-    """Every MatMul -> Mul(scale) -> Softmax chain: the fusion modules' cross-attention
-    context k^T.v, a sum over all pixels whose magnitude grows with the image size."""
-    producer = {output: node for node in model.graph.node for output in node.output}
-    chains = []
-    for softmax in (node for node in model.graph.node if node.op_type == "Softmax"):
-        scaled = producer.get(softmax.input[0])
-        product = producer.get(scaled.input[0]) if scaled is not None and scaled.op_type == "Mul" else None
-        if product is not None and product.op_type == "MatMul":
-            chains.append((product.name, scaled.name))
-    return chains

@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..graphsurgeon import quiet_graphsurgeon
+
 # Float inputs that are parameters, not data: they keep their type (Resize's roi and scales).
 PARAMETER_INPUTS = {"Resize": {1, 2}}
 HALF_SUFFIX = "/fp16"
@@ -40,8 +42,6 @@ def _cast(source: str, target: str, to: int, role: str) -> onnx.NodeProto:
 
 
 def _finish(model: onnx.ModelProto, nodes: list, initializers: list) -> onnx.ModelProto:
-    from .onnx_graph import quiet_graphsurgeon
-
     gs = quiet_graphsurgeon()
     ir_version = model.ir_version
     del model.graph.node[:]

@@ -1,7 +1,7 @@
 """`trufor-trt export --precision fp16|int8`: reduced-precision graphs added to a model folder.
 
 Each variant is built from the folder's FP32 TensorRT graph, measured against it on the
-calibration images on the CPU (ONNX Runtime; FP16 parts simulated, see precision.py), and
+calibration images on the CPU (ONNX Runtime; FP16 parts simulated, see precision/fp16.py), and
 recorded in the manifest with its calibration set, its decisions and its deviation.
 """
 
@@ -12,10 +12,10 @@ from pathlib import Path
 import onnx
 
 from ..calibration.images import load_calibration_set
-from ..files import write_atomically
 from ..engine.model_dir import MANIFEST_FILE, GraphVariant, ModelDir, sha256_file
+from ..files import write_atomically
+from ..precision.fp16 import lower_to_fp16, upcast_fp16
 from .measure import deviation, reference_analyses
-from .precision import lower_to_fp16, upcast_fp16
 
 REDUCED_VARIANTS = {
     "fp16": GraphVariant("fp16", "trufor_fp16.onnx", "tensorrt", "fp16",

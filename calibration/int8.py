@@ -13,9 +13,8 @@ from pathlib import Path
 
 import onnx
 
-from ..export.fp16_plan import block_of
-from ..export.graph_rules import attention_chains
-from ..export.precision import lower_to_fp16
+from ..precision.blocks import attention_chains, block_of
+from ..precision.fp16 import lower_to_fp16
 
 QUANTIZED_OPERATORS = ["Conv", "MatMul", "Gemm"]
 KEPT_FLOAT_BLOCK = "noiseprint++"

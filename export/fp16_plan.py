@@ -4,7 +4,7 @@ For each block (Noiseprint++, each stream's stage, each fusion stage, each decod
 normalisation):
 1. its activations' largest magnitude on the calibration images must stay below
    FP16_RANGE_LIMIT (float16 overflows at 65504; the margin covers unseen images);
-2. alone in FP16 (simulated on the CPU, see precision.py) it may move the published outputs by
+2. alone in FP16 (simulated on the CPU, see precision/fp16.py) it may move the published outputs by
    at most BLOCK_SHARE of the FP16 budget.
 Sums over all pixels (the fusion's cross-attention context) always stay FP32: their range
 grows with the image size, which no calibration crop shows.
@@ -12,15 +12,14 @@ The accepted blocks together must then stay within the budget, re-measured; the 
 is given back to FP32 until they do. LayerNormalization and Softmax always stay FP32.
 """
 
-import re
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
-from .graph_rules import pixel_sum_chains
+from ..precision.blocks import block_of, pixel_sum_chains
+from ..precision.fp16 import lower_to_fp16, tensor_types, upcast_fp16
 from .measure import OUTPUTS, create_session_from_model, deviation, reference_analyses
-from .precision import lower_to_fp16, tensor_types, upcast_fp16
 
 ALWAYS_FP32 = frozenset({"LayerNormalization", "Softmax", "Cast", "Constant"})
 FP16_RANGE_LIMIT = 2.0 ** 14
@@ -29,25 +28,6 @@ FP16_RANGE_LIMIT = 2.0 ** 14
 # the core floor itself for Noiseprint++, the network's evidence.
 FP16_BUDGET = {"map": 5e-3, "conf": 2.5e-3, "score": 1.5e-3, "np++": 4e-3}
 BLOCK_SHARE = 0.5
-
-_STREAM_STAGE = re.compile(r"^/backbone/(extra_)?(patch_embed|block|norm)(\d)")
-_FUSION_STAGE = re.compile(r"^/backbone/(FRMs|FFMs)\.(\d)")
-
-
-def block_of(node_name: str) -> str:
-    if node_name.startswith("/dncnn/"):
-        return "noiseprint++"
-    match = _STREAM_STAGE.match(node_name)
-    if match:
-        return f"{'noiseprint' if match.group(1) else 'rgb'} stream, stage {match.group(3)}"
-    match = _FUSION_STAGE.match(node_name)
-    if match:
-        return f"fusion, stage {int(match.group(2)) + 1}"
-    if node_name.startswith("/decode_head_conf/"):
-        return "confidence decoder"
-    if node_name.startswith("/decode_head/"):
-        return "localization decoder"
-    return "input normalisation"
 
 
 def candidate_blocks(model: onnx.ModelProto) -> dict:

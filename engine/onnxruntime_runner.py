@@ -130,7 +130,7 @@ def _reduced_precision_graph(model: ModelDir, precision: str) -> bytes:
     almost no CPU float16 kernels); whole-image, for measurement; needs the `export` extra."""
     import onnx
 
-    from ..export.precision import upcast_fp16
+    from ..precision.fp16 import upcast_fp16
 
     return upcast_fp16(onnx.load(model.variant_path(precision))).SerializeToString()
 

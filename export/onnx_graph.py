@@ -9,6 +9,7 @@ import torch
 
 from ..architecture import EMBED_DIMS
 from ..engine.runner import INPUT_NAME, OUTPUT_NAMES
+from ..graphsurgeon import quiet_graphsurgeon
 from ..model.attention import attention_form
 
 DEFAULT_OPSET = 18  # Reduce* axes become inputs (initializers); TensorRT 10.3 parses 9..20
@@ -127,15 +128,6 @@ def _trace_to_onnx(network, path: Path, attention: str, opset: int, part: str) -
                           dynamic_axes=_dynamic_axes(part), custom_opsets=custom,
                           do_constant_folding=True)
     network.eval()  # the exporter restores the training flag it found, which may not be eval
-
-
-def quiet_graphsurgeon():
-    """onnx-graphsurgeon, logging errors only (its warnings are about our own naming)."""
-    import onnx_graphsurgeon as gs
-    from onnx_graphsurgeon.logger import G_LOGGER
-
-    G_LOGGER.severity = G_LOGGER.ERROR
-    return gs
 
 
 def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -1,0 +1,127 @@
+"""The layout's promises, read off the source: which part of the package imports which.
+
+Every `import` and `from ... import` in the installed package's source (module level and inside
+functions alike) is resolved to the trufor_trt module it names; the test then checks the
+direction of the arrows between the package's parts.
+"""
+
+import ast
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+PACKAGE = "trufor_trt"
+
+
+def _package_folders() -> dict:
+    """Installed package name -> its folder, as pyproject.toml maps them."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapped = setuptools.get("package-dir", {})
+    return {name: REPO / mapped.get(name, name.replace(".", "/")) for name in setuptools["packages"]}
+
+
+def _modules() -> dict:
+    """Module name -> (package it belongs to, its source file)."""
+    modules = {}
+    for package, folder in _package_folders().items():
+        for source in sorted(folder.glob("*.py")):
+            name = package if source.stem == "__init__" else f"{package}.{source.stem}"
+            modules[name] = (package, source)
+    return modules
+
+
+def _imported_names(module: str, package: str, source: Path) -> set:
+    """The trufor_trt modules (or packages) `module` imports, wherever the import stands."""
+    names = set()
+    for node in ast.walk(ast.parse(source.read_text(), str(source))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module
+            # `from .x import y` may import the module x.y or a name y defined in x.
+            names.add(target)
+            names.update(f"{target}.{alias.name}" for alias in node.names)
+    return {name for name in names if name == PACKAGE or name.startswith(PACKAGE + ".")}
+
+
+def _part(module: str) -> str:
+    """The part of the package a module belongs to: a sub-package, or the top-level module."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else PACKAGE
+
+
+@pytest.fixture(scope="module")
+def imports() -> dict:
+    """Module -> the trufor_trt modules it imports (only names that are modules or packages)."""
+    modules = _modules()
+    return {name: {imported for imported in _imported_names(name, package, source)
+                   if imported in modules}
+            for name, (package, source) in modules.items()}
+
+
+def _imports_of_part(imports: dict, part: str) -> set:
+    return {imported for module, targets in imports.items() if _part(module) == part
+            for imported in targets}
+
+
+def test_every_mapped_package_folder_exists_and_the_stages_sit_at_the_root():
+    folders = _package_folders()
+    for name in ("export", "calibration", "engine", "benchmarks"):
+        assert folders[f"{PACKAGE}.{name}"] == REPO / name
+    assert all((folder / "__init__.py").is_file() for folder in folders.values())
+
+
+def test_the_import_resolver_sees_real_imports(imports):
+    # Guards the checks below against passing on an empty graph.
+    assert "trufor_trt.engine.runner" in imports["trufor_trt.engine.onnxruntime_runner"]
+    assert "trufor_trt.precision.fp16" in imports["trufor_trt.engine.onnxruntime_runner"]
+    assert "trufor_trt.calibration.int8" in imports["trufor_trt.export.variants"]
+
+
+def test_engine_imports_nothing_from_export_or_calibration(imports):
+    offending = {module for module in _imports_of_part(imports, "engine")
+                 if _part(module) in ("export", "calibration")}
+    assert not offending
+
+
+def test_calibration_imports_nothing_from_export(imports):
+    # export calls calibration to build the INT8 variant, so the reverse arrow would be a circle.
+    assert not {module for module in _imports_of_part(imports, "calibration")
+                if _part(module) == "export"}
+
+
+def test_the_shared_precision_home_imports_no_stage(imports):
+    stages = ("export", "calibration", "engine", "benchmarks", "batch")
+    assert not {module for module in _imports_of_part(imports, "precision") if _part(module) in stages}
+
+
+def test_no_circle_between_the_parts_of_the_package(imports):
+    """Parts = sub-packages; the top-level modules that only serve others (architecture, bands,
+    errors, files, ...) are leaves, the ways in (cli, selftest, validate, __main__) are roots."""
+    entry_points = {f"{PACKAGE}.{name}" for name in ("cli", "selftest", "validate", "__main__")}
+
+    def node(module):
+        return module if _part(module) == PACKAGE else _part(module)
+
+    edges = {}
+    for module, targets in imports.items():
+        for target in targets:
+            if node(module) != node(target) and target != PACKAGE:
+                edges.setdefault(node(module), set()).add(node(target))
+    shared_modules = {module for module in imports if _part(module) == PACKAGE} - entry_points
+    for module in shared_modules - {PACKAGE}:
+        assert not edges.get(module, set()) - shared_modules, f"{module} imports a stage"
+
+    def reaches(start, goal, seen=()):
+        return any(step == goal or (step not in seen and reaches(step, goal, (*seen, step)))
+                   for step in edges.get(start, ()))
+
+    circles = sorted(part for part in edges if reaches(part, part))
+    assert not circles
