@@ -181,7 +181,7 @@ def run_bench(options: BenchOptions, on_step=print) -> dict:
         on_step("measuring the CPU's FP32 GEMM rate")
         gemm = in_fresh_process(measure_gemm_rates)
         model, checkpoint, weights = resolve_sources(options, scratch, on_step)
-        backend = pick_backend(options.backend, model, options.precision)
+        backend = pick_backend(options.backend, model, options.precision, on_notice=on_step)
         groups = ([image_group(options.images)] if options.images
                   else synthetic_groups(options.sizes, scratch))
         engine_spec = CaseSpec(backend, options.precision, (), options.warmup, options.repeat,

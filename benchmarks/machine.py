@@ -7,11 +7,11 @@ import platform
 import shutil
 import subprocess
 import time
-from importlib import metadata
 
 import numpy as np
 
 from trufor_trt.engine.memory_budget import physical_memory
+from trufor_trt.installed import distribution_versions
 
 SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile")
 PACKAGES = ("trufor-trt", "numpy", "opencv-python-headless", "onnxruntime", "onnx", "torch",
@@ -62,13 +62,8 @@ def _gpus() -> list:
 
 
 def _versions() -> dict:
-    versions = {"python": platform.python_version()}
-    for package in PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
+    installed = {name: version for name, version in distribution_versions(PACKAGES).items() if version}
+    return {"python": platform.python_version(), **installed}
 
 
 def machine_info() -> dict:

@@ -35,7 +35,8 @@ class _Reader:
         return None if prepared is None else {"image": prepared}
 
 
-def quantize_int8(fp32_graph: Path, inputs: list) -> onnx.ModelProto:
+def quantize_int8(fp32_graph: Path, inputs: list) -> tuple:
+    """(the Q/DQ graph, names of its nodes lowered to float16: the attention chains)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     model = onnx.load(fp32_graph)
@@ -54,4 +55,4 @@ def quantize_int8(fp32_graph: Path, inputs: list) -> onnx.ModelProto:
                                        "QuantizeBias": False})
         qdq = onnx.load(quantized)
     qdq.ir_version = model.ir_version
-    return lower_to_fp16(qdq, attention)
+    return lower_to_fp16(qdq, attention), attention

@@ -12,27 +12,58 @@ BACKENDS = ("tensorrt", "onnxruntime", "torch")
 BACKEND_EXTRAS = {"tensorrt": "trt", "onnxruntime": "cpu", "torch": "export"}
 
 
-def tensorrt_engine_ready(model_dir, precision: str) -> bool:
-    """TensorRT and pycuda import, a GPU answers, and an engine for it exists in the folder."""
-    if not all(importlib.util.find_spec(module) for module in ("tensorrt", "pycuda")):
-        return False
-    from .cuda import gpu_info
-    from .tensorrt_plan import EngineError, find_engines
+GPU_PACKAGES = ("tensorrt", "pycuda", "cuda.bindings")
+
+
+def gpu_packages_present() -> bool:
+    """Whether any TensorRT / CUDA package is installed (found, not imported: it may be broken)."""
+    for name in GPU_PACKAGES:
+        try:
+            if importlib.util.find_spec(name) is not None:
+                return True
+        except (ImportError, ValueError):  # a dotted name whose parent is missing or broken
+            continue
+    return False
+
+
+def tensorrt_problem(model_dir, precision: str) -> str:
+    """Why TensorRT cannot run an engine of the model folder here, in one line ('' if it can):
+    TensorRT and a CUDA layer must load, a GPU answer, and a matching engine exist."""
+    from .tensorrt_plan import EngineError
 
     try:
-        import tensorrt
+        from .cuda import cuda_layer
+        from .model_dir import ModelDir, sha256_file
+        from .tensorrt_plan import survey_engines
+        from .tensorrt_runner import import_tensorrt
 
-        return bool(find_engines(model_dir, gpu_info(), tensorrt.__version__, precision))
-    except EngineError:
-        return False
+        problems = []
+        for check in (import_tensorrt, cuda_layer):
+            try:
+                check()
+            except EngineError as exc:
+                problems.append(str(exc))
+        if problems:
+            return "; ".join(problems)
+        trt, gpu = import_tensorrt(), cuda_layer().gpu()
+        variant = ModelDir.open(model_dir).variant_path(precision)
+        survey = survey_engines(model_dir, gpu, trt.__version__, precision, sha256_file(variant))
+        return survey.problem(precision, gpu, trt.__version__, model_dir)
+    except EngineError as exc:
+        return str(exc)
 
 
-def pick_backend(requested: str, model_dir=None, precision: str = "fp32") -> str:
-    """`auto`: TensorRT where it can run and an engine for this GPU exists, else ONNX Runtime."""
+def pick_backend(requested: str, model_dir=None, precision: str = "fp32", on_notice=None) -> str:
+    """`auto`: TensorRT where it can run an engine of the folder here, else ONNX Runtime. Where
+    TensorRT or CUDA packages are installed but cannot be used, `on_notice` hears why."""
     if requested != "auto":
         return requested
-    ready = model_dir is not None and tensorrt_engine_ready(model_dir, precision)
-    return "tensorrt" if ready else "onnxruntime"
+    why = tensorrt_problem(model_dir, precision) if model_dir is not None else "no model folder"
+    if not why:
+        return "tensorrt"
+    if on_notice is not None and gpu_packages_present():
+        on_notice(f"TensorRT not used ({why}); running ONNX Runtime")
+    return "onnxruntime"
 
 
 def create_runner(backend: str, *, checkpoint=None, model=None, device: str = "auto",

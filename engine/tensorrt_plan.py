@@ -1,27 +1,32 @@
-"""Everything about a TensorRT engine that needs no TensorRT: shapes, profiles, the precision
-mode per TensorRT release, where engines live, and whether one fits this machine.
+"""Everything about a TensorRT engine that needs no TensorRT: shapes, profiles, how engines are
+built on each TensorRT release, where engines live, which one fits an image and this machine.
 
-Version facts used (NVIDIA's TensorRT release notes):
-- 10.0 made explicit batch the only mode (no EXPLICIT_BATCH flag needed).
-- 10.12 deprecated weakly typed networks and the FP16/INT8 builder flags in favour of strongly
-  typed networks, whose precision comes from the ONNX types.
-- 11.0 removed weak typing, BuilderFlag.FP16/INT8 and the INT8 calibrators.
+Version facts used (NVIDIA's TensorRT release notes and API docs):
+- 10.0 made explicit batch the only mode and has NetworkDefinitionCreationFlag.STRONGLY_TYPED;
+  10.12 deprecated weak typing and the FP16/INT8 builder flags; 11.0 removed them.
+- A weakly typed network with BuilderFlag.FP16 lets TensorRT run *any* layer in FP16, whatever
+  the ONNX says; so every build here is strongly typed and sets no precision flag: each
+  tensor's type comes from the graph (the FP16 plan and the Q/DQ nodes are in the ONNX).
+- BuilderFlag.TF32 is on by default and lets FP32 convolutions and matrix products round their
+  inputs to 10-bit mantissas on Ampere and newer: cleared, so FP32 means FP32.
 """
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..errors import TruforError
 from ..files import write_atomically
 from .decode import MIN_SIDE
+from .runner import INPUT_NAME, OUTPUT_NAMES
 
-STRONG_TYPING_FROM = (10, 12)
+MIN_TENSORRT = (10, 0)
 ENGINES_FOLDER = "engines"
-# Weakly typed builds (TensorRT < 10.12) need the flags that let TensorRT pick lower
-# precision; INT8 graphs keep their attention in FP16, so INT8 needs both.
-WEAK_TYPING_FLAGS = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8", "FP16")}
+# The flags cleared on every build (those on by default that change FP32 arithmetic).
+CLEARED_BUILDER_FLAGS = ("TF32",)
+# What an engine must expose, as the runner feeds and reads it.
+IO_CONTRACT = {INPUT_NAME: ("input", "FLOAT"), **{name: ("output", "FLOAT") for name in OUTPUT_NAMES}}
 
 
 class EngineError(TruforError):
@@ -90,13 +95,35 @@ def version_tuple(version: str) -> tuple:
     return tuple(int(part) for part in re.findall(r"\d+", version)[:2])
 
 
-def strongly_typed(tensorrt_version: str) -> bool:
-    return version_tuple(tensorrt_version) >= STRONG_TYPING_FROM
+@dataclass(frozen=True)
+class BuildSettings:
+    """How an engine is built on one TensorRT release."""
+
+    strongly_typed: bool
+    precision_flags: tuple  # BuilderFlag names set: none, precision comes from the ONNX
+    cleared_flags: tuple  # BuilderFlag names cleared
+    tf32: bool
 
 
-def builder_flags(tensorrt_version: str, precision: str) -> tuple:
-    """BuilderFlag names to set: none when strongly typed (the ONNX carries the precision)."""
-    return () if strongly_typed(tensorrt_version) else WEAK_TYPING_FLAGS[precision]
+def build_settings(tensorrt_version: str) -> BuildSettings:
+    """The same on every supported release; older ones are refused (JetPack 5 has 8.5)."""
+    if version_tuple(tensorrt_version) < MIN_TENSORRT:
+        raise EngineError(f"TensorRT {tensorrt_version} is too old: trufor-trt needs TensorRT >= "
+                          f"{MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} (JetPack 6 or newer) for strongly "
+                          "typed builds")
+    return BuildSettings(strongly_typed=True, precision_flags=(), cleared_flags=CLEARED_BUILDER_FLAGS,
+                         tf32=False)
+
+
+def io_contract_problems(tensors: dict) -> list:
+    """Why an engine's I/O (name -> (mode, dtype name), read off the engine) does not match what
+    the runner feeds and reads ([] if it does)."""
+    problems = [f"tensor {name} is missing" for name in IO_CONTRACT if name not in tensors]
+    problems += [f"unexpected tensor {name}" for name in tensors if name not in IO_CONTRACT]
+    problems += [f"tensor {name} is {tensors[name][0]} {tensors[name][1]}, expected {mode} {dtype}"
+                 for name, (mode, dtype) in IO_CONTRACT.items()
+                 if name in tensors and tuple(tensors[name]) != (mode, dtype)]
+    return problems
 
 
 @dataclass(frozen=True)
@@ -137,7 +164,9 @@ class Sidecar:
     onnx_file: str
     onnx_sha256: str
     strongly_typed: bool
-    builder_flags: list
+    builder_flags: list  # set
+    cleared_flags: list
+    tf32: bool
     workspace_gib: float
     build_seconds: float
 
@@ -146,9 +175,18 @@ class Sidecar:
 
     @classmethod
     def read(cls, path: Path) -> "Sidecar":
+        engine = path.with_suffix(".engine")
         if not path.is_file():
-            raise EngineError(f"engine {path.with_suffix('.engine')}: its sidecar {path.name} is missing")
-        return cls(**json.loads(path.read_text()))
+            raise EngineError(f"engine {engine}: its sidecar {path.name} is missing")
+        try:
+            values = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"engine {engine}: its sidecar {path.name} is unreadable ({exc})") from None
+        expected = {field.name for field in fields(cls)}
+        if not isinstance(values, dict) or set(values) != expected:
+            raise EngineError(f"engine {engine}: its sidecar was written by another trufor-trt "
+                              "version (fields differ); build the engine again")
+        return cls(**values)
 
     def profile_object(self) -> Profile:
         return Profile(**{key: tuple(value) for key, value in self.profile.items()})
@@ -161,7 +199,61 @@ class Sidecar:
             return f"built for {self.device} (sm{''.join(map(str, self.compute_capability))}), this is {gpu.name}"
         if self.onnx_sha256 != onnx_sha256:
             return "built from another ONNX graph than the model folder's"
+        if not self.strongly_typed or self.tf32 or self.builder_flags:
+            return "built weakly typed or with TF32, so its precision is not the graph's"
         return ""
+
+
+@dataclass(frozen=True)
+class EngineSurvey:
+    """The engines of one precision for this GPU and TensorRT: those that can run here (smallest
+    profile first) and, for the others, why not."""
+
+    usable: list  # [(engine path, Sidecar)]
+    rejected: list  # [(engine path, reason)]
+
+    def for_image(self, height: int, width: int):
+        """(path, sidecar) of the smallest profile that admits the image, or None."""
+        return next(((path, sidecar) for path, sidecar in self.usable
+                     if sidecar.profile_object().admits(height, width)), None)
+
+    def refusal(self, height: int, width: int) -> str:
+        """Why no engine takes the image ('' if one does): the largest profile's refusal."""
+        if self.for_image(height, width) is not None:
+            return ""
+        _, largest = self.usable[-1]
+        return largest.profile_object().refusal(height, width)
+
+    def problem(self, precision: str, gpu: Gpu, tensorrt_version: str, model_dir) -> str:
+        """Why no engine can run at all ('' if one can)."""
+        if self.usable:
+            return ""
+        why = "; ".join(f"{path.name}: {reason}" for path, reason in self.rejected)
+        return (f"no usable {precision} engine for {gpu.name} and TensorRT {tensorrt_version} in "
+                f"{model_dir}{f' ({why})' if why else ''}: run `trufor-trt build --model {model_dir} "
+                f"--{precision}`")
+
+
+def _profile_area(sidecar: Sidecar) -> tuple:
+    height, width = sidecar.profile_object().max
+    return height * width, height, width
+
+
+def survey_engines(model_dir, gpu: Gpu, tensorrt_version: str, precision: str, onnx_sha256: str) -> EngineSurvey:
+    """Read every sidecar of the precision's engines for this GPU and TensorRT, and check it."""
+    usable, rejected = [], []
+    for path in find_engines(model_dir, gpu, tensorrt_version, precision):
+        try:
+            sidecar = Sidecar.read(sidecar_path(path))
+            why = sidecar.mismatch(gpu, tensorrt_version, onnx_sha256)
+        except EngineError as exc:
+            why = str(exc)
+        if why:
+            rejected.append((path, why))
+        else:
+            usable.append((path, sidecar))
+    usable.sort(key=lambda entry: _profile_area(entry[1]))
+    return EngineSurvey(usable=usable, rejected=rejected)
 
 
 def build_command(model_dir, precision: str, profile: Profile) -> str:

@@ -1,12 +1,15 @@
-"""The TensorRT backend: one engine, one execution context and one CUDA stream per runner.
+"""The TensorRT backend: engines, execution contexts and one CUDA stream per runner.
 
-Device buffers are sized once for the profile's largest image and host buffers are pinned;
-each image is set_input_shape -> set_tensor_address -> async copy in -> execute_async_v3 ->
-async copies out on the runner's stream, with CUDA events between the stages. Several runners
-on one engine (one context and stream each) run concurrently. Only APIs present in TensorRT
-10.3 (JetPack 6) and 11.x are used (the tensor-name API replaced bindings in 10.0).
+A model folder may hold several engines of one precision for this GPU (profiles for small and
+large images); each image runs on the smallest profile that admits it, loaded on first use.
+Device buffers are sized once per engine for its profile's largest image, from the dtypes the
+engine reports, and host buffers are pinned; each image is set_input_shape -> async copy in ->
+execute_async_v3 -> async copies out on the runner's stream, with CUDA events between the
+stages. Several runners on one engine file (one context and stream each) run concurrently.
+Only APIs present in TensorRT 10.0 (JetPack 6 has 10.3) through 11.x are used.
 """
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,20 +18,35 @@ from ..architecture import stage_grids
 from ..errors import ImageError
 from .model_dir import ModelDir, sha256_file
 from .runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs, Runner
-from .tensorrt_plan import EngineError, Sidecar, build_command, find_engines, sidecar_path
+from .tensorrt_plan import EngineError, Sidecar, io_contract_problems, survey_engines
 
-FLOAT_BYTES = 4
 MISSING_TENSORRT = ('TensorRT is not installed: on a Jetson it comes with JetPack '
                     '(apt install nvidia-jetpack); elsewhere: pip install "trufor-trt[trt]"')
 
+_LOGGER = {}
+_LOGGER_LOCK = threading.Lock()
+
 
 def import_tensorrt():
-    """tensorrt, or an EngineError saying how to get it."""
+    """tensorrt, or an EngineError saying in one line why it cannot be used. A libnvinfer that
+    fails to load raises ImportError or OSError, not ModuleNotFoundError."""
     try:
         import tensorrt
     except ModuleNotFoundError:
         raise EngineError(MISSING_TENSORRT) from None
+    except (ImportError, OSError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise EngineError(f"TensorRT is installed but does not load ({type(exc).__name__}: "
+                          f"{first_line})") from None
     return tensorrt
+
+
+def tensorrt_logger(trt):
+    """The process's one trt.Logger (TensorRT expects a single logger per process)."""
+    with _LOGGER_LOCK:
+        if "logger" not in _LOGGER:
+            _LOGGER["logger"] = trt.Logger(trt.Logger.WARNING)
+        return _LOGGER["logger"]
 
 
 def output_shape(name: str, height: int, width: int) -> tuple:
@@ -37,12 +55,78 @@ def output_shape(name: str, height: int, width: int) -> tuple:
     return (1, 2 if name == "localization_logits" else 1, *stage_grids(height, width)[0])
 
 
-def choose_engine(model: ModelDir, gpu, tensorrt_version: str, precision: str) -> Path:
-    engines = find_engines(model.path, gpu, tensorrt_version, precision)
-    if not engines:
-        raise EngineError(f"no {precision} engine for {gpu.name} and TensorRT {tensorrt_version} "
-                          f"in {model.path}: run `trufor-trt build --model {model.path} --{precision}`")
-    return engines[-1]
+def engine_io(trt, engine) -> dict:
+    """name -> (mode, dtype name) of every I/O tensor of a deserialized engine."""
+    tensors = {}
+    for index in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(index)
+        mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
+        tensors[name] = (mode, engine.get_tensor_dtype(name).name)
+    return tensors
+
+
+class _LoadedEngine:
+    """One deserialized engine with its context, stream, events and buffers."""
+
+    def __init__(self, trt, cuda, runtime, path: Path, sidecar: Sidecar):
+        self.profile = sidecar.profile_object()
+        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        if self.engine is None:
+            raise EngineError(f"TensorRT could not load {path}")
+        problems = io_contract_problems(engine_io(trt, self.engine))
+        if problems:
+            raise EngineError(f"engine {path.name} does not match the model's inputs and outputs: "
+                              + "; ".join(problems))
+        self.context = self.engine.create_execution_context()
+        self.stream = cuda.stream()
+        self.events = [cuda.event() for _ in range(4)]
+        self.dtypes = {name: np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
+                       for name in (INPUT_NAME, *OUTPUT_NAMES)}
+        largest = {name: output_shape(name, *self.profile.max) for name in OUTPUT_NAMES}
+        largest[INPUT_NAME] = (1, 3, *self.profile.max)
+        nbytes = {name: int(np.prod(shape)) * self.dtypes[name].itemsize for name, shape in largest.items()}
+        self.host = {name: cuda.pinned_buffer(size) for name, size in nbytes.items()}
+        self.device = {name: cuda.device_buffer(size) for name, size in nbytes.items()}
+        for name, buffer in self.device.items():
+            if not self.context.set_tensor_address(name, buffer.address):
+                raise EngineError(f"TensorRT refused the address of tensor {name} in {path.name}")
+
+    def run(self, cuda, prepared: np.ndarray) -> tuple:
+        """(raw outputs, stage times in ms) of one prepared image."""
+        staged = self.host[INPUT_NAME].view(self.dtypes[INPUT_NAME], prepared.size)
+        np.copyto(staged, prepared.ravel(), casting="same_kind")
+        if not self.context.set_input_shape(INPUT_NAME, prepared.shape):
+            raise EngineError(f"TensorRT refused input shape {prepared.shape}")
+        start, copied_in, computed, copied_out = self.events
+        start.record(self.stream)
+        cuda.copy_to_device(self.device[INPUT_NAME], staged, self.stream)
+        copied_in.record(self.stream)
+        if not self.context.execute_async_v3(self.stream.handle):
+            raise EngineError("TensorRT failed to enqueue the inference")
+        computed.record(self.stream)
+        results = []
+        for name in OUTPUT_NAMES:
+            shape = tuple(self.context.get_tensor_shape(name))
+            host = self.host[name].view(self.dtypes[name], int(np.prod(shape)))
+            cuda.copy_to_host(host, self.device[name], self.stream)
+            results.append(host.reshape(shape))
+        copied_out.record(self.stream)
+        self.stream.synchronize()
+        stages = {"host_to_device": copied_in.milliseconds_since(start),
+                  "inference": computed.milliseconds_since(copied_in),
+                  "device_to_host": copied_out.milliseconds_since(computed)}
+        outputs = RawOutputs.from_batch_of_one(*(np.array(result, np.float32) for result in results))
+        return outputs, stages
+
+    def close(self) -> None:
+        """Buffers, stream and events freed, then TensorRT's objects: the caller holds the
+        context current, so every destructor runs where its memory lives."""
+        for buffer in [*self.device.values(), *self.host.values()]:
+            buffer.free()
+        for handle in [self.stream, *self.events]:
+            handle.close()
+        self.device = self.host = {}
+        self.context = self.engine = None
 
 
 class TensorRTRunner(Runner):
@@ -53,95 +137,61 @@ class TensorRTRunner(Runner):
         self.model = model
         self.precision = precision
         self.device = device
-        self._context_guard = None
-
-    def _checked_engine(self, trt, model: ModelDir, gpu) -> tuple:
-        path = choose_engine(model, gpu, trt.__version__, self.precision)
-        sidecar = Sidecar.read(sidecar_path(path))
-        why = sidecar.mismatch(gpu, trt.__version__, sha256_file(model.variant_path(sidecar.precision)))
-        if why:
-            raise EngineError(f"engine {path.name} cannot run here ({why}): "
-                              f"{build_command(model.path, sidecar.precision, sidecar.profile_object())}")
-        return path, sidecar
+        self._cuda = None
+        self._survey = None
+        self._loaded = {}  # engine path -> _LoadedEngine
+        self._device_bytes = 0
 
     def load(self) -> None:
-        from .cuda import PrimaryContext, gpu_info
+        from .cuda import cuda_layer
 
         trt = import_tensorrt()
         model = self.model if isinstance(self.model, ModelDir) else ModelDir.open(self.model)
-        gpu = gpu_info(self.device)
-        path, sidecar = self._checked_engine(trt, model, gpu)
-        self._context_guard = PrimaryContext(self.device).__enter__()
-        with self._context_guard.current() as cuda:
-            free_before = cuda.mem_get_info()[0]
-            self._allocate(trt, cuda, path, sidecar)
-            # Weights, the context's activation memory and our buffers are all taken here.
-            self._device_bytes = free_before - cuda.mem_get_info()[0]
+        self._cuda = cuda_layer()
+        gpu = self._cuda.gpu(self.device)
+        self._survey = survey_engines(model.path, gpu, trt.__version__, self.precision,
+                                      sha256_file(model.variant_path(self.precision)))
+        why = self._survey.problem(self.precision, gpu, trt.__version__, model.path)
+        if why:
+            raise EngineError(why)
+        self._trt = trt
+        with self._cuda.current(self.device):
+            self._runtime = trt.Runtime(tensorrt_logger(trt))
         self.detection_head = model.detection_head()
 
-    def _allocate(self, trt, cuda, path: Path, sidecar: Sidecar) -> None:
-        self.profile = sidecar.profile_object()
-        self._runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self._engine = self._runtime.deserialize_cuda_engine(path.read_bytes())
-        if self._engine is None:
-            raise EngineError(f"TensorRT could not load {path}")
-        self._context = self._engine.create_execution_context()
-        self._stream = cuda.Stream()
-        self._events = [cuda.Event() for _ in range(4)]
-        largest = {name: output_shape(name, *self.profile.max) for name in OUTPUT_NAMES}
-        largest[INPUT_NAME] = (1, 3, *self.profile.max)
-        self._host = {name: cuda.pagelocked_empty(int(np.prod(shape)), np.float32)
-                      for name, shape in largest.items()}
-        self._device = {name: cuda.mem_alloc(int(np.prod(shape)) * FLOAT_BYTES)
-                        for name, shape in largest.items()}
-        for name, buffer in self._device.items():
-            self._context.set_tensor_address(name, int(buffer))
+    def _engine_for(self, height: int, width: int) -> _LoadedEngine:
+        """The loaded engine of the smallest profile that admits the image (call while current)."""
+        chosen = self._survey.for_image(height, width)
+        if chosen is None:
+            raise ImageError(f"{height}x{width}", self._survey.refusal(height, width))
+        path, sidecar = chosen
+        if path not in self._loaded:
+            free_before = self._cuda.free_memory()
+            self._loaded[path] = _LoadedEngine(self._trt, self._cuda, self._runtime, path, sidecar)
+            # Weights, the context's activation memory and our buffers are all taken here.
+            self._device_bytes += free_before - self._cuda.free_memory()
+        return self._loaded[path]
 
     def refusal(self, height: int, width: int):
-        return None if self.profile.admits(height, width) else self.profile.refusal(height, width)
+        return self._survey.refusal(height, width) or None
 
     def infer(self, prepared: np.ndarray) -> RawOutputs:
         height, width = prepared.shape[2:]
-        if prepared.shape[0] != 1 or not self.profile.admits(height, width):
-            raise ImageError(f"{height}x{width}", self.profile.refusal(height, width))
-        with self._context_guard.current() as cuda:
-            return self._run(cuda, prepared)
-
-    def _run(self, cuda, prepared: np.ndarray) -> RawOutputs:
-        staged = self._host[INPUT_NAME][:prepared.size]
-        np.copyto(staged, prepared.ravel())
-        self._context.set_input_shape(INPUT_NAME, prepared.shape)
-        start, copied_in, computed, copied_out = self._events
-        start.record(self._stream)
-        cuda.memcpy_htod_async(self._device[INPUT_NAME], staged, self._stream)
-        copied_in.record(self._stream)
-        if not self._context.execute_async_v3(self._stream.handle):
-            raise EngineError("TensorRT failed to enqueue the inference")
-        computed.record(self._stream)
-        results = []
-        for name in OUTPUT_NAMES:
-            shape = tuple(self._context.get_tensor_shape(name))
-            host = self._host[name][:int(np.prod(shape))]
-            cuda.memcpy_dtoh_async(host, self._device[name], self._stream)
-            results.append(host.reshape(shape))
-        copied_out.record(self._stream)
-        self._stream.synchronize()
-        self.last_stage_ms = {"host_to_device": copied_in.time_since(start),
-                              "inference": computed.time_since(copied_in),
-                              "device_to_host": copied_out.time_since(computed)}
-        return RawOutputs.from_batch_of_one(*(result.copy() for result in results))
+        if prepared.shape[0] != 1:
+            raise ImageError(f"{height}x{width}", "the TensorRT runner takes one image at a time")
+        with self._cuda.current(self.device) as cuda:
+            outputs, self.last_stage_ms = self._engine_for(height, width).run(cuda, prepared)
+        return outputs
 
     def device_memory_bytes(self):
-        return self._device_bytes if self._context_guard is not None else None
+        return self._device_bytes if self._cuda is not None else None
 
     def close(self) -> None:
-        if self._context_guard is None:
+        if self._cuda is None:
             return
-        with self._context_guard.current():
-            for buffer in self._device.values():
-                buffer.free()
-            self._device, self._host = {}, {}
-            self._stream = self._events = None
-            self._context = self._engine = self._runtime = None
-        self._context_guard.__exit__(None, None, None)
-        self._context_guard = None
+        with self._cuda.current(self.device):
+            for loaded in self._loaded.values():
+                loaded.close()
+            self._loaded = {}
+            self._runtime = None
+        self._cuda = None

@@ -1,6 +1,7 @@
 """The PyTorch reference backend: our checkpoint-compatible network, eager, batch of one."""
 
-from contextlib import nullcontext
+import threading
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
@@ -11,6 +12,30 @@ from .runner import RawOutputs, Runner
 # Peak RSS of `analyze` per image on the CPU (measured with PyTorch 2.13 on the 2-core CPU; README).
 CPU_MEMORY = MemoryModel(fixed_bytes=0.8e9, bytes_per_pixel=400, noiseprint_bytes_per_pixel=800,
                          decoder_bytes_per_cell=16000)
+
+
+_TF32_LOCK = threading.Lock()
+_TF32_STATE = {"users": 0, "saved": None}
+
+
+@contextmanager
+def exact_fp32_on_cuda(torch):
+    """TF32 off for CUDA matrix products and cuDNN convolutions while any runner computes, the
+    user's setting restored when the last one is done (the switches are process-wide, and runners
+    may run side by side on threads). PyTorch leaves cuDNN's TF32 on by default, which rounds
+    FP32 inputs to 10-bit mantissas on Ampere and newer."""
+    with _TF32_LOCK:
+        if _TF32_STATE["users"] == 0:
+            _TF32_STATE["saved"] = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        _TF32_STATE["users"] += 1
+    try:
+        yield
+    finally:
+        with _TF32_LOCK:
+            _TF32_STATE["users"] -= 1
+            if _TF32_STATE["users"] == 0:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = _TF32_STATE["saved"]
 
 
 class TorchRunner(Runner):
@@ -80,7 +105,8 @@ class TorchRunner(Runner):
         start.record()
         image = torch.from_numpy(prepared).to(device=self.device, dtype=self.dtype)
         copied_in.record()
-        outputs = self.network(image)
+        with exact_fp32_on_cuda(torch):
+            outputs = self.network(image)
         computed.record()
         results = [out.cpu().numpy() for out in outputs]
         copied_out.record()

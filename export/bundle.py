@@ -11,7 +11,6 @@ import os
 import platform
 import shutil
 from dataclasses import asdict
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from ..engine.model_dir import (DETECTION_HEAD_FILE, FORMAT, FORMAT_VERSION, MAN
                                 VARIANTS, sha256_file)
 from ..engine.preprocess import INPUT_SCALE
 from ..engine.runner import INPUT_NAME
+from ..installed import distribution_versions
 from ..model import detection_head_arrays, load_trufor
 from .graph_rules import tensorrt_shape_problems
 from .onnx_graph import DEFAULT_OPSET, IR_VERSION, export_graph
@@ -31,13 +31,8 @@ TOOLS = ("torch", "onnx", "onnxruntime", "onnx-graphsurgeon", "numpy")
 
 
 def _tool_versions() -> dict:
-    versions = {"trufor-trt": __version__, "python": platform.python_version()}
-    for tool in TOOLS:
-        try:
-            versions[tool] = metadata.version(tool)
-        except metadata.PackageNotFoundError:
-            versions[tool] = None
-    return versions
+    return {"trufor-trt": __version__, "python": platform.python_version(),
+            **distribution_versions(TOOLS)}
 
 
 def _contract() -> dict:

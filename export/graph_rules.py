@@ -32,6 +32,7 @@ DATA_DEPENDENT_OPERATORS = frozenset({"NonZero", "Unique", "If", "Loop", "Scan",
 REDUCE_WITH_AXES_INPUT = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum",
                                     "ReduceProd", "ReduceL1", "ReduceL2", "ReduceLogSum",
                                     "ReduceLogSumExp", "ReduceSumSquare"})
+RESIZE_UNPARSED_ATTRIBUTES = frozenset({"antialias", "keep_aspect_ratio_policy"})
 RESIZE_COORDINATE_MODES = frozenset({"half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric"})
 
 
@@ -45,13 +46,28 @@ def _attribute(node, name, default=None):
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _reduce_axes_problems(model: onnx.ModelProto) -> list:
+# Inputs the TensorRT 10.3 parser reads as weights, by operator: (input index, its role, what it
+# must be). "initializer": a graph initializer; "constant": an initializer or a Constant's output.
+WEIGHT_INPUTS = {"Slice": (3, "axes", "initializer"), "Squeeze": (1, "axes", "initializer"),
+                 "Pad": (3, "axes", "initializer"), "CumSum": (1, "axis", "initializer"),
+                 "Unsqueeze": (1, "axes", "constant"),
+                 **{op: (1, "axes", "constant") for op in REDUCE_WITH_AXES_INPUT}}
+
+
+def _weight_input_problems(model: onnx.ModelProto) -> list:
     initializers = {tensor.name for tensor in model.graph.initializer}
-    constants = {output for node in model.graph.node if node.op_type == "Constant"
-                 for output in node.output}
-    return [f"{node.name}: axes are not a constant initializer" for node in model.graph.node
-            if node.op_type in REDUCE_WITH_AXES_INPUT and len(node.input) > 1
-            and node.input[1] not in initializers | constants]
+    allowed = {"initializer": initializers,
+               "constant": initializers | {output for node in model.graph.node
+                                           if node.op_type == "Constant" for output in node.output}}
+    problems = []
+    for node in model.graph.node:
+        if node.op_type not in WEIGHT_INPUTS:
+            continue
+        index, role, kind = WEIGHT_INPUTS[node.op_type]
+        given = node.input[index] if len(node.input) > index else ""
+        if given and given not in allowed[kind]:
+            problems.append(f"{node.name}: {node.op_type} {role} is not a {kind}")
+    return problems
 
 
 def _resize_problems(model: onnx.ModelProto) -> list:
@@ -63,6 +79,9 @@ def _resize_problems(model: onnx.ModelProto) -> list:
         coordinates = _attribute(node, "coordinate_transformation_mode", "half_pixel")
         if mode not in ("nearest", "linear") or coordinates not in RESIZE_COORDINATE_MODES:
             problems.append(f"{node.name}: Resize {mode}/{coordinates} is not parsed by TensorRT")
+        # Opset 18's additions, which the 10.3 parser does not know: the graph must not carry them.
+        problems += [f"{node.name}: Resize {attr.name} is not parsed by TensorRT 10.3"
+                     for attr in node.attribute if attr.name in RESIZE_UNPARSED_ATTRIBUTES]
     return problems
 
 
@@ -83,5 +102,5 @@ def tensorrt_shape_problems(model: onnx.ModelProto) -> list:
                 for op in sorted(ops - TENSORRT_ONNX_OPERATORS)]
     problems += [f"operator {op} is control flow or has data-dependent output shapes"
                  for op in sorted(ops & DATA_DEPENDENT_OPERATORS)]
-    return problems + _reduce_axes_problems(model) + _resize_problems(model) + \
+    return problems + _weight_input_problems(model) + _resize_problems(model) + \
         _symbolic_input_problems(model)

@@ -1,53 +1,78 @@
 """`trufor-trt build`: one TensorRT engine from a model folder's graph variant, for this GPU.
 
-The TensorRT calls are the documented Python API present in 10.3 (JetPack 6) and 11.x; every
-decision that differs between releases is made in engine/tensorrt_plan.py, where it is tested.
+Strongly typed on every release, no precision flag, TF32 cleared (engine/tensorrt_plan.py says
+why, and decides it where it is tested): the engine computes in exactly the types the ONNX
+graph holds. The TensorRT calls are the documented Python API of 10.0 through 11.x.
 """
 
 import time
 from pathlib import Path
 
-from ..engine.cuda import PrimaryContext, gpu_info
+from ..engine.cuda import cuda_layer
 from ..engine.model_dir import ModelDir, sha256_file
 from ..engine.runner import INPUT_NAME
-from ..engine.tensorrt_plan import (EngineError, Profile, Sidecar, builder_flags, engine_path,
-                                    profile_from_options, sidecar_path, strongly_typed)
-from ..engine.tensorrt_runner import import_tensorrt
+from ..engine.tensorrt_plan import (BuildSettings, EngineError, Profile, Sidecar, build_settings,
+                                    engine_path, profile_from_options, sidecar_path)
+from ..engine.tensorrt_runner import import_tensorrt, tensorrt_logger
 from ..files import write_atomically
 
 
-def _parse(trt, builder, logger, onnx_path: Path, strong: bool):
-    # 10.0+: explicit batch is the only mode; STRONGLY_TYPED is the one creation flag we set.
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if strong else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
+def _network_flags(trt) -> int:
+    # Explicit batch is the only mode since 10.0; STRONGLY_TYPED is the one creation flag we set
+    # (where a release no longer lists it, strong typing is its only mode).
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+def _parse(trt, builder, onnx_path: Path):
+    network = builder.create_network(_network_flags(trt))
+    parser = trt.OnnxParser(network, tensorrt_logger(trt))
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(index)) for index in range(parser.num_errors))
         raise EngineError(f"TensorRT could not parse {onnx_path.name}: {errors}")
     return network, parser
 
 
-def _check_platform(trt, builder, precision: str) -> None:
-    """Refuse loudly rather than silently build a slower or different-precision engine.
-    (platform_has_fast_* exist in 10.x; 11 dropped them with weak typing, and strongly typed
-    builds fail by themselves where a type is unsupported.)"""
-    needs = {"fp16": "platform_has_fast_fp16", "int8": "platform_has_fast_int8"}.get(precision)
-    if needs and hasattr(builder, needs) and not getattr(builder, needs):
-        raise EngineError(f"this GPU has no fast {precision.upper()} support: build --fp32 instead")
+def _timing_cache(config, cached: bytes, on_step):
+    """The builder's timing cache from `cached`; one from another device or TensorRT is refused
+    by set_timing_cache, and then a fresh one is used (and saved) instead."""
+    cache = config.create_timing_cache(cached)
+    if config.set_timing_cache(cache, ignore_mismatch=False):
+        return cache
+    on_step("warning: the timing cache was made on another GPU or TensorRT; starting a fresh one")
+    cache = config.create_timing_cache(b"")
+    if not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise EngineError("TensorRT refused a fresh timing cache")
+    return cache
 
 
-def _config(trt, builder, precision: str, profile: Profile, workspace_gib: float, timing_cache: bytes):
+def _config(trt, builder, settings: BuildSettings, profile: Profile, workspace_gib: float,
+            cached: bytes, on_step):
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
-    for flag in builder_flags(trt.__version__, precision):  # only before 10.12 (weak typing)
-        config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in settings.cleared_flags:
+        config.clear_flag(getattr(trt.BuilderFlag, flag))
     shapes = [(1, 3, *size) for size in (profile.min, profile.opt, profile.max)]
     optimization = builder.create_optimization_profile()
     optimization.set_shape(INPUT_NAME, *shapes)
     config.add_optimization_profile(optimization)
-    cache = config.create_timing_cache(timing_cache)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    return config, cache
+    return config, _timing_cache(config, cached, on_step)
+
+
+def _serialize(trt, settings: BuildSettings, onnx_path: Path, profile: Profile, workspace_gib: float,
+               cache_path, on_step) -> bytes:
+    """The serialized engine. Called with the primary context current: every TensorRT object
+    made here dies when this returns, while its context still is current."""
+    builder = trt.Builder(tensorrt_logger(trt))
+    network, _parser = _parse(trt, builder, onnx_path)
+    cached = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+    config, cache = _config(trt, builder, settings, profile, workspace_gib, cached, on_step)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineError(f"TensorRT could not build an engine from {onnx_path.name} (see its log above)")
+    if cache_path:
+        write_atomically(cache_path, bytes(cache.serialize()))
+    return bytes(serialized)
 
 
 def build_engine(model_dir, precision: str, profile: Profile = None, workspace_gib: float = 4.0,
@@ -55,35 +80,27 @@ def build_engine(model_dir, precision: str, profile: Profile = None, workspace_g
                  on_step=print) -> Path:
     """Build and write the engine and its sidecar; returns the engine's path."""
     trt = import_tensorrt()
-    gpu = gpu_info()
+    settings = build_settings(trt.__version__)
+    cuda = cuda_layer()
+    gpu = cuda.gpu()
     profile = profile or profile_from_options(gpu.integrated, min_shape, opt_shape, max_shape)
     model = ModelDir.open(model_dir)
     onnx_path = model.variant_path(precision)
-    strong = strongly_typed(trt.__version__)
     target = engine_path(model.path, gpu, trt.__version__, precision, profile)
-    cache_path = Path(timing_cache_path) if timing_cache_path else None
-    with PrimaryContext() as gpu_context, gpu_context.current():
-        logger = trt.Logger(trt.Logger.WARNING)
-        builder = trt.Builder(logger)
-        _check_platform(trt, builder, precision)
-        network, _parser = _parse(trt, builder, logger, onnx_path, strong)
-        cached = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
-        config, cache = _config(trt, builder, precision, profile, workspace_gib, cached)
-        on_step(f"building {precision} for {gpu.name}, profile {profile.tag()} "
-                f"({'strongly typed' if strong else 'builder flags'}); this takes minutes")
-        started = time.perf_counter()
-        serialized = builder.build_serialized_network(network, config)
-        if serialized is None:
-            raise EngineError(f"TensorRT could not build a {precision} engine (see its log above)")
-        seconds = time.perf_counter() - started
-        if cache_path:
-            write_atomically(cache_path, bytes(cache.serialize()))
+    on_step(f"building {precision} for {gpu.name}, profile {profile.tag()} (strongly typed, "
+            "TF32 off); this takes minutes")
+    started = time.perf_counter()
+    with cuda.current():
+        serialized = _serialize(trt, settings, onnx_path, profile, workspace_gib,
+                                Path(timing_cache_path) if timing_cache_path else None, on_step)
+    seconds = time.perf_counter() - started
     # The sidecar first: an engine that exists always has one.
     Sidecar(precision=precision, profile={"min": profile.min, "opt": profile.opt, "max": profile.max},
             tensorrt_version=trt.__version__, device=gpu.name,
             compute_capability=list(gpu.compute_capability), onnx_file=onnx_path.name,
-            onnx_sha256=sha256_file(onnx_path), strongly_typed=strong,
-            builder_flags=list(builder_flags(trt.__version__, precision)),
-            workspace_gib=workspace_gib, build_seconds=round(seconds, 1)).write(sidecar_path(target))
-    write_atomically(target, bytes(serialized))
+            onnx_sha256=sha256_file(onnx_path), strongly_typed=settings.strongly_typed,
+            builder_flags=list(settings.precision_flags), cleared_flags=list(settings.cleared_flags),
+            tf32=settings.tf32, workspace_gib=workspace_gib,
+            build_seconds=round(seconds, 1)).write(sidecar_path(target))
+    write_atomically(target, serialized)
     return target

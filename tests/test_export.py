@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
 from trufor_trt.cli import app
@@ -91,6 +91,9 @@ def _tiny_graph(op: str, attributes=None, dims=("batch", 3, "height", "width")):
     (_tiny_graph("Hardmax"), "not parsed by TensorRT"),
     (_tiny_graph("Resize", {"mode": "cubic"}), "Resize cubic"),
     (_tiny_graph("Relu", dims=(1, 3, 224, 224)), "fixed, not symbolic"),
+    (_tiny_graph("Resize", {"mode": "linear", "antialias": 1}), "Resize antialias"),
+    (_tiny_graph("Resize", {"mode": "linear", "keep_aspect_ratio_policy": "stretch"}),
+     "Resize keep_aspect_ratio_policy"),
 ])
 def test_shape_rules_catch_what_tensorrt_cannot_build(graph, fragment):
     problems = tensorrt_shape_problems(graph)
@@ -98,6 +101,33 @@ def test_shape_rules_catch_what_tensorrt_cannot_build(graph, fragment):
         assert problems == []
     else:
         assert any(fragment in problem for problem in problems), problems
+
+
+def _graph_reading(op: str, index: int, source: str):
+    """`op` whose input `index` is the tensor "axes", produced as `source` says."""
+    inputs = ["x"] + [""] * (index - 1) + ["axes"]
+    nodes = [helper.make_node(op, inputs, ["y"], name="reader")]
+    initializers = [numpy_helper.from_array(np.array([0], np.int64), "axes")]
+    graph_inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "height", "width"])]
+    if source == "constant":
+        nodes.insert(0, helper.make_node("Constant", [], ["axes"], value=initializers.pop()))
+    elif source == "computed":
+        initializers[0].name = "raw_axes"
+        nodes.insert(0, helper.make_node("Identity", ["raw_axes"], ["axes"]))
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    return helper.make_model(helper.make_graph(nodes, "reader", graph_inputs, outputs, initializers))
+
+
+@pytest.mark.parametrize("op, index, source, refused", [
+    ("Slice", 3, "initializer", False), ("Slice", 3, "constant", True), ("Slice", 3, "computed", True),
+    ("Squeeze", 1, "constant", True), ("Pad", 3, "computed", True), ("CumSum", 1, "constant", True),
+    ("Unsqueeze", 1, "constant", False), ("Unsqueeze", 1, "computed", True),
+    ("ReduceSum", 1, "constant", False), ("ReduceMean", 1, "computed", True),
+])
+def test_weight_inputs_must_be_what_the_tensorrt_parser_reads(op, index, source, refused):
+    problems = [problem for problem in tensorrt_shape_problems(_graph_reading(op, index, source))
+                if problem.startswith("reader:")]
+    assert bool(problems) is refused, problems
 
 
 def test_failed_verification_leaves_no_folder(tmp_path, checkpoint_seed0, monkeypatch):

@@ -15,6 +15,7 @@ from trufor_trt.cli import app
 from trufor_trt.engine.model_dir import ModelDir
 from trufor_trt.precision.blocks import block_of, pixel_sum_chains
 from trufor_trt.precision.fp16 import lower_to_fp16, upcast_fp16
+from trufor_trt.precision.typing_check import precision_problems
 
 from conftest import IMAGES_DIR
 
@@ -75,6 +76,31 @@ def test_blocks_and_size_dependent_sums_are_found(model_seed0):
     blocks = {block_of(node.name) for node in graph.graph.node}
     assert {"noiseprint++", "rgb stream, stage 1", "noiseprint stream, stage 4", "fusion, stage 2",
             "localization decoder", "confidence decoder"} <= blocks
+
+
+def test_type_check_passes_a_lowered_graph_and_names_every_departure_from_the_plan():
+    weight = np.ones((4, 4), np.float32)
+    lowered = lower_to_fp16(_tiny(weight), {"matmul", "relu"})
+    assert precision_problems(lowered, {"matmul", "relu"}) == []
+    assert precision_problems(_tiny(weight), set()) == []
+    assert precision_problems(lowered, {"matmul"}) == [
+        "node relu computes in float16 but the plan keeps it float32",
+        "Cast r/lower reads float16 that no planned node wrote"]
+    assert precision_problems(lowered, {"matmul", "relu", "add"}) == [
+        "node add (Add) is planned float16 but computes in float32"]
+
+
+def test_type_check_rejects_a_node_with_mixed_float_inputs():
+    mixed = _tiny(np.ones((4, 4), np.float32))
+    mixed.graph.initializer[1].CopyFrom(numpy_helper.from_array(np.ones(1, np.float16), "one"))
+    problems = precision_problems(mixed, set())
+    assert problems == ["node add (Add) mixes float16 and float32 inputs"]
+
+
+def test_type_check_wants_float32_graph_inputs_and_outputs():
+    model = _tiny(np.ones((4, 4), np.float32))
+    model.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    assert "graph output y is float16, not float32" in precision_problems(model, set())
 
 
 @pytest.fixture(scope="module")

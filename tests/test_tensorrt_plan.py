@@ -2,16 +2,18 @@
 per release, engine paths, sidecar checks, and `build`'s refusal where TensorRT is missing."""
 
 import importlib.util
+import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from trufor_trt.cli import app
-from trufor_trt.engine.tensorrt_plan import (DEFAULT_PROFILES, EngineError, Gpu, Profile, Sidecar,
-                                             build_command, builder_flags, engine_path,
-                                             find_engines, parse_shape, profile_from_options,
-                                             sidecar_path, strongly_typed)
+from trufor_trt.engine.tensorrt_plan import (DEFAULT_PROFILES, IO_CONTRACT, EngineError, Gpu, Profile,
+                                             Sidecar, build_command, build_settings, engine_path,
+                                             find_engines, io_contract_problems, parse_shape,
+                                             profile_from_options, sidecar_path, survey_engines)
 from trufor_trt.engine.tensorrt_runner import output_shape
 
 H100 = Gpu(name="NVIDIA H100 80GB HBM3", compute_capability=(9, 0), integrated=False)
@@ -47,17 +49,29 @@ def test_profile_refusal_names_the_build_that_fits():
     assert "smaller --min-shape" in Profile(min=(64, 64), opt=(64, 64), max=(64, 64)).refusal(40, 64)
 
 
-@pytest.mark.parametrize("version, strong, fp16_flags, int8_flags", [
-    ("10.3.0", False, ("FP16",), ("INT8", "FP16")),  # JetPack 6: weak typing + builder flags
-    ("10.11.0.33", False, ("FP16",), ("INT8", "FP16")),
-    ("10.12.0", True, (), ()),  # weak typing deprecated: precision from the ONNX
-    ("11.4.0.106", True, (), ()),  # weak typing and the flags removed
-])
-def test_precision_mode_per_tensorrt_release(version, strong, fp16_flags, int8_flags):
-    assert strongly_typed(version) is strong
-    assert builder_flags(version, "fp16") == fp16_flags
-    assert builder_flags(version, "int8") == int8_flags
-    assert builder_flags(version, "fp32") == ()
+@pytest.mark.parametrize("version", ["10.0.1.6", "10.3.0", "10.11.0.33", "10.12.0", "11.4.0.106"])
+def test_every_supported_release_builds_strongly_typed_without_precision_flags_and_tf32(version):
+    # Weak typing would let 10.0-10.11 run any layer in FP16 with BuilderFlag.FP16, whatever the
+    # ONNX says; TF32 (on by default) would round FP32 products on Ampere and newer.
+    settings = build_settings(version)
+    assert settings.strongly_typed
+    assert settings.precision_flags == ()
+    assert settings.cleared_flags == ("TF32",) and settings.tf32 is False
+
+
+@pytest.mark.parametrize("version", ["9.3.0", "8.5.2.2", "8.6.1"])
+def test_tensorrt_before_10_is_refused_in_one_line(version):
+    with pytest.raises(EngineError, match=f"TensorRT {version} is too old.*>= 10.0") as caught:
+        build_settings(version)
+    assert "\n" not in str(caught.value)
+
+
+def test_engine_io_is_checked_against_the_model_contract():
+    assert io_contract_problems(dict(IO_CONTRACT)) == []
+    half_output = {**IO_CONTRACT, "noiseprint": ("output", "HALF")}
+    assert io_contract_problems(half_output) == ["tensor noiseprint is output HALF, expected output FLOAT"]
+    renamed = {("input_1" if name == "image" else name): value for name, value in IO_CONTRACT.items()}
+    assert io_contract_problems(renamed) == ["tensor image is missing", "unexpected tensor input_1"]
 
 
 def test_engine_paths_name_gpu_compute_capability_and_tensorrt(tmp_path):
@@ -75,8 +89,9 @@ def test_engine_paths_name_gpu_compute_capability_and_tensorrt(tmp_path):
 def _sidecar(**changes):
     values = dict(precision="fp16", profile={"min": [32, 32], "opt": [64, 64], "max": [96, 96]},
                   tensorrt_version="10.3.0", device=ORIN.name, compute_capability=[8, 7],
-                  onnx_file="trufor_fp16.onnx", onnx_sha256="abc", strongly_typed=False,
-                  builder_flags=["FP16"], workspace_gib=4.0, build_seconds=12.5)
+                  onnx_file="trufor_fp16.onnx", onnx_sha256="abc", strongly_typed=True,
+                  builder_flags=[], cleared_flags=["TF32"], tf32=False, workspace_gib=4.0,
+                  build_seconds=12.5)
     values.update(changes)
     return Sidecar(**values)
 
@@ -90,8 +105,52 @@ def test_sidecar_round_trips_and_says_why_an_engine_cannot_run(tmp_path):
     assert "TensorRT 10.3.0, this is 10.4.0" in sidecar.mismatch(ORIN, "10.4.0", "abc")
     assert "built for Orin (sm87), this is NVIDIA H100" in sidecar.mismatch(H100, "10.3.0", "abc")
     assert "another ONNX graph" in sidecar.mismatch(ORIN, "10.3.0", "other")
+    for weak in (_sidecar(strongly_typed=False, builder_flags=["FP16"]), _sidecar(tf32=True)):
+        assert "weakly typed or with TF32" in weak.mismatch(ORIN, "10.3.0", "abc")
     with pytest.raises(EngineError, match="sidecar"):
         Sidecar.read(tmp_path / "missing.json")
+
+
+def test_a_sidecar_from_an_older_version_asks_for_a_rebuild(tmp_path):
+    path = sidecar_path(tmp_path / "fp16-x.engine")
+    values = json.loads(json.dumps(asdict(_sidecar())))
+    del values["tf32"], values["cleared_flags"]
+    path.write_text(json.dumps(values))
+    with pytest.raises(EngineError, match="another trufor-trt version.*build the engine again"):
+        Sidecar.read(path)
+    path.write_text("{not json")
+    with pytest.raises(EngineError, match="unreadable"):
+        Sidecar.read(path)
+
+
+def _engine(folder: Path, profile: Profile, **changes) -> Path:
+    path = engine_path(folder, ORIN, "10.3.0", "fp16", profile)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    _sidecar(profile={"min": profile.min, "opt": profile.opt, "max": profile.max}, **changes) \
+        .write(sidecar_path(path))
+    return path
+
+
+def test_each_image_gets_the_smallest_engine_whose_profile_admits_it(tmp_path):
+    # Names sort opposite to sizes: "32x32_64x64_96x96" > "32x32_512x512_2048x2048".
+    small = _engine(tmp_path, Profile(min=(32, 32), opt=(64, 64), max=(96, 96)))
+    large = _engine(tmp_path, Profile(min=(32, 32), opt=(512, 512), max=(2048, 2048)))
+    middle = _engine(tmp_path, Profile(min=(32, 32), opt=(256, 256), max=(512, 1024)))
+    stale = _engine(tmp_path, Profile(min=(32, 32), opt=(128, 128), max=(4096, 4096)), onnx_sha256="old")
+    survey = survey_engines(tmp_path, ORIN, "10.3.0", "fp16", "abc")
+    assert [path for path, _ in survey.usable] == [small, middle, large]
+    assert [path for path, _ in survey.rejected] == [stale]
+    assert survey.for_image(90, 96)[0] == small
+    assert survey.for_image(97, 96)[0] == middle
+    assert survey.for_image(300, 1024)[0] == middle
+    assert survey.for_image(600, 1024)[0] == large
+    assert survey.for_image(3000, 100) is None
+    assert "--max-shape 3000x2048" in survey.refusal(3000, 100) and survey.refusal(64, 64) == ""
+    assert survey.problem("fp16", ORIN, "10.3.0", tmp_path) == ""
+    none_usable = survey_engines(tmp_path, ORIN, "10.3.0", "fp16", "new graph")
+    assert "another ONNX graph" in none_usable.problem("fp16", ORIN, "10.3.0", tmp_path)
+    assert "trufor-trt build" in none_usable.problem("fp16", ORIN, "10.3.0", tmp_path)
 
 
 def test_build_command_reproduces_the_profile():

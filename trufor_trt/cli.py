@@ -135,7 +135,7 @@ def _load_runner(backend: str, model: Optional[Path], checkpoint: Optional[Path]
                                    max_memory_bytes=budget)
         else:
             opened = _open_model(model, checkpoint)
-            backend = pick_backend(backend, opened.path, precision)
+            backend = pick_backend(backend, opened.path, precision, on_notice=say)
             runner = create_runner(backend, model=opened, precision=precision, max_memory_bytes=budget)
         runner.load()
     except TruforError as exc:
@@ -238,6 +238,57 @@ def selftest(
     raise typer.Exit(0 if report.passed else EXIT_FAILED)
 
 
+def _doctor_lines(report: dict) -> list:
+    """The doctor's report as plain lines: what a user pastes into a bug report."""
+    cuda, tensorrt = report["cuda"], report["tensorrt"]
+    lines = [f"trufor-trt {report['trufor_trt']}, Python {report['python']}, {report['platform']}",
+             "packages: " + ", ".join(f"{name} {version or '-'}" for name, version in report["packages"].items())]
+    if cuda["layer"]:
+        lines.append(f"CUDA: layer {cuda['layer']}, driver supports CUDA {cuda['driver_cuda_version']}")
+        lines += [f"  GPU {gpu['index']}: {gpu['name']}, sm {gpu['compute_capability']}, {gpu['memory_gib']} GiB"
+                  f"{', integrated' if gpu['integrated'] else ''}" for gpu in cuda["gpus"]]
+    else:
+        lines.append(f"CUDA: none ({cuda['problem']})")
+    lines.append(f"TensorRT: {tensorrt['version'] or 'none'}; can build here: "
+                 f"{'yes' if tensorrt['can_build'] else 'no (' + tensorrt['problem'] + ')'}")
+    for name, backend in report["backends"].items():
+        details = ", ".join(backend.get("devices") or backend.get("providers") or [])
+        state = f"usable{f' ({details})' if details else ''}" if backend["usable"] else \
+            f"not usable: {backend['problem']}"
+        wanted = backend.get("install")
+        install = f"; install: {wanted}" if wanted and "install" not in backend["problem"] else ""
+        lines.append(f"backend {name}: {state}{install}")
+    memory = report["cpu_memory"]
+    lines.append(f"CPU memory: {memory['physical_gib']} GiB; ONNX Runtime takes images up to about "
+                 f"{memory['onnxruntime_largest_square_image']} within it")
+    if "model" in report:
+        model = report["model"]
+        lines.append(f"model {model['path']}: " + (f"ok, variants {', '.join(model['variants'])}"
+                                                  if model["ok"] else model["problem"]))
+        lines += [f"  engine {entry['engine']}: " + ("runs here" if entry["runs_here"] else
+                                                    f"not here ({entry['why_not']})")
+                  for entry in model.get("engines", [])]
+    return lines
+
+
+@app.command()
+def doctor(
+    model: Optional[Path] = typer.Option(None, "--model", help="Also check this model folder and its engines."),
+    json_output: bool = typer.Option(False, "--json", help="The report as JSON on stdout."),
+) -> None:
+    """What this machine can run: packages, GPUs, CUDA, TensorRT, each backend and why not."""
+    import json
+
+    from .doctor import diagnose
+
+    report = diagnose(model)
+    if json_output:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        for line in _doctor_lines(report):
+            typer.echo(line)
+
+
 @app.command()
 def build(
     model: Path = typer.Option(Path("trufor-model"), "--model", help="Model folder from `trufor-trt export`."),
@@ -297,7 +348,7 @@ def validate(
 
     try:
         opened = ModelDir.open(model)
-        chosen = pick_backend(backend.value, opened.path, precision.value)
+        chosen = pick_backend(backend.value, opened.path, precision.value, on_notice=say)
         report = run_validation(opened, chosen, precision.value, images)
     except TruforError as exc:
         fail_setup(str(exc))

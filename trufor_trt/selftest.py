@@ -141,9 +141,10 @@ def run_selftest(backend: str, precision: str = "fp32", seed: int = 0, on_step=p
                           "`trufor-trt validate --precision int8 --images DIR`")
     if backend == "tensorrt":  # say what is missing before minutes of export
         from .engine.cuda import gpu_info
+        from .engine.tensorrt_plan import build_settings
         from .engine.tensorrt_runner import import_tensorrt
 
-        import_tensorrt()
+        build_settings(import_tensorrt().__version__)
         gpu_info()
     report = SelftestReport(backend=backend, precision=precision)
     clock = StageClock(report.setup_ms)

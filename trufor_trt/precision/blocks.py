@@ -29,14 +29,20 @@ def block_of(node_name: str) -> str:
     return "input normalisation"
 
 
-def attention_chains(model: onnx.ModelProto) -> list:
-    """Every Mul(q, scale) -> MatMul -> Softmax -> MatMul chain, as four node names each:
-    the self-attention pattern TensorRT fuses (see model/attention.py)."""
+def graph_links(model: onnx.ModelProto) -> tuple:
+    """(tensor name -> the node that writes it, tensor name -> the nodes that read it)."""
     producer = {output: node for node in model.graph.node for output in node.output}
     consumers = {}
     for node in model.graph.node:
         for name in node.input:
             consumers.setdefault(name, []).append(node)
+    return producer, consumers
+
+
+def attention_chains(model: onnx.ModelProto) -> list:
+    """Every Mul(q, scale) -> MatMul -> Softmax -> MatMul chain, as four node names each:
+    the self-attention pattern TensorRT fuses (see model/attention.py)."""
+    producer, consumers = graph_links(model)
     chains = []
     for softmax in (node for node in model.graph.node if node.op_type == "Softmax"):
         scores = producer.get(softmax.input[0])
@@ -51,7 +57,7 @@ def attention_chains(model: onnx.ModelProto) -> list:
 def pixel_sum_chains(model: onnx.ModelProto) -> list:
     """Every MatMul -> Mul(scale) -> Softmax chain: the fusion modules' cross-attention
     context k^T.v, a sum over all pixels whose magnitude grows with the image size."""
-    producer = {output: node for node in model.graph.node for output in node.output}
+    producer, _ = graph_links(model)
     chains = []
     for softmax in (node for node in model.graph.node if node.op_type == "Softmax"):
         scaled = producer.get(softmax.input[0])

@@ -1,0 +1,160 @@
+"""`trufor-trt doctor`: what this machine can run, in the shape a bug report needs.
+
+Each probe catches what a broken install raises (ImportError, OSError, the CUDA layer's and
+TensorRT's own errors) and reports it as one line, so the doctor runs without torch, TensorRT
+or a GPU, and on a machine where any of them is broken.
+"""
+
+import platform
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import TruforError
+from .installed import distribution_versions
+
+# Distributions worth naming in a report, and the extra of ours that brings each.
+DISTRIBUTIONS = ("numpy", "opencv-python-headless", "typer", "rich", "onnxruntime", "onnx",
+                 "onnx-graphsurgeon", "torch", "tensorrt", "pycuda", "cuda-bindings")
+INSTALL = {"onnxruntime": 'pip install "trufor-trt[cpu]"',
+           "torch": 'pip install "trufor-trt[export]"',
+           "tensorrt": 'on a Jetson: JetPack (apt install nvidia-jetpack) and pip install pycuda; '
+                       'elsewhere: pip install "trufor-trt[trt]" or "trufor-trt[trt-cuda-python]"'}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {text}" if not isinstance(exc, TruforError) else text
+
+
+def _cuda_report() -> dict:
+    """The CUDA layer in use and each GPU it sees, or why there is none."""
+    try:
+        from .engine.cuda import cuda_layer
+
+        layer = cuda_layer()
+        gpus = []
+        for ordinal in range(layer.device_count()):
+            gpu = layer.gpu(ordinal)
+            gpus.append({"index": ordinal, "name": gpu.name,
+                         "compute_capability": ".".join(map(str, gpu.compute_capability)),
+                         "memory_gib": round(layer.total_memory(ordinal) / 2 ** 30, 1),
+                         "integrated": gpu.integrated})
+        return {"layer": layer.name, "driver_cuda_version": layer.driver_version(), "gpus": gpus,
+                "problem": None}
+    except (TruforError, ImportError, OSError) as exc:
+        return {"layer": None, "driver_cuda_version": None, "gpus": [], "problem": _one_line(exc)}
+
+
+def _tensorrt_report(cuda: dict) -> dict:
+    try:
+        from .engine.tensorrt_plan import build_settings
+        from .engine.tensorrt_runner import import_tensorrt
+
+        version = import_tensorrt().__version__
+        build_settings(version)  # refuses releases older than 10.0
+    except (TruforError, ImportError, OSError) as exc:
+        return {"version": None, "can_build": False, "problem": _one_line(exc)}
+    problem = None if cuda["gpus"] else f"no GPU to build on ({cuda['problem']})"
+    return {"version": version, "can_build": problem is None, "problem": problem}
+
+
+def _onnxruntime_report() -> dict:
+    try:
+        import onnxruntime
+
+        return {"usable": True, "version": onnxruntime.__version__,
+                "providers": onnxruntime.get_available_providers(), "problem": None}
+    except (ImportError, OSError) as exc:
+        return {"usable": False, "problem": _one_line(exc), "install": INSTALL["onnxruntime"]}
+
+
+def _torch_report() -> dict:
+    try:
+        import torch
+
+        return {"usable": True, "version": torch.__version__,
+                "devices": ["cpu"] + (["cuda"] if torch.cuda.is_available() else []), "problem": None}
+    except (ImportError, OSError) as exc:
+        return {"usable": False, "problem": _one_line(exc), "install": INSTALL["torch"]}
+
+
+def _backends(cuda: dict, tensorrt: dict) -> dict:
+    problem = tensorrt["problem"] or (None if cuda["gpus"] else cuda["problem"])
+    trt = {"usable": problem is None, "problem": problem}
+    if problem is not None:
+        trt["install"] = INSTALL["tensorrt"]
+    return {"tensorrt": trt, "onnxruntime": _onnxruntime_report(), "torch": _torch_report()}
+
+
+def _engine_entries(model_dir: Path, here: tuple) -> list:
+    """Every engine in the folder, and whether it can run on this GPU and TensorRT."""
+    from .engine.model_dir import ModelDir, sha256_file
+    from .engine.tensorrt_plan import ENGINES_FOLDER, EngineError, Sidecar, sidecar_path
+
+    model = ModelDir.open(model_dir)
+    entries = []
+    for path in sorted((model.path / ENGINES_FOLDER).glob("*/*.engine")):
+        entry = {"engine": str(path.relative_to(model.path))}
+        try:
+            sidecar = Sidecar.read(sidecar_path(path))
+            entry.update(precision=sidecar.precision, device=sidecar.device,
+                         tensorrt=sidecar.tensorrt_version, profile_max=list(sidecar.profile["max"]))
+            if here is None:
+                entry["runs_here"], entry["why_not"] = False, "TensorRT or a GPU is not usable here"
+            else:
+                gpu, version = here
+                why = sidecar.mismatch(gpu, version, sha256_file(model.variant_path(sidecar.precision)))
+                entry["runs_here"], entry["why_not"] = not why, why or None
+        except (EngineError, OSError) as exc:
+            entry["runs_here"], entry["why_not"] = False, _one_line(exc)
+        entries.append(entry)
+    return entries
+
+
+def _model_report(model_dir: Path, backends: dict) -> dict:
+    from .engine.model_dir import ModelDir
+
+    try:
+        manifest = ModelDir.open(model_dir).manifest
+    except TruforError as exc:
+        return {"path": str(model_dir), "ok": False, "problem": _one_line(exc)}
+    here = None
+    if backends["tensorrt"]["usable"]:
+        from .engine.cuda import gpu_info
+        from .engine.tensorrt_runner import import_tensorrt
+
+        here = (gpu_info(), import_tensorrt().__version__)
+    return {"path": str(model_dir), "ok": True, "problem": None,
+            "variants": sorted(manifest["variants"]), "engines": _engine_entries(model_dir, here)}
+
+
+def _largest_square_side(fits) -> int:
+    low, high = 0, 1 << 16
+    while low < high:
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle - 1)
+    return low
+
+
+def _cpu_memory_report() -> dict:
+    from .engine.memory_budget import physical_memory
+    from .engine.onnxruntime_runner import MEMORY
+
+    physical = physical_memory()
+    side = _largest_square_side(lambda side: MEMORY.refusal(side, side, physical) is None)
+    return {"physical_gib": round(physical / 2 ** 30, 1) if physical else None,
+            "onnxruntime_largest_square_image": f"{side}x{side}" if physical else None}
+
+
+def diagnose(model_dir: Path = None) -> dict:
+    cuda = _cuda_report()
+    tensorrt = _tensorrt_report(cuda)
+    backends = _backends(cuda, tensorrt)
+    report = {"trufor_trt": __version__, "python": sys.version.split()[0],
+              "platform": platform.platform(), "machine": platform.machine(),
+              "packages": distribution_versions(DISTRIBUTIONS), "cuda": cuda, "tensorrt": tensorrt,
+              "backends": backends, "cpu_memory": _cpu_memory_report()}
+    if model_dir is not None:
+        report["model"] = _model_report(Path(model_dir), backends)
+    return report
