@@ -7,6 +7,7 @@ the next, and a case that runs out of memory is reported instead of ending the r
 
 import datetime
 import multiprocessing
+import os
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -82,22 +83,29 @@ def image_group(folder: Path) -> InputGroup:
     return InputGroup(str(folder), paths)
 
 
-def _random_checkpoint(folder: Path, on_step) -> Path:
+def _random_checkpoint(on_step) -> Path:
+    """The seeded random checkpoint, kept in the cache: torch.save's bytes differ from one
+    write to the next, so a fresh file would make the cache export the model again each run."""
+    from trufor_trt.export.cache import CHECKPOINTS, cache_root
     from trufor_trt.selftest import write_random_checkpoint
 
     on_step(f"no --checkpoint or --model: timing random weights (seed {RANDOM_WEIGHTS_SEED}); "
             "speed does not depend on the weights' values")
-    path = folder / "random.pth.tar"
-    write_random_checkpoint(path, RANDOM_WEIGHTS_SEED)
+    path = cache_root() / CHECKPOINTS / f"random-seed{RANDOM_WEIGHTS_SEED}.pth.tar"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        write_random_checkpoint(partial, RANDOM_WEIGHTS_SEED)
+        os.replace(partial, path)
     return path
 
 
-def resolve_sources(options: BenchOptions, scratch: Path, on_step) -> tuple:
+def resolve_sources(options: BenchOptions, on_step) -> tuple:
     """(model folder or None, checkpoint or None, what weights these are)."""
     checkpoint = options.checkpoint
     weights = f"checkpoint {checkpoint}" if checkpoint else None
     if checkpoint is None and options.model is None:
-        checkpoint = _random_checkpoint(scratch, on_step)
+        checkpoint = _random_checkpoint(on_step)
         weights = f"random (seed {RANDOM_WEIGHTS_SEED}, official layout)"
     if options.compare_torch and checkpoint is None:
         raise TruforError("--compare torch runs the PyTorch network: give --checkpoint (the model's source)")
@@ -180,7 +188,7 @@ def run_bench(options: BenchOptions, on_step=print) -> dict:
         # First, while nothing else of ours has run: an export's sessions and threads are gone.
         on_step("measuring the CPU's FP32 GEMM rate")
         gemm = in_fresh_process(measure_gemm_rates)
-        model, checkpoint, weights = resolve_sources(options, scratch, on_step)
+        model, checkpoint, weights = resolve_sources(options, on_step)
         backend = pick_backend(options.backend, model, options.precision, on_notice=on_step)
         groups = ([image_group(options.images)] if options.images
                   else synthetic_groups(options.sizes, scratch))

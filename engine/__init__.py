@@ -9,7 +9,6 @@ import importlib.util
 from .runner import RawOutputs, Runner
 
 BACKENDS = ("tensorrt", "onnxruntime", "torch")
-BACKEND_EXTRAS = {"tensorrt": "trt", "onnxruntime": "cpu", "torch": "export"}
 
 
 GPU_PACKAGES = ("tensorrt", "pycuda", "cuda.bindings")
@@ -29,6 +28,7 @@ def gpu_packages_present() -> bool:
 def tensorrt_problem(model_dir, precision: str) -> str:
     """Why TensorRT cannot run an engine of the model folder here, in one line ('' if it can):
     TensorRT and a CUDA layer must load, a GPU answer, and a matching engine exist."""
+    from ..errors import TruforError
     from .tensorrt_plan import EngineError
 
     try:
@@ -49,7 +49,7 @@ def tensorrt_problem(model_dir, precision: str) -> str:
         variant = ModelDir.open(model_dir).variant_path(precision)
         survey = survey_engines(model_dir, gpu, trt.__version__, precision, sha256_file(variant))
         return survey.problem(precision, gpu, trt.__version__, model_dir)
-    except EngineError as exc:
+    except TruforError as exc:  # the CUDA layer's or TensorRT's, or a folder without the graph
         return str(exc)
 
 
@@ -89,4 +89,4 @@ def create_runner(backend: str, *, checkpoint=None, model=None, device: str = "a
     raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
 
 
-__all__ = ["BACKENDS", "BACKEND_EXTRAS", "RawOutputs", "Runner", "create_runner", "pick_backend"]
+__all__ = ["BACKENDS", "RawOutputs", "Runner", "create_runner", "pick_backend"]

@@ -2,14 +2,21 @@
 
 - No EXIF rotation (the official code never rotates; OpenCV's IMREAD_UNCHANGED does not either).
 - Alpha is dropped, not composited; grey and palette images are expanded to RGB.
-- 16-bit images: each sample v becomes round(v / 257), i.e. the linear rescale of 0..65535
-  onto 0..255 (Pillow would clip instead, which turns most 16-bit images white).
+- CMYK / YCCK JPEGs are decoded by Pillow itself (see _decode_with_pillow).
+- 16-bit images: each sample v becomes round(v / 257), the linear rescale of 0..65535 onto
+  0..255. Pillow (so the official code) differs here: 16-bit RGB keeps the high byte (v >> 8,
+  at most one level from ours), 16-bit grey is clipped at 255 (most such images turn white).
 - Refused with an ImageError and a one-line reason: missing, empty, not an image, corrupt or
   truncated, smaller than the network accepts, larger than a pixel limit. The limit is checked
   from the PNG / JPEG header before any pixel is decoded (decompression bombs).
 """
 
+import io
+import os
 import struct
+import sys
+import threading
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,7 +55,8 @@ _JPEG_FRAME_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xC
 
 
 def _jpeg_layout(data: bytes):
-    """(height, width, offset of the first scan) from the JPEG marker segments, or None."""
+    """(height, width, offset of the first scan, component count) from the JPEG marker
+    segments, or None."""
     size, offset = None, 2
     while offset + 4 <= len(data):
         if data[offset] != 0xFF:
@@ -58,10 +66,10 @@ def _jpeg_layout(data: bytes):
             offset += 1
             continue
         length = struct.unpack(">H", data[offset + 2:offset + 4])[0]
-        if marker in _JPEG_FRAME_MARKERS and offset + 9 <= len(data):
-            size = struct.unpack(">HH", data[offset + 5:offset + 9])
+        if marker in _JPEG_FRAME_MARKERS and offset + 10 <= len(data):
+            size = (*struct.unpack(">HH", data[offset + 5:offset + 9]), data[offset + 9])
         if marker == 0xDA:  # start of scan: entropy-coded data follows
-            return (*size, offset) if size else None
+            return (size[0], size[1], offset, size[2]) if size else None
         offset += 2 + length
     return None
 
@@ -82,15 +90,27 @@ def _jpeg_is_complete(data: bytes) -> bool:
     return layout is not None and data.find(b"\xff\xd9", layout[2]) != -1
 
 
+_STDERR_LOCK = threading.Lock()
+
+
 @contextmanager
-def _quiet_opencv():
-    """A corrupt file is reported once, by us, rather than also as OpenCV's warning on stderr."""
+def _quiet_decoders():
+    """A corrupt file is reported once, by us: OpenCV's log and the codec libraries' own
+    warnings (libjpeg's "Corrupt JPEG data", libpng's), which they write straight to file
+    descriptor 2, are silenced while a file is decoded."""
     previous = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    try:
-        yield
-    finally:
-        cv2.utils.logging.setLogLevel(previous)
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    with _STDERR_LOCK:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            with open(os.devnull, "wb") as devnull:
+                os.dup2(devnull.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            cv2.utils.logging.setLogLevel(previous)
 
 
 def _check_size(path, height: int, width: int, max_pixels: int) -> None:
@@ -123,12 +143,31 @@ def _admit(path, height: int, width: int, admit) -> None:
         raise ImageError(path, reason)
 
 
+def _decode_with_pillow(path, data: bytes) -> np.ndarray:
+    """A four-component JPEG (CMYK, YCCK, Adobe-inverted or not) through Pillow itself: OpenCV's
+    CMYK conversion rounds differently (most samples +1, which moves the map by 2e-2)."""
+    from PIL import Image
+
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = None  # --max-pixels, checked from the header, is the limit
+            with Image.open(io.BytesIO(data)) as image:
+                return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(path, f"truncated or corrupt JPEG (the decoder could not read it: {exc})") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
+
+
 def decode_image(path, max_pixels: int = DEFAULT_MAX_PIXELS, admit=None) -> np.ndarray:
     """H x W x 3 uint8 RGB, as the official code feeds the network. `admit(height, width)`,
     when given, may refuse the size (returning why) before any pixel is decoded."""
     path = Path(path)
     if not path.is_file():
-        raise ImageError(path, "no such file" if not path.exists() else "not a regular file")
+        raise ImageError(path, "broken or looping symbolic link" if path.is_symlink()
+                         else "no such file" if not path.exists() else "not a regular file")
     data = path.read_bytes()
     if not data:
         raise ImageError(path, "empty file")
@@ -141,7 +180,9 @@ def decode_image(path, max_pixels: int = DEFAULT_MAX_PIXELS, admit=None) -> np.n
         _admit(path, *size, admit)
     if kind == "JPEG" and not _jpeg_is_complete(data):
         raise ImageError(path, "truncated or corrupt JPEG (no end-of-image marker)")
-    with _quiet_opencv():
+    if kind == "JPEG" and _jpeg_layout(data)[3] == 4:
+        return _decode_with_pillow(path, data)
+    with _quiet_decoders():
         pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None:
         raise ImageError(path, f"truncated or corrupt {kind} (the decoder could not read it)")

@@ -110,6 +110,10 @@ class ModelDir:
         _check_files(path, manifest)
         return cls(path, manifest)
 
+    @property
+    def checkpoint_sha256(self) -> str:
+        return self.manifest["checkpoint"]["sha256"]
+
     def variant_path(self, name: str) -> Path:
         variants = self.manifest["variants"]
         if name not in variants:

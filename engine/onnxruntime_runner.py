@@ -158,6 +158,7 @@ class OnnxRuntimeRunner(Runner):
         else:
             self.session = create_session(_reduced_precision_graph(model, self.precision), self.threads)
         self.detection_head = model.detection_head()
+        self.model_sha256 = model.checkpoint_sha256
 
     def refusal(self, height: int, width: int):
         return MEMORY.refusal(height, width, self.max_memory_bytes) if self.cpu_sessions else None

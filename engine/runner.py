@@ -33,7 +33,8 @@ class RawOutputs:
 class Runner(ABC):
     """load() -> infer() per image -> close(); also a context manager.
 
-    After load(), `detection_head` holds the detection MLP of the model this runner runs.
+    After load(), `detection_head` holds the detection MLP of the model this runner runs and
+    `model_sha256` the SHA-256 of the checkpoint it came from (the outputs' provenance).
     Runners on a GPU also time their device stages: after infer(), `last_stage_ms` holds
     host_to_device, inference and device_to_host in milliseconds (CUDA events); CPU runners
     leave it empty, their inference being the infer() call itself.
@@ -44,6 +45,7 @@ class Runner(ABC):
 
     def __init__(self):
         self.detection_head = None
+        self.model_sha256 = None
         self.last_stage_ms = {}
 
     @abstractmethod

@@ -158,6 +158,7 @@ class TensorRTRunner(Runner):
         with self._cuda.current(self.device):
             self._runtime = trt.Runtime(tensorrt_logger(trt))
         self.detection_head = model.detection_head()
+        self.model_sha256 = model.checkpoint_sha256
 
     def _engine_for(self, height: int, width: int) -> _LoadedEngine:
         """The loaded engine of the smallest profile that admits the image (call while current)."""

@@ -6,6 +6,7 @@ from contextlib import contextmanager, nullcontext
 import numpy as np
 
 from .memory_budget import MemoryModel, physical_memory
+from .model_dir import sha256_file
 from .postprocess import DetectionHead
 from .runner import RawOutputs, Runner
 
@@ -72,6 +73,7 @@ class TorchRunner(Runner):
         dtype = {"fp32": torch.float32, "fp64": torch.float64}[self.precision]
         network = load_trufor(self.checkpoint)
         self.detection_head = DetectionHead(**detection_head_arrays(network))
+        self.model_sha256 = sha256_file(self.checkpoint)
         self.network = network.to(device=self.device, dtype=dtype)
         self.dtype = dtype
 

@@ -57,8 +57,8 @@ def _write_detection_head(network, folder: Path) -> None:
 
 
 def _manifest(checkpoint: Path, checkpoint_sha256: str, folder: Path, opset: int,
-              deviations: list) -> dict:
-    files = sorted([variant.file for variant in VARIANTS] + [DETECTION_HEAD_FILE])
+              deviations: list, variants: tuple) -> dict:
+    files = sorted([variant.file for variant in variants] + [DETECTION_HEAD_FILE])
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -67,7 +67,7 @@ def _manifest(checkpoint: Path, checkpoint_sha256: str, folder: Path, opset: int
         **_contract(),
         "opset": opset,
         "ir_version": IR_VERSION,
-        "variants": {variant.name: asdict(variant) for variant in VARIANTS},
+        "variants": {variant.name: asdict(variant) for variant in variants},
         "detection_head": {"file": DETECTION_HEAD_FILE, "layers": "Linear 8->128, ReLU, Linear 128->1",
                            "arrays": ["hidden_weight", "hidden_bias", "output_weight", "output_bias"]},
         "verification": {
@@ -92,8 +92,11 @@ def _replace_folder(staging: Path, target: Path) -> None:
 
 
 def export_model_dir(checkpoint, out_dir, opset: int = DEFAULT_OPSET,
-                     checkpoint_sha256: str = None, on_step=print) -> dict:
-    """Export, verify and describe; returns the manifest. Raises TruforError subclasses."""
+                     checkpoint_sha256: str = None, on_step=print, with_tensorrt: bool = True) -> dict:
+    """Export, verify and describe; returns the manifest. Raises TruforError subclasses.
+    `with_tensorrt=False` leaves out the TensorRT-shaped graph (half the folder), for machines
+    that will only run the CPU graphs."""
+    variants = tuple(variant for variant in VARIANTS if with_tensorrt or variant.attention != "tensorrt")
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     checkpoint_sha256 = checkpoint_sha256 or sha256_file(checkpoint)
     network = load_trufor(checkpoint)
@@ -102,7 +105,7 @@ def export_model_dir(checkpoint, out_dir, opset: int = DEFAULT_OPSET,
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        for variant in VARIANTS:
+        for variant in variants:
             on_step(f"exporting {variant.name} ({variant.purpose})")
             graph = export_graph(network, staging / variant.file, variant.attention, opset, variant.part)
             problems = tensorrt_shape_problems(graph) if variant.attention == "tensorrt" else []
@@ -112,7 +115,7 @@ def export_model_dir(checkpoint, out_dir, opset: int = DEFAULT_OPSET,
         _write_detection_head(network, staging)
         on_step("verifying every graph against the float64 network")
         deviations = verify_graphs(network, staging)
-        manifest = _manifest(checkpoint, checkpoint_sha256, staging, opset, deviations)
+        manifest = _manifest(checkpoint, checkpoint_sha256, staging, opset, deviations, variants)
         (staging / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         _replace_folder(staging, out_dir)
         return manifest

@@ -2,13 +2,20 @@
 
 `analyze --checkpoint C` with an ONNX backend exports once; later runs reuse the folder. A
 cached folder that fails its checks (incomplete, corrupt, another format version) is rebuilt.
+`bench` without weights keeps its seeded random checkpoint here too, so it exports only once.
+Listing and cleaning the cache (`trufor-trt cache`) needs neither torch nor onnx.
 """
 
+import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 from ..engine.model_dir import ModelDir, ModelDirError, sha256_file
-from .bundle import export_model_dir
+from ..files import remove_stale_staging
+
+MODELS = "models"
+CHECKPOINTS = "checkpoints"
 
 CACHE_ENV = "TRUFOR_TRT_CACHE"
 
@@ -24,12 +31,54 @@ def cache_root() -> Path:
 def cached_model_dir(checkpoint, on_step=print) -> ModelDir:
     """The cached model folder for this checkpoint, exported now if missing or unusable."""
     checkpoint_sha256 = sha256_file(checkpoint)
-    folder = cache_root() / "models" / checkpoint_sha256[:16]
+    folder = cache_root() / MODELS / checkpoint_sha256[:16]
+    if folder.parent.is_dir():
+        remove_stale_staging(folder.parent)
     try:
         return ModelDir.open(folder, checkpoint_sha256=checkpoint_sha256)
     except ModelDirError as problem:
         if folder.exists():
             on_step(f"rebuilding the cached model: {problem}")
+    from .bundle import export_model_dir
+
+    # Only what this machine can run: the TensorRT graph (half the folder) where TensorRT is.
+    with_tensorrt = importlib.util.find_spec("tensorrt") is not None
     on_step(f"exporting {Path(checkpoint).name} once into {folder}")
-    export_model_dir(checkpoint, folder, checkpoint_sha256=checkpoint_sha256, on_step=on_step)
+    export_model_dir(checkpoint, folder, checkpoint_sha256=checkpoint_sha256, on_step=on_step,
+                     with_tensorrt=with_tensorrt)
     return ModelDir.open(folder, checkpoint_sha256=checkpoint_sha256)
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+
+
+def cache_entries() -> list:
+    """Every entry of the cache: {path, kind, bytes, state}, state being 'ok' or why not."""
+    entries = []
+    for path in sorted((cache_root() / MODELS).glob("*")):
+        try:
+            model = ModelDir.open(path)
+            state = f"ok: checkpoint {model.checkpoint_sha256[:12]}..., {', '.join(sorted(model.manifest['variants']))}"
+        except ModelDirError as exc:
+            state = str(exc)
+        kind = "export in progress or abandoned" if path.name.startswith(".") else "model folder"
+        entries.append({"path": str(path), "kind": kind, "bytes": _size(path), "state": state})
+    for path in sorted((cache_root() / CHECKPOINTS).glob("*")):
+        entries.append({"path": str(path), "kind": "checkpoint", "bytes": _size(path), "state": "ok"})
+    return entries
+
+
+def clean_cache() -> int:
+    """Remove every cached model folder and checkpoint; returns the bytes freed."""
+    freed = 0
+    for entry in cache_entries():
+        path = Path(entry["path"])
+        freed += entry["bytes"]
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return freed

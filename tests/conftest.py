@@ -22,6 +22,19 @@ GOLDEN_VALUE_KEYS = {"map": "localization_map", "conf": "confidence_map",
                      "score": "score", "np++": "noiseprint"}
 
 
+# Fixtures that take minutes: every test using one is `slow` (pytest -m "not slow" skips them).
+SLOW_FIXTURES = {"reduced_model", "bench_report"}
+
+
+def pytest_collection_modifyitems(items):
+    missing_shared = pytest.mark.skip(reason=f"reference data not found at {SHARED} (set TRUFOR_SHARED)")
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("shared") and not MAKE_CHECKPOINT.is_file():
+            item.add_marker(missing_shared)
+
+
 def require_shared() -> None:
     if not MAKE_CHECKPOINT.is_file():
         pytest.skip(f"reference data not found at {SHARED} (set TRUFOR_SHARED)")

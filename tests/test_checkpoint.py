@@ -12,6 +12,8 @@ from trufor_trt.model import TruFor, load_trufor, read_state_dict
 
 from conftest import SHARED, make_checkpoint
 
+pytestmark = pytest.mark.shared
+
 NOISEPRINT_ONLY = SHARED / "weights" / "noiseprint_pp.th"
 
 

@@ -11,11 +11,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from trufor_trt.batch.inputs import expand_inputs
+from trufor_trt.batch.provenance import PROVENANCE_KEY
 from trufor_trt.cli import app
 from trufor_trt.engine.postprocess import postprocess
 from trufor_trt.engine.preprocess import prepare_input
 
 from conftest import IMAGES_DIR, TOLERANCE_FLOORS
+
+pytestmark = pytest.mark.shared
 
 COCO = IMAGES_DIR / "cocoglide_sample"
 
@@ -62,7 +65,7 @@ def test_batch_with_a_corrupt_file_finishes_the_others(tmp_path, image_folder, c
         assert set(record["times_ms"]) == {"decode", "preprocess", "inference", "postprocess",
                                            "write", "total"}
         saved = np.load(out / f"{name}.npz")
-        assert sorted(saved.files) == ["conf", "imgsize", "map", "score"]
+        assert sorted(saved.files) == ["conf", "imgsize", "map", "score", PROVENANCE_KEY]
         assert saved["map"].shape == shape and tuple(saved["imgsize"]) == shape
         assert 0.0 <= float(saved["score"]) <= 1.0 and record["score"] == float(saved["score"])
         for suffix in (".heatmap.png", ".overlay.png"):

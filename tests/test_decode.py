@@ -136,3 +136,65 @@ def test_pixel_limit_is_configurable(tmp_path):
     with pytest.raises(ImageError, match="more than the limit of 1,999"):
         decode_image(path, max_pixels=1999)
     assert decode_image(path, max_pixels=2000).shape == (40, 50, 3)
+
+
+def _cmyk_jpeg(source, quality: int) -> bytes:
+    """A CMYK JPEG as Pillow writes it (an Adobe APP14 marker, inverted samples)."""
+    import io
+
+    with Image.open(source) as image:
+        buffer = io.BytesIO()
+        image.convert("RGB").convert("CMYK").save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _adobe_transform_offset(data: bytes) -> int:
+    """Where the Adobe APP14 marker keeps its colour transform byte (0 CMYK, 2 YCCK)."""
+    start = data.index(b"\xff\xee")
+    assert data[start + 4:start + 9] == b"Adobe"
+    return start + 4 + 11
+
+
+def _cmyk_variants(source, quality):
+    cmyk = _cmyk_jpeg(source, quality)
+    start = cmyk.index(b"\xff\xee")
+    length = struct.unpack(">H", cmyk[start + 2:start + 4])[0]
+    no_adobe = cmyk[:start] + cmyk[start + 2 + length:]  # plain CMYK, not inverted
+    offset = _adobe_transform_offset(cmyk)
+    ycck = cmyk[:offset] + b"\x02" + cmyk[offset + 1:]  # the same samples read as YCCK
+    return {"adobe_cmyk": cmyk, "plain_cmyk": no_adobe, "ycck": ycck}
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("index, quality", [(0, 95), (7, 75), (30, 50)])
+def test_cmyk_and_ycck_jpegs_decode_exactly_like_pillow(tmp_path, index, quality):
+    source = sorted((IMAGES_DIR / "cocoglide_sample").rglob("*.png"))[index]
+    opencv_differs = False
+    for name, data in _cmyk_variants(source, quality).items():
+        path = tmp_path / f"{name}.jpg"
+        path.write_bytes(data)
+        with Image.open(path) as image:
+            assert image.mode == "CMYK"
+        np.testing.assert_array_equal(decode_image(path), pillow_rgb(path), err_msg=name)
+        opencv = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+        opencv_differs |= not np.array_equal(opencv, pillow_rgb(path))
+    assert opencv_differs  # what this guards against: OpenCV's own CMYK conversion
+
+
+def test_sixteen_bit_rgb_differs_from_pillow_by_at_most_one_level(tmp_path):
+    values = np.linspace(0, 65535, 40 * 50 * 3).round().astype(np.uint16).reshape(40, 50, 3)
+    cv2.imwrite(str(tmp_path / "rgb16.png"), values[:, :, ::-1])
+    ours, pillows = decode_image(tmp_path / "rgb16.png"), pillow_rgb(tmp_path / "rgb16.png")
+    np.testing.assert_array_equal(pillows, (values >> 8).astype(np.uint8))  # the high byte
+    assert np.abs(ours.astype(int) - pillows.astype(int)).max() == 1
+
+
+def test_a_corrupt_jpeg_is_reported_by_us_alone(tmp_path, capfd):
+    # Complete markers around damaged entropy-coded data: libjpeg itself warns on stderr.
+    data = bytearray(cv2.imencode(".jpg", _pixels(64, 64))[1].tobytes())
+    scan = data.index(b"\xff\xda")
+    data[scan + 40:len(data) - 40] = b"\x00" * (len(data) - scan - 80)
+    (tmp_path / "damaged.jpg").write_bytes(bytes(data))
+    capfd.readouterr()
+    decode_image(tmp_path / "damaged.jpg")
+    assert capfd.readouterr().err == ""

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from trufor_trt.batch.provenance import PROVENANCE_KEY
 from trufor_trt.cli import app
 from trufor_trt.engine.postprocess import postprocess, upsample_bilinear
 from trufor_trt.engine.preprocess import prepare_input
@@ -51,9 +52,9 @@ def test_analyze_matches_official_float64_outputs(analyzed_goldens, golden_path,
     assert error <= tolerance(golden, key), f"{key}: {error:.3g} > {tolerance(golden, key):.3g}"
 
 
-def test_npz_has_exactly_the_official_keys(analyzed_goldens):
+def test_npz_has_the_official_keys_and_only_the_provenance_beside_them(analyzed_goldens):
     ours = np.load(analyzed_goldens / f"{GOLDEN[0].stem}.png.npz")
-    assert sorted(ours.files) == sorted(["map", "conf", "score", "imgsize", "np++"])
+    assert sorted(ours.files) == sorted(["map", "conf", "score", "imgsize", "np++", PROVENANCE_KEY])
     assert ours["map"].dtype == np.float32 and ours["conf"].dtype == np.float32
     assert ours["score"].shape == ()
 

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.gpu
 
 LARGE_IMAGE = IMAGES_DIR / "tampered1.png"  # 1536 x 2048, the official RGBA test image
 
+
 def _layer(name: str):
     from trufor_trt.engine.cuda import cuda_layer
     from trufor_trt.engine.tensorrt_plan import EngineError

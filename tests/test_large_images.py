@@ -144,6 +144,7 @@ def _camera_sized_image(path, height=3000, width=4000):
     cv2.imwrite(str(path), canvas[:, :, ::-1])
 
 
+@pytest.mark.slow
 def test_4000x3000_through_onnxruntime_within_8_gb(tmp_path, model_seed0):
     """The acceptance case, end to end in its own process: peak RSS is that process's."""
     _camera_sized_image(tmp_path / "camera.png")

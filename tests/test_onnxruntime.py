@@ -1,5 +1,6 @@
 """The ONNX Runtime runner, the export cache behind `analyze --checkpoint`, and `selftest`."""
 
+import importlib.util
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ from typer.testing import CliRunner
 
 from trufor_trt import selftest
 from trufor_trt.cli import app
-from trufor_trt.engine.model_dir import VARIANTS, sha256_file
+from trufor_trt.engine.model_dir import VARIANTS, ModelDir, sha256_file
 from trufor_trt.engine.onnxruntime_runner import OnnxRuntimeRunner
 from trufor_trt.engine.preprocess import prepare_input
 from trufor_trt.engine.runner import RawOutputs
@@ -69,6 +70,15 @@ def test_checkpoint_is_exported_once_then_reused_and_a_corrupt_cache_rebuilt(
     second = np.load(tmp_path / "second" / "pristine1.jpg.npz")
     np.testing.assert_array_equal(first["map"], second["map"])
     assert not [path for path in cached.parent.iterdir() if path.name.startswith(".")]
+    if importlib.util.find_spec("tensorrt") is None:  # the cache keeps what this machine runs
+        rebuilt_files = {path.name for path in cached.iterdir()}
+        assert VARIANTS[0].file not in rebuilt_files and VARIANTS[1].file in rebuilt_files
+        assert "fp32" not in ModelDir.open(cached).manifest["variants"]
+
+    listed = CliRunner().invoke(app, ["cache", "list"])
+    assert listed.exit_code == 0 and str(cached) in listed.output and "model folder: ok" in listed.output
+    cleaned = CliRunner().invoke(app, ["cache", "clean"])
+    assert cleaned.exit_code == 0 and "freed" in cleaned.output and not cached.exists()
 
 
 def test_selftest_passes_on_cpu():

@@ -11,20 +11,24 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
 from . import __version__
-from .batch.analyze import RESULTS_FILE, AnalyzeOptions, analyze_batch
+from .batch.analyze import AnalyzeOptions, analyze_batch
 from .batch.inputs import expand_inputs
-from .engine import BACKEND_EXTRAS, create_runner, pick_backend
+from .batch.summary import RESULTS_FILE, SUMMARY_FILE
+from .engine import create_runner, pick_backend
 from .engine.decode import DEFAULT_MAX_PIXELS
 from .errors import TruforError
 
 EXIT_FAILED = 1
 EXIT_SETUP = 2
 
+# Plain help: typer's rich help shows every flag as taking a value ("--fp16 <bool>").
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None,
                   help="TruFor forgery detection and localization, exported and run fast and faithfully.")
 console = Console(stderr=True, highlight=False)
 
@@ -42,6 +46,13 @@ class Precision(str, Enum):
     int8 = "int8"
 
 
+class SelftestPrecision(str, Enum):
+    """selftest proves fp32 and fp16 against fixed bounds; int8 is judged on real images."""
+
+    fp32 = "fp32"
+    fp16 = "fp16"
+
+
 def fail_setup(message: str) -> None:
     console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     raise typer.Exit(EXIT_SETUP)
@@ -51,8 +62,17 @@ def say(message: str) -> None:
     console.print(f"[dim]{escape(message)}[/]", soft_wrap=True)
 
 
-def _missing_package(exc: ModuleNotFoundError, extra: str) -> str:
-    return f"this needs the '{exc.name}' package: pip install \"trufor-trt[{extra}]\""
+# The extra that brings each module a command may find missing.
+MODULE_EXTRAS = {"torch": "export", "onnx": "export", "onnx_graphsurgeon": "export",
+                 "onnxruntime": "cpu", "tensorrt": "trt", "pycuda": "trt", "cuda": "trt-cuda-python",
+                 "matplotlib": "bench"}
+
+
+def _missing_package(exc: ModuleNotFoundError) -> str:
+    module = (exc.name or "").split(".")[0]
+    extra = MODULE_EXTRAS.get(module)
+    install = f'pip install "trufor-trt[{extra}]"' if extra else f"pip install {module}"
+    return f"this needs the '{module}' package: {install}"
 
 
 def _show_version(value: bool) -> None:
@@ -80,6 +100,7 @@ def export(
     """Export the network to a verified ONNX model folder, or add an FP16 / INT8 variant to it."""
     if precision != Precision.fp32 and calib_images is None:
         fail_setup(f"--precision {precision.value} needs --calib-images DIR (real images)")
+    _check_checkpoint(checkpoint)
     try:
         from .engine.model_dir import ModelDir, ModelDirError, sha256_file
         from .export.bundle import export_model_dir
@@ -105,7 +126,27 @@ def export(
     except TruforError as exc:
         fail_setup(str(exc))
     except ModuleNotFoundError as exc:
-        fail_setup(_missing_package(exc, "export"))
+        fail_setup(_missing_package(exc))
+
+
+def _check_checkpoint(checkpoint: Optional[Path]) -> None:
+    """A mistyped --checkpoint is said at once, not after the model's load time."""
+    if checkpoint is not None and not checkpoint.is_file():
+        fail_setup(f"--checkpoint {checkpoint}: " + ("not a file" if checkpoint.exists() else "no such file"))
+
+
+def _check_output_folder(out: Path) -> None:
+    """The output folder exists or can be made, and takes files: checked before any model loads."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        fail_setup(f"--out {out}: is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        fail_setup(f"--out {out}: cannot be written ({exc.strerror or exc})")
 
 
 def _open_model(model: Optional[Path], checkpoint: Optional[Path]):
@@ -141,18 +182,33 @@ def _load_runner(backend: str, model: Optional[Path], checkpoint: Optional[Path]
     except TruforError as exc:
         fail_setup(str(exc))
     except ModuleNotFoundError as exc:
-        fail_setup(_missing_package(exc, "export" if exc.name in ("torch", "onnx") else BACKEND_EXTRAS[backend]))
+        fail_setup(_missing_package(exc))
     return runner
 
 
-def _progress() -> Progress:
+def _progress(enabled: bool) -> Progress:
+    """A bar with the time left, in a terminal only (elsewhere `analyze` prints a line per image)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=console, transient=True)
+                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                    console=console, transient=True, disable=not enabled)
+
+
+def _record_line(record: dict) -> str:
+    """One image's outcome as one line: what logs and `--quiet` keep (failures only)."""
+    name = escape(record["input"])
+    if record["status"] == "error":
+        return f"[red]failed[/] {name}: {escape(record['reason'])}"
+    score = f"score {record['score']:.4f}" if record.get("score") is not None else "no score"
+    if record["status"] == "skipped":
+        return f"skipped {name}: {score} (outputs exist)"
+    seconds = record["times_ms"].get("total", 0) / 1000
+    why = f" ({escape(record['reason'])})" if record["reason"] else ""
+    return f"{name}: {score}, {seconds:.1f} s{why}"
 
 
 @app.command()
 def analyze(
-    inputs: List[str] = typer.Argument(..., metavar="INPUT...",
+    inputs: List[str] = typer.Argument(..., metavar="INPUT",
                                        help="Image files, folders (searched recursively) or globs."),
     out: Path = typer.Option(..., "--out", help="Output folder (created if needed)."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint",
@@ -164,35 +220,46 @@ def analyze(
     device: str = typer.Option("auto", "--device", help="torch backend: cpu, cuda or auto."),
     save_noiseprint: bool = typer.Option(False, "--save-noiseprint", help="Also store np++ in the .npz."),
     no_png: bool = typer.Option(False, "--no-png", help="Skip the heatmap and overlay PNGs."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo images whose outputs exist."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo images even where matching outputs exist."),
     max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1,
                                    help="Refuse images with more pixels (decompression bombs)."),
     max_memory: Optional[str] = typer.Option(None, "--max-memory",
                                              help="Host memory budget per image on the CPU, e.g. 8G "
                                                   "(default: physical memory); bands follow from it."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress: failures and the summary only."),
 ) -> None:
-    """Analyse images: per image an .npz with map, conf, score, imgsize (+ PNGs), and results.jsonl."""
-    jobs = expand_inputs(inputs)
+    """Analyse images: per image an .npz with map, conf, score, imgsize (+ PNGs), a line in
+    results.jsonl (the log of runs) and a row in results.csv (each image's latest state)."""
+    try:
+        jobs = expand_inputs(inputs)
+    except TruforError as exc:
+        fail_setup(str(exc))
     if not jobs:
         fail_setup("no input images found in: " + " ".join(inputs))
+    _check_output_folder(out)
+    _check_checkpoint(checkpoint)
     runner = _load_runner(backend.value, model, checkpoint, device, precision.value, max_memory)
     options = AnalyzeOptions(out_dir=out, save_noiseprint=save_noiseprint, write_png=not no_png,
                              overwrite=overwrite, max_pixels=max_pixels)
+    # In a terminal a progress bar, and a line for each failure or redone image; in a log a
+    # line for every image; with --quiet failures only.
+    in_terminal = console.is_terminal and not quiet
     try:
-        with _progress() as progress:
+        with _progress(in_terminal) as progress:
             task = progress.add_task(f"analysing ({runner.backend} {runner.precision})", total=len(jobs))
 
             def report(record: dict) -> None:
-                if record["status"] == "error":
-                    progress.console.print(f"[red]failed[/] {escape(record['input'])}: "
-                                           f"{escape(record['reason'])}", soft_wrap=True)
+                noteworthy = record["status"] == "error" or (record["status"] == "ok" and record["reason"])
+                if record["status"] == "error" or (not quiet and (noteworthy or not in_terminal)):
+                    progress.console.print(_record_line(record), soft_wrap=True)
                 progress.advance(task)
 
             summary = analyze_batch(jobs, runner, options, on_record=report)
     finally:
         runner.close()
     console.print(f"{summary['ok']} analysed, {summary['skipped']} skipped (outputs exist), "
-                  f"{summary['error']} failed; details in {escape(str(out / RESULTS_FILE))}")
+                  f"{summary['error']} failed; details in {escape(str(out / RESULTS_FILE))} "
+                  f"and {escape(str(out / SUMMARY_FILE))}", soft_wrap=True)
     raise typer.Exit(EXIT_FAILED if summary["error"] else 0)
 
 
@@ -216,7 +283,8 @@ def _selftest_table(report) -> Table:
 @app.command()
 def selftest(
     backend: Backend = typer.Option(Backend.auto, "--backend", help="Backend to prove."),
-    precision: Precision = typer.Option(Precision.fp32, "--precision", help="fp32 or fp16."),
+    precision: SelftestPrecision = typer.Option(SelftestPrecision.fp32, "--precision",
+                                                help="int8 is judged on real images: `validate`."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random checkpoint."),
 ) -> None:
     """Prove this installation end to end on a random checkpoint and synthetic images
@@ -229,7 +297,7 @@ def selftest(
     except TruforError as exc:
         fail_setup(str(exc))
     except ModuleNotFoundError as exc:
-        fail_setup(_missing_package(exc, "export" if exc.name == "torch" else BACKEND_EXTRAS[chosen]))
+        fail_setup(_missing_package(exc))
     Console(highlight=False).print(_selftest_table(report))
     setup = ", ".join(f"{stage} {ms / 1000:.1f} s" for stage, ms in report.setup_ms.items())
     worst = ", ".join(f"{name} {error:.2e}" for name, error in report.worst().items())
@@ -263,12 +331,38 @@ def _doctor_lines(report: dict) -> list:
                  f"{memory['onnxruntime_largest_square_image']} within it")
     if "model" in report:
         model = report["model"]
-        lines.append(f"model {model['path']}: " + (f"ok, variants {', '.join(model['variants'])}"
-                                                  if model["ok"] else model["problem"]))
-        lines += [f"  engine {entry['engine']}: " + ("runs here" if entry["runs_here"] else
-                                                    f"not here ({entry['why_not']})")
+        state = f"ok, variants {', '.join(model['variants'])}" if model["ok"] else model["problem"]
+        lines.append(f"model {model['path']}: {state}")
+        lines += [f"  engine {entry['engine']}: "
+                  + ("runs here" if entry["runs_here"] else f"not here ({entry['why_not']})")
                   for entry in model.get("engines", [])]
     return lines
+
+
+cache_app = typer.Typer(help="The export cache: model folders exported from --checkpoint runs.",
+                        no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+def cache_list() -> None:
+    """Each cached model folder and checkpoint: size, and whether it is usable."""
+    from .export.cache import cache_entries, cache_root
+
+    entries = cache_entries()
+    for entry in entries:
+        typer.echo(f"{entry['path']}  {entry['bytes'] / 2 ** 20:.0f} MiB  {entry['kind']}: {entry['state']}")
+    total = sum(entry["bytes"] for entry in entries)
+    typer.echo(f"{len(entries)} entries, {total / 2 ** 20:.0f} MiB in {cache_root()}")
+
+
+@cache_app.command("clean")
+def cache_clean() -> None:
+    """Remove every cached model folder and checkpoint (they are made again when needed)."""
+    from .export.cache import cache_root, clean_cache
+
+    freed = clean_cache()
+    typer.echo(f"freed {freed / 2 ** 20:.0f} MiB in {cache_root()}")
 
 
 @app.command()
@@ -353,8 +447,7 @@ def validate(
     except TruforError as exc:
         fail_setup(str(exc))
     except ModuleNotFoundError as exc:
-        fail_setup(_missing_package(exc, "export" if exc.name in ("onnx", "onnx_graphsurgeon")
-                                    else BACKEND_EXTRAS[chosen]))
+        fail_setup(_missing_package(exc))
     Console(highlight=False).print(_validation_table(report))
     if json_path is not None:
         write_atomically(json_path, (json.dumps(report.to_json(), indent=2) + "\n").encode())
@@ -404,7 +497,7 @@ def bench(
     except TruforError as exc:
         fail_setup(str(exc))
     except ModuleNotFoundError as exc:
-        fail_setup(_missing_package(exc, "export" if exc.name in ("torch", "onnx") else BACKEND_EXTRAS.get(backend.value, "cpu")))
+        fail_setup(_missing_package(exc))
     print_tables(report, Console(highlight=False, width=200))
     if json_path is not None:
         write_atomically(json_path, (json.dumps(report, indent=2) + "\n").encode())
@@ -419,4 +512,3 @@ def bench(
     for run in failed:
         console.print(f"[red]failed[/] {escape(run['input'])} {run['backend']}: {escape(run['error'])}")
     raise typer.Exit(EXIT_FAILED if failed else 0)
-

@@ -1,7 +1,14 @@
 """Writing files so that no reader ever sees a half-written one."""
 
 import os
+import re
+import shutil
 from pathlib import Path
+
+# write_atomically's temporary names, and the export's staging folders: both end in the pid of
+# the process that made them, so what a killed process left behind can be told apart.
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp$")
+_STAGING = re.compile(r"^\..+\.partial-(\d+)$")
 
 
 def write_atomically(path, data: bytes) -> None:
@@ -14,3 +21,38 @@ def write_atomically(path, data: bytes) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _stale(name: str, pattern: re.Pattern) -> bool:
+    match = pattern.match(name)
+    return bool(match) and int(match.group(1)) != os.getpid() and not process_alive(int(match.group(1)))
+
+
+def remove_stale_temporaries(folder) -> int:
+    """Delete the temporary files below `folder` whose writer is gone (killed mid-write)."""
+    removed = 0
+    for path in Path(folder).rglob(".*.tmp"):
+        if path.is_file() and _stale(path.name, _TEMPORARY):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def remove_stale_staging(folder) -> int:
+    """Delete the staging folders in `folder` whose exporting process is gone."""
+    removed = 0
+    for path in Path(folder).glob(".*.partial-*"):
+        if path.is_dir() and _stale(path.name, _STAGING):
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+    return removed

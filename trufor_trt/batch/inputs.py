@@ -1,8 +1,17 @@
-"""From the user's INPUT arguments (files, folders, globs) to the list of images to analyse."""
+"""From the user's INPUT arguments (files, folders, globs) to the list of images to analyse.
+
+Output names: a folder's or glob's images keep their path below it; a file named directly keeps
+its name. With several folders / globs (camera dumps: dayA/IMG_0001.png, dayB/IMG_0001.png),
+each one's images go below its own name (dayA/IMG_0001.png.npz, ...; a second root of the same
+name becomes NAME-2), so only a genuine collision is refused.
+"""
 
 import glob
+import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..errors import TruforError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".tif", ".tiff", ".webp"})
 
@@ -13,8 +22,14 @@ class ImageJob:
     relative: str  # output name below --out, without the output's own suffix
 
 
+class InputError(TruforError):
+    """An INPUT argument that cannot be used at all."""
+
+
 def _is_image_name(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+    """An image file, or a link named like one that leads nowhere (broken or looping): the
+    decoder then reports it, rather than the image silently vanishing from the batch."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and (path.is_file() or path.is_symlink())
 
 
 def _folder_jobs(folder: Path):
@@ -38,24 +53,62 @@ def _glob_jobs(pattern: str):
     return [ImageJob(match, match.relative_to(root).as_posix()) for match in matches if match.is_file()]
 
 
+def _identity(path: Path):
+    """What makes two inputs the same file (a looping link has no resolved path)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):
+        return Path(os.path.abspath(path))
+
+
+def _looping(path: Path) -> bool:
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:
+        return True
+    except OSError as exc:
+        return "loop" in str(exc).lower()
+    return False
+
+
+def _root_label(spec: str, taken: set) -> str:
+    base = Path(spec) if Path(spec).is_dir() else _glob_root(spec)
+    name = _identity(base).name or "root"
+    label, count = name, 1
+    while label in taken:
+        count += 1
+        label = f"{name}-{count}"
+    taken.add(label)
+    return label
+
+
+def _expand_one(spec: str):
+    """(the spec's jobs, whether it is a root: a folder or a glob)."""
+    path = Path(spec)
+    if path.is_symlink() and _looping(path):
+        raise InputError(f"input {spec}: symbolic link loop")
+    if path.is_dir():
+        return _folder_jobs(path), True
+    if not path.exists() and glob.has_magic(spec):
+        return _glob_jobs(spec), True
+    return [ImageJob(path, path.name)], False
+
+
 def expand_inputs(specs) -> list:
     """Every image named by the specs, once each, in a stable order.
 
     Folders are searched recursively for image suffixes; a glob keeps every file it matches;
     a named file is always tried (a missing one is reported by the decoder, not dropped here).
+    InputError for an argument that is a symbolic link loop.
     """
-    jobs, seen = [], set()
-    for spec in specs:
-        path = Path(spec)
-        if path.is_dir():
-            found = _folder_jobs(path)
-        elif not path.exists() and glob.has_magic(spec):
-            found = _glob_jobs(spec)
-        else:
-            found = [ImageJob(path, path.name)]
+    expanded = [(spec, *_expand_one(spec)) for spec in specs]
+    several_roots = sum(is_root for _, _, is_root in expanded) > 1
+    jobs, seen, labels = [], set(), set()
+    for spec, found, is_root in expanded:
+        prefix = f"{_root_label(spec, labels)}/" if is_root and several_roots else ""
         for job in found:
-            key = job.path.resolve()
+            key = _identity(job.path)
             if key not in seen:
                 seen.add(key)
-                jobs.append(job)
+                jobs.append(ImageJob(job.path, prefix + job.relative))
     return jobs

@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 
 from ..engine.postprocess import Analysis
+from .provenance import PROVENANCE_KEY, provenance_array
 
 OVERLAY_OPACITY = 0.6  # opacity of the heatmap where the map is 1
 
@@ -29,13 +30,15 @@ class OutputPaths:
         return [self.npz, self.heatmap, self.overlay] if with_png else [self.npz]
 
 
-def npz_bytes(analysis: Analysis, save_noiseprint: bool) -> bytes:
-    """The official test script's keys: map, conf, score, imgsize (and np++ on request)."""
+def npz_bytes(analysis: Analysis, save_noiseprint: bool, made_by: dict) -> bytes:
+    """The official test script's keys: map, conf, score, imgsize (and np++ on request), and
+    the provenance as one extra key."""
     arrays = {
         "map": analysis.localization_map,
         "conf": analysis.confidence_map,
         "score": np.float64(analysis.score),
         "imgsize": np.array(analysis.localization_map.shape, dtype=np.int64),
+        PROVENANCE_KEY: provenance_array(made_by),
     }
     if save_noiseprint:
         arrays["np++"] = analysis.noiseprint
