@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import numpy as np
 
+from ..errors import one_line
 from .tensorrt_plan import EngineError, Gpu
 
 LAYER_ENV = "TRUFOR_TRT_CUDA"
@@ -145,8 +146,7 @@ def _load(name: str) -> CudaLayer:
 def _import_problem(name: str, exc: BaseException) -> str:
     if isinstance(exc, ModuleNotFoundError):
         return f"{name} is not installed: {INSTALL[name]}"
-    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return f"{name} is installed but does not load ({type(exc).__name__}: {first_line})"
+    return f"{name} is installed but does not load ({one_line(exc)})"
 
 
 _LAYERS = {}

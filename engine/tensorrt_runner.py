@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..architecture import stage_grids
-from ..errors import ImageError
+from ..errors import ImageError, one_line
 from .model_dir import ModelDir, sha256_file
 from .runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs, Runner
 from .tensorrt_plan import EngineError, Sidecar, io_contract_problems, survey_engines
@@ -35,9 +35,7 @@ def import_tensorrt():
     except ModuleNotFoundError:
         raise EngineError(MISSING_TENSORRT) from None
     except (ImportError, OSError) as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise EngineError(f"TensorRT is installed but does not load ({type(exc).__name__}: "
-                          f"{first_line})") from None
+        raise EngineError(f"TensorRT is installed but does not load ({one_line(exc)})") from None
     return tensorrt
 
 

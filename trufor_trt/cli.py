@@ -22,6 +22,7 @@ from .batch.summary import RESULTS_FILE, SUMMARY_FILE
 from .engine import create_runner, pick_backend
 from .engine.decode import DEFAULT_MAX_PIXELS
 from .errors import TruforError
+from .installed import install_command
 
 EXIT_FAILED = 1
 EXIT_SETUP = 2
@@ -62,17 +63,9 @@ def say(message: str) -> None:
     console.print(f"[dim]{escape(message)}[/]", soft_wrap=True)
 
 
-# The extra that brings each module a command may find missing.
-MODULE_EXTRAS = {"torch": "export", "onnx": "export", "onnx_graphsurgeon": "export",
-                 "onnxruntime": "cpu", "tensorrt": "trt", "pycuda": "trt", "cuda": "trt-cuda-python",
-                 "matplotlib": "bench"}
-
-
 def _missing_package(exc: ModuleNotFoundError) -> str:
     module = (exc.name or "").split(".")[0]
-    extra = MODULE_EXTRAS.get(module)
-    install = f'pip install "trufor-trt[{extra}]"' if extra else f"pip install {module}"
-    return f"this needs the '{module}' package: {install}"
+    return f"this needs the '{module}' package: {install_command(module)}"
 
 
 def _show_version(value: bool) -> None:

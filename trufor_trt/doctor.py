@@ -10,21 +10,19 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .errors import TruforError
-from .installed import distribution_versions
+from .errors import TruforError, one_line
+from .installed import distribution_versions, install_command
 
-# Distributions worth naming in a report, and the extra of ours that brings each.
+# Distributions worth naming in a report; what to install for each backend that is missing.
 DISTRIBUTIONS = ("numpy", "opencv-python-headless", "typer", "rich", "onnxruntime", "onnx",
                  "onnx-graphsurgeon", "torch", "tensorrt", "pycuda", "cuda-bindings")
-INSTALL = {"onnxruntime": 'pip install "trufor-trt[cpu]"',
-           "torch": 'pip install "trufor-trt[export]"',
+INSTALL = {"onnxruntime": install_command("onnxruntime"), "torch": install_command("torch"),
            "tensorrt": 'on a Jetson: JetPack (apt install nvidia-jetpack) and pip install pycuda; '
                        'elsewhere: pip install "trufor-trt[trt]" or "trufor-trt[trt-cuda-python]"'}
 
 
 def _one_line(exc: BaseException) -> str:
-    text = (str(exc).strip().splitlines() or [""])[0]
-    return f"{type(exc).__name__}: {text}" if not isinstance(exc, TruforError) else text
+    return str(exc) if isinstance(exc, TruforError) else one_line(exc)
 
 
 def _cuda_report() -> dict:

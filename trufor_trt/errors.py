@@ -16,3 +16,9 @@ class ImageError(TruforError):
 
 class CheckpointError(TruforError):
     """A checkpoint file is not a usable TruFor checkpoint."""
+
+
+def one_line(exc: BaseException) -> str:
+    """Someone else's exception as one line: its type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

@@ -3,6 +3,16 @@ a broken or heavy package costs nothing here)."""
 
 from importlib import metadata
 
+# The extra of ours that brings each module a command may find missing.
+MODULE_EXTRAS = {"torch": "export", "onnx": "export", "onnx_graphsurgeon": "export",
+                 "onnxruntime": "cpu", "tensorrt": "trt", "pycuda": "trt", "cuda": "trt-cuda-python",
+                 "matplotlib": "bench"}
+
+
+def install_command(module: str) -> str:
+    extra = MODULE_EXTRAS.get(module)
+    return f'pip install "trufor-trt[{extra}]"' if extra else f"pip install {module}"
+
 
 def distribution_versions(names) -> dict:
     """Distribution name -> its installed version, or None where it is not installed."""

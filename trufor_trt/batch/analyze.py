@@ -15,7 +15,7 @@ from ..engine.postprocess import postprocess
 from ..engine.preprocess import prepare_input
 from ..engine.runner import Runner
 from ..engine.timing import StageClock
-from ..errors import TruforError
+from ..errors import TruforError, one_line
 from ..files import remove_stale_temporaries, write_atomically
 from .inputs import ImageJob
 from .outputs import OutputPaths, heatmap_png, npz_bytes, overlay_png
@@ -35,8 +35,7 @@ class AnalyzeOptions:
 def _one_line(exc: BaseException) -> str:
     if isinstance(exc, TruforError) and hasattr(exc, "reason"):
         return exc.reason
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return one_line(exc)
 
 
 def analyse_file(path, runner: Runner, clock: StageClock, max_pixels: int = DEFAULT_MAX_PIXELS):
