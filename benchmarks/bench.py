@@ -182,6 +182,15 @@ def _comparison(engine: dict, reference: dict) -> Optional[dict]:
             "speedup_inference": median(reference, "inference") / median(engine, "inference")}
 
 
+def _variant_flops(model, precision: str) -> list:
+    """The variant's FLOPs per precision at the sizes its manifest records ([] without one)."""
+    if model is None:
+        return []
+    from trufor_trt.engine.model_dir import ModelDir
+
+    return ModelDir.open(model).manifest["variants"].get(precision, {}).get("flops_by_precision", [])
+
+
 def run_bench(options: BenchOptions, on_step=print) -> dict:
     with tempfile.TemporaryDirectory(prefix="trufor-bench-") as scratch_name:
         scratch = Path(scratch_name)
@@ -218,5 +227,6 @@ def run_bench(options: BenchOptions, on_step=print) -> dict:
         "weights": weights, "model": str(model) if model else None,
         "settings": {"warmup": options.warmup, "repeat": options.repeat, "streams": options.streams,
                      "device": options.device},
+        "flops_by_precision": _variant_flops(model, options.precision),
         "runs": runs, "comparisons": [item for item in comparisons if item],
     }

@@ -1,27 +1,21 @@
-"""INT8 with explicit Q/DQ, calibrated on real images (ONNX Runtime's static quantizer).
+"""INT8 with explicit Q/DQ on chosen nodes, calibrated on real images (ONNX Runtime's static
+quantizer): symmetric INT8 (zero points 0, as TensorRT requires), float biases (TensorRT
+dequantizes INT8, not INT32, and fuses biases itself), weights per output channel or per
+tensor, activations per tensor, from one of three calibration methods. Which nodes earn INT8
+is export/int8_plan.py's decision; this module only quantizes them.
 
-Symmetric INT8 (zero points 0, as TensorRT requires), weights per output channel,
-activations per tensor from MinMax calibration; Conv, MatMul and Gemm are quantized, except:
-- the self-attention chains (scale, Q.K^T, Softmax, .V): excluded, then lowered to FP16, which
-  TensorRT's fused attention runs;
-- Noiseprint++, kept FP32: measured on 8 CocoGlide images (seed-0 checkpoint), quantizing it
-  too moved the map by 0.65 and the score by 0.18; without it, by 0.097 and 0.040.
+Calibration runs once per method and set of images (ranges for every tensor, cached in a
+folder of the caller's), so that quantizing another subset of nodes costs no new calibration.
 """
 
-import tempfile
 from pathlib import Path
 
 import onnx
 
-from ..precision.blocks import attention_chains, block_of
-from ..precision.fp16 import lower_to_fp16
-
-QUANTIZED_OPERATORS = ["Conv", "MatMul", "Gemm"]
-KEPT_FLOAT_BLOCK = "noiseprint++"
-METHOD = {"method": "MinMax", "activations": "int8, symmetric, per tensor",
-          "weights": "int8, symmetric, per output channel", "biases": "float",
-          "operators": QUANTIZED_OPERATORS,
-          "attention": "fp16", "noiseprint++": "fp32"}
+QUANTIZED_OPERATORS = ("Conv", "MatMul", "Gemm")
+CALIBRATION_METHODS = ("MinMax", "Percentile", "Entropy")
+# What INT8 must keep to be usable as evidence (max abs vs FP32, and no decision flipped).
+INT8_TARGET = {"map": 5e-2, "score": 2e-2}
 
 
 class _Reader:
@@ -35,24 +29,81 @@ class _Reader:
         return None if prepared is None else {"image": prepared}
 
 
-def quantize_int8(fp32_graph: Path, inputs: list) -> tuple:
-    """(the Q/DQ graph, names of its nodes lowered to float16: the attention chains)."""
+def describe(method: str, per_channel: bool) -> dict:
+    """The manifest's record of a quantization."""
+    return {"method": method, "activations": "int8, symmetric, per tensor",
+            "weights": f"int8, symmetric, per {'output channel' if per_channel else 'tensor'}",
+            "biases": "float", "operators": list(QUANTIZED_OPERATORS)}
+
+
+def quantize_nodes(fp32_graph: Path, inputs: list, nodes: set, method: str, per_channel: bool,
+                   cache_folder: Path) -> onnx.ModelProto:
+    """The FP32 graph with Q/DQ around exactly `nodes` (convolutions and matrix products); its
+    IR version is the quantizer's (the caller sets the one it needs)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    model = onnx.load(fp32_graph)
-    attention = {name for chain in attention_chains(model) for name in chain}
-    kept_float = {node.name for node in model.graph.node if block_of(node.name) == KEPT_FLOAT_BLOCK}
-    with tempfile.TemporaryDirectory() as scratch:
-        quantized = Path(scratch) / "int8.onnx"
-        quantize_static(str(fp32_graph), str(quantized), _Reader(inputs),
-                        quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        op_types_to_quantize=QUANTIZED_OPERATORS,
-                        nodes_to_exclude=sorted(attention | kept_float),
-                        calibrate_method=CalibrationMethod.MinMax,
-                        # Float biases: TensorRT dequantizes INT8 (not INT32) and fuses biases itself.
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                       "QuantizeBias": False})
-        qdq = onnx.load(quantized)
-    qdq.ir_version = model.ir_version
-    return lower_to_fp16(qdq, attention), attention
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method {method!r}: one of {', '.join(CALIBRATION_METHODS)}")
+    output = Path(cache_folder) / f"int8-{method}-{'channel' if per_channel else 'tensor'}.onnx"
+    quantize_static(str(fp32_graph), str(output), _Reader(inputs) if inputs else None,
+                    quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                    op_types_to_quantize=list(QUANTIZED_OPERATORS), nodes_to_quantize=sorted(nodes),
+                    calibrate_method=getattr(CalibrationMethod, method),
+                    calibration_cache_path=str(Path(cache_folder) / f"ranges-{method}.json"),
+                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                   "QuantizeBias": False})
+    quantized = onnx.load(output)
+    output.unlink()
+    return quantized
+
+
+def _rename_input(nodes: list, old: str, new: str) -> None:
+    for node in nodes:
+        for index, name in enumerate(node.input):
+            if name == old:
+                node.input[index] = new
+
+
+def _bypass(graph: onnx.ModelProto, quantize, dequantize, producer: dict) -> None:
+    """Readers of the pair's output read its input instead (a graph output keeps its name:
+    the input's producer then writes it)."""
+    source, target = quantize.input[0], dequantize.output[0]
+    if target in {output.name for output in graph.graph.output} and source in producer:
+        writer = producer[source]
+        writer.output[list(writer.output).index(source)] = target
+        dequantize.output[0] = f"{target}/bypassed"  # read by nothing now: dropped
+        _rename_input(list(graph.graph.node), source, target)
+    else:
+        _rename_input(list(graph.graph.node), target, source)
+
+
+def keep_int8_only(quantized: onnx.ModelProto, fp32: onnx.ModelProto, nodes: set) -> onnx.ModelProto:
+    """`quantized` (Q/DQ around a superset of `nodes`) with only `nodes` in INT8: a Q/DQ pair
+    on an activation stays where a node of `nodes` writes or reads it, and other nodes read
+    their FP32 weights again. Quantizing once and subsetting costs no quantizer run per trial."""
+    from ..precision.blocks import graph_links
+    from ..precision.fp16 import finish_graph
+
+    graph = onnx.ModelProto.FromString(quantized.SerializeToString())
+    producer, readers = graph_links(graph)
+    fp32_nodes = {node.name: node for node in fp32.graph.node}
+    fp32_weights = {init.name: init for init in fp32.graph.initializer}
+    restored = {}
+    for dequantize in [node for node in graph.graph.node if node.op_type == "DequantizeLinear"]:
+        quantize = producer.get(dequantize.input[0])
+        users = readers.get(dequantize.output[0], [])
+        if quantize is not None and quantize.op_type == "QuantizeLinear":
+            writer = producer.get(quantize.input[0])
+            if not any(node.name in nodes for node in users) and (writer is None or writer.name not in nodes):
+                _bypass(graph, quantize, dequantize, producer)
+            continue
+        for user in users:  # a quantized weight
+            if user.name not in nodes and user.name in fp32_nodes:
+                index = list(user.input).index(dequantize.output[0])
+                original = fp32_nodes[user.name].input[index]
+                user.input[index] = original
+                restored[original] = fp32_weights[original]
+    present = {init.name for init in graph.graph.initializer}
+    # finish_graph drops the Q/DQ nodes nothing reads any more.
+    return finish_graph(graph, list(graph.graph.node), [init for name, init in restored.items() if name not in present])

@@ -30,6 +30,14 @@ class DetectionHead:
         return float((self.output_weight.astype(np.float64) @ hidden + self.output_bias)[0])
 
 
+DECISION_THRESHOLD = 0.5  # a score at or above it reads "forged"
+
+
+def decision_flipped(ours: float, truth: float) -> bool:
+    """Whether `ours` decides otherwise than `truth`; a non-finite score is no decision at all."""
+    return not np.isfinite(ours) or (ours >= DECISION_THRESHOLD) != (truth >= DECISION_THRESHOLD)
+
+
 @dataclass(frozen=True)
 class Analysis:
     """The official outputs for one image."""

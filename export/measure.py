@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 
 from ..engine.onnxruntime_runner import create_session, run_session
-from ..engine.postprocess import postprocess
+from ..engine.postprocess import decision_flipped, postprocess
 
 OUTPUTS = ("map", "conf", "score", "np++")
 
@@ -32,10 +32,13 @@ def output_errors(ours, truth) -> dict:
 
 
 def deviation(candidate: onnx.ModelProto, reference: list, inputs: list, head) -> dict:
-    """Worst change of each output over the inputs, against the reference analyses."""
+    """Worst change of each output over the inputs, against the reference analyses, and how
+    many decisions flipped (`flipped`)."""
     session = create_session_from_model(candidate)
-    worst = dict.fromkeys(OUTPUTS, 0.0)
+    worst = {**dict.fromkeys(OUTPUTS, 0.0), "flipped": 0}
     for prepared, truth in zip(inputs, reference):
-        for name, error in output_errors(postprocess(run_session(session, prepared), head), truth).items():
+        ours = postprocess(run_session(session, prepared), head)
+        for name, error in output_errors(ours, truth).items():
             worst[name] = max(worst[name], error)
+        worst["flipped"] += decision_flipped(ours.score, truth.score)
     return worst

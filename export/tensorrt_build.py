@@ -75,6 +75,20 @@ def _serialize(trt, settings: BuildSettings, onnx_path: Path, profile: Profile, 
     return bytes(serialized)
 
 
+def coverage_warning(variant: dict, profile: Profile) -> str:
+    """Why a reduced-precision variant's measurements do not cover `profile`'s max shape ("" if
+    they do): its deviation grows with the image, and larger images were never measured."""
+    largest = variant.get("size_coverage", {}).get("largest_measured")
+    if variant.get("precision") == "fp32" or largest is None:
+        return ""
+    height, width = profile.max
+    if height <= largest[0] and width <= largest[1]:
+        return ""
+    return (f"the {variant['precision']} variant was measured on images up to {largest[0]}x{largest[1]}; "
+            f"this engine takes up to {height}x{width}: export it again with full-size images in "
+            f"--calib-images and --max-shape {height}x{width}, or validate it on such images")
+
+
 def build_engine(model_dir, precision: str, profile: Profile = None, workspace_gib: float = 4.0,
                  timing_cache_path=None, min_shape=None, opt_shape=None, max_shape=None,
                  on_step=print) -> Path:
@@ -87,6 +101,9 @@ def build_engine(model_dir, precision: str, profile: Profile = None, workspace_g
     model = ModelDir.open(model_dir)
     onnx_path = model.variant_path(precision)
     target = engine_path(model.path, gpu, trt.__version__, precision, profile)
+    warning = coverage_warning(model.manifest["variants"][precision], profile)
+    if warning:
+        on_step("warning: " + warning)
     on_step(f"building {precision} for {gpu.name}, profile {profile.tag()} (strongly typed, "
             "TF32 off); this takes minutes")
     started = time.perf_counter()

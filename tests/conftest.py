@@ -35,6 +35,24 @@ def pytest_collection_modifyitems(items):
             item.add_marker(missing_shared)
 
 
+def small_onnx_model(nodes, inputs, outputs, initializers):
+    """A float32 ONNX model of a few nodes (opset 18, IR 10: what ONNX Runtime 1.31 reads)."""
+    from onnx import helper
+
+    model = helper.make_model(helper.make_graph(nodes, "small", inputs, outputs, initializers),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    return model
+
+
+def run_onnx(model, **feeds):
+    """The first output of `model` on `feeds`, in ONNX Runtime's CPU provider."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)[0]
+
+
 def require_shared() -> None:
     if not MAKE_CHECKPOINT.is_file():
         pytest.skip(f"reference data not found at {SHARED} (set TRUFOR_SHARED)")

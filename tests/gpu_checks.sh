@@ -6,8 +6,10 @@
 #                                    a copy of ../shared's reference data
 #   bash tests/gpu_checks.sh run     on the GPU machine, with .gpu-bundle/ carried along: installs
 #                                    those (pycuda builds with the nvcc there) and the project,
-#                                    then `pytest -m gpu`; log and measurements go to $OUT (or
-#                                    ./gpu-results): gpu-checks.log, gpu-report.json
+#                                    then the conv16 speed benchmark and `pytest -m gpu` (further
+#                                    arguments go to pytest, e.g. -k "not tensorrt"); log and
+#                                    measurements go to $OUT (or ./gpu-results): gpu-checks.log,
+#                                    gpu-report.json, conv16-speed.json
 # The GPU image is expected to hold Python 3.12 with PyTorch (CUDA), cuda-bindings, onnx,
 # onnxruntime, OpenCV, numpy, typer, rich, pytest and setuptools; TensorRT tests skip without it.
 set -euo pipefail
@@ -44,11 +46,12 @@ run() {
   cd /tmp
   python3 -m trufor_trt doctor | tee "$out/doctor.txt"
   set -o pipefail
-  python3 -m pytest "$repo/tests" -m gpu -v -rs -p no:cacheprovider 2>&1 | tee "$out/gpu-checks.log"
+  python3 -m trufor_trt.benchmarks.conv16_speed --json "$out/conv16-speed.json" || true
+  python3 -m pytest "$repo/tests" -m gpu -v -rs -p no:cacheprovider "$@" 2>&1 | tee "$out/gpu-checks.log"
 }
 
 case "${1:-}" in
   fetch) fetch ;;
-  run) run ;;
+  run) shift; run "$@" ;;
   *) echo "usage: bash tests/gpu_checks.sh fetch|run" >&2; exit 2 ;;
 esac

@@ -81,6 +81,7 @@ def test_bench_json_has_every_field(bench_report):
     assert {"cpu", "physical_cores", "simd", "memory_bytes", "versions"} <= set(report["machine"])
     assert {"python", "numpy", "onnxruntime", "torch"} <= set(report["machine"]["versions"])
     assert report["cpu_gemm_gflops"]["numpy"] > 0
+    assert report["flops_by_precision"] == []  # an FP32 run: no reduced-precision record
     assert report["settings"] == {"warmup": 1, "repeat": 3, "streams": 2, "device": "auto"}
     assert [(run["input"], run["role"], run["backend"]) for run in report["runs"]] == [
         ("48x64", "engine", "onnxruntime"), ("48x64", "reference", "torch"),

@@ -134,14 +134,15 @@ def test_torch_network_on_cuda_matches_the_goldens_in_fp32(torch_cuda, checkpoin
 
 @pytest.fixture(scope="module")
 def fp16_model(tmp_path_factory, model_seed0) -> Path:
-    """The seed-0 model folder with its FP16 variant, planned on real CocoGlide images."""
+    """The seed-0 model folder with its FP16 variant, planned on CocoGlide crops (no full-size
+    check: the test compares this plan's real float16 with its simulation at each size)."""
     from trufor_trt.export.variants import add_precision_variant
 
     model = Path(shutil.copytree(model_seed0, tmp_path_factory.mktemp("gpu") / "model"))
     calibration = tmp_path_factory.mktemp("calibration")
-    for path in sorted((IMAGES_DIR / "cocoglide_sample").rglob("*.png"))[::8]:
+    for path in sorted((IMAGES_DIR / "cocoglide_sample").rglob("*.png"))[::13]:
         shutil.copy(path, calibration / path.name)
-    add_precision_variant(model, "fp16", calibration, on_step=lambda message: None)
+    add_precision_variant(model, "fp16", calibration, on_step=print)
     return model
 
 
@@ -190,7 +191,7 @@ def fp16_plan_blocks(torch, network, blocks: set):
         def in_half(*args, _forward=forward, **kwargs):
             with torch.autocast("cuda", dtype=torch.float16):
                 out = _forward(*args, **kwargs)
-            return tuple(t.float() for t in out) if isinstance(out, tuple) else out.float()
+            return tuple(t.float() if torch.is_tensor(t) else t for t in out) if isinstance(out, tuple) else out.float()
 
         originals.append((module, forward))
         module.forward = in_half
@@ -212,29 +213,101 @@ def fp16_plan_blocks(torch, network, blocks: set):
             module.forward = forward
 
 
+def _conv16(torch, conv, norm, form: str):
+    """A Noiseprint++ Conv (+ its BatchNorm, folded as the exporter folds it) computing in
+    float16 on CUDA in one of precision/conv16.py's forms: cuDNN's float16 convolution with
+    float32 accumulation, the bias remainder added in float32."""
+    weight, bias = conv.weight.detach().double(), torch.zeros(conv.out_channels, dtype=torch.float64,
+                                                              device=conv.weight.device)
+    if conv.bias is not None:
+        bias = conv.bias.detach().double()
+    if norm is not None:
+        scale = norm.weight.double() / torch.sqrt(norm.running_var.double() + norm.eps)
+        weight, bias = weight * scale[:, None, None, None], (bias - norm.running_mean.double()) * scale \
+            + norm.bias.double()
+    weight, bias = weight.float(), bias.float()
+    w_hi, b_hi = weight.half(), bias.half()
+    w_lo = (weight - w_hi.float()).half()
+    remainder = (bias - b_hi.float()).view(1, -1, 1, 1)
+
+    class Folded(torch.nn.Module):
+        def forward(self, x):
+            x_hi = x.half()
+            if form == "compensated":
+                x_lo = (x - x_hi.float()).half()
+                out = torch.nn.functional.conv2d(torch.cat([x_hi, x_lo, x_hi], 1),
+                                                 torch.cat([w_hi, w_hi, w_lo], 1), b_hi, padding=1)
+            else:
+                out = torch.nn.functional.conv2d(x_hi, w_hi, b_hi, padding=1)
+            return out.float() + remainder
+
+    return Folded()
+
+
+@contextmanager
+def noiseprint_conv_forms(torch, dncnn, forms: dict):
+    """The plan's Noiseprint++ convolutions (`/dncnn/dncnn.<i>/Conv` -> form) in float16."""
+    saved = dict(enumerate(dncnn))
+    for name, form in forms.items():
+        index = int(name.split("dncnn.")[-1].split("/")[0])
+        norm = dncnn[index + 1] if isinstance(dncnn[index + 1] if index + 1 < len(dncnn) else None,
+                                              torch.nn.BatchNorm2d) else None
+        dncnn[index] = _conv16(torch, dncnn[index], norm, form)
+        if norm is not None:
+            dncnn[index + 1] = torch.nn.Identity()
+    try:
+        yield
+    finally:
+        for index, module in saved.items():
+            dncnn[index] = module
+
+
 @pytest.mark.parametrize("size", ["256px", "large"])
-def test_torch_fp16_plan_blocks_in_real_float16_on_cuda(torch_cuda, fp16_model, checkpoint_seed0, size):
+def test_torch_fp16_plan_in_real_float16_on_cuda(torch_cuda, fp16_model, checkpoint_seed0, size):
+    """The plan's units in real float16 arithmetic on CUDA against FP32 on CUDA, beside the
+    CPU simulation's deviation recorded in the manifest for the same plan."""
     torch = torch_cuda
     from trufor_trt.engine.decode import decode_image
     from trufor_trt.engine.model_dir import ModelDir
     from trufor_trt.engine.torch_runner import TorchRunner
-    from trufor_trt.export.fp16_plan import FP16_BUDGET
+    from trufor_trt.export.fp16_plan import FP16_BUDGET, NOISEPRINT
     from trufor_trt.export.measure import output_errors
 
-    plan = ModelDir.open(fp16_model).manifest["variants"]["fp16"]["fp16_plan"]["blocks"]
-    blocks = {block for block, entry in plan.items() if entry["decision"] == "fp16"}
+    variant = ModelDir.open(fp16_model).manifest["variants"]["fp16"]
+    units = variant["fp16_plan"]["units"]
+    blocks = {name for name, entry in units.items()
+              if entry.get("decision") == "fp16" and not name.startswith(NOISEPRINT)}
+    forms = variant["fp16_plan"]["noiseprint_conv_forms"]
     path = (sorted((IMAGES_DIR / "cocoglide_sample").rglob("*.png"))[0] if size == "256px"
             else LARGE_IMAGE)
     prepared = prepare_input(decode_image(path))
-    with TorchRunner(checkpoint_seed0, device="cuda") as runner:
+    with TorchRunner(checkpoint_seed0, device="cuda") as runner, torch.no_grad():
         fp32 = postprocess(runner.infer(prepared), runner.detection_head)
-        with fp16_plan_blocks(torch, runner.network, blocks):
+        with fp16_plan_blocks(torch, runner.network, blocks), \
+                noiseprint_conv_forms(torch, runner.network.dncnn, forms):
             half = postprocess(runner.infer(prepared), runner.detection_head)
     errors = output_errors(half, fp32)
     assert all(np.isfinite(value) for value in errors.values()), errors
-    record(f"torch cuda fp16 plan blocks {size} {prepared.shape[2]}x{prepared.shape[3]}",
-           {"blocks_in_fp16": sorted(blocks), "max_abs_vs_fp32": errors,
-            "budget": FP16_BUDGET, "within_budget": all(errors[k] <= FP16_BUDGET[k] for k in errors)})
+    record(f"torch cuda fp16 plan {size} {prepared.shape[2]}x{prepared.shape[3]}",
+           {"blocks_in_fp16": sorted(blocks), "noiseprint_conv_forms": forms,
+            "max_abs_vs_fp32": errors, "budget": FP16_BUDGET,
+            "within_budget": all(errors[k] <= FP16_BUDGET[k] for k in errors),
+            "cpu_simulation_same_image": _simulated_deviation(fp16_model, prepared),
+            "flops_by_precision": variant["flops_by_precision"]})
+
+
+def _simulated_deviation(model_dir: Path, prepared) -> dict:
+    """The CPU simulation of the same FP16 variant on the same image (ONNX Runtime)."""
+    import onnx
+
+    from trufor_trt.engine.model_dir import ModelDir
+    from trufor_trt.export.measure import deviation, reference_analyses
+    from trufor_trt.precision.fp16 import upcast_fp16
+
+    model = ModelDir.open(model_dir)
+    head = model.detection_head()
+    reference = reference_analyses(onnx.load(model.variant_path("fp32")), [prepared], head)
+    return deviation(upcast_fp16(onnx.load(model.variant_path("fp16"))), reference, [prepared], head)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])

@@ -82,7 +82,7 @@ def test_the_import_resolver_sees_real_imports(imports):
     # Guards the checks below against passing on an empty graph.
     assert "trufor_trt.engine.runner" in imports["trufor_trt.engine.onnxruntime_runner"]
     assert "trufor_trt.precision.fp16" in imports["trufor_trt.engine.onnxruntime_runner"]
-    assert "trufor_trt.calibration.int8" in imports["trufor_trt.export.variants"]
+    assert "trufor_trt.calibration.int8" in imports["trufor_trt.export.int8_plan"]
 
 
 def test_engine_imports_nothing_from_export_or_calibration(imports):

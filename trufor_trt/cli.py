@@ -88,7 +88,11 @@ def export(
     precision: Precision = typer.Option(Precision.fp32, "--precision",
                                         help="fp16 / int8: add that variant to the model folder."),
     calib_images: Optional[Path] = typer.Option(None, "--calib-images",
-                                                help="Real images to measure fp16 / calibrate int8 on."),
+                                                help="Real images to measure fp16 / calibrate int8 on; "
+                                                     "include full-size ones (the largest 2 are measured whole)."),
+    max_shape: str = typer.Option("2048x2048", "--max-shape",
+                                  help="HxW: the largest image the variant's engines will take "
+                                       "(build --max-shape); the plan is checked at full size up to it."),
 ) -> None:
     """Export the network to a verified ONNX model folder, or add an FP16 / INT8 variant to it."""
     if precision != Precision.fp32 and calib_images is None:
@@ -112,14 +116,26 @@ def export(
         if precision != Precision.fp32:
             from .export.variants import add_precision_variant
 
-            entry = add_precision_variant(out, precision.value, calib_images, on_step=say)
-            measured = ", ".join(f"{name} {error:.2e}"
-                                 for name, error in entry["deviation_vs_fp32"]["max_abs"].items())
-            console.print(f"added {precision.value} to {escape(str(out))}; deviation from fp32: {measured}")
+            from .engine.tensorrt_plan import parse_shape
+
+            entry = add_precision_variant(out, precision.value, calib_images, max_shape=parse_shape(max_shape),
+                                          on_step=say)
+            _print_variant(out, precision.value, entry)
     except TruforError as exc:
         fail_setup(str(exc))
     except ModuleNotFoundError as exc:
         fail_setup(_missing_package(exc))
+
+
+def _print_variant(out: Path, precision: str, entry: dict) -> None:
+    measured = ", ".join(f"{name} {error:.2e}" for name, error in entry["deviation_vs_fp32"]["max_abs"].items())
+    console.print(f"added {precision} to {escape(str(out))}; deviation from fp32 (worst of "
+                  f"{', '.join(entry['deviation_vs_fp32']['sizes'])}): {measured}")
+    for record in entry["flops_by_precision"]:
+        shares = ", ".join(f"{name} {share:.0%}" for name, share in record["network_share"].items() if share)
+        console.print(f"FLOPs at {record['size']}: {shares}")
+    if "warning" in entry["size_coverage"]:
+        say("warning: " + entry["size_coverage"]["warning"])
 
 
 def _check_checkpoint(checkpoint: Optional[Path]) -> None:
@@ -418,32 +434,60 @@ def _validation_table(report) -> Table:
     return table
 
 
+def _print_validation(report) -> None:
+    out = Console(highlight=False)
+    out.print(_validation_table(report))
+    for size, worst in report.by_size().items():
+        out.print(f"{report.precision} at {size} ({worst['images']} images): map {worst['map_max']:.2e}, "
+                  f"conf {worst['conf_max']:.2e}, score {worst['score_error_max']:.2e}, "
+                  f"flipped {worst['decisions_flipped']}")
+    for record in report.flops_by_precision:
+        shares = ", ".join(f"{name} {share:.0%}" for name, share in record["network_share"].items() if share)
+        out.print(f"{report.precision} FLOPs at {record['size']}: {shares}")
+
+
+def _map_budgets() -> dict:
+    from .calibration.int8 import INT8_TARGET
+    from .export.fp16_plan import FP16_BUDGET
+
+    return {"fp16": FP16_BUDGET["map"], "int8": INT8_TARGET["map"]}
+
+
 @app.command()
 def validate(
     model: Path = typer.Option(..., "--model", help="Model folder from `trufor-trt export`."),
     backend: Backend = typer.Option(Backend.auto, "--backend", help="Backend to validate."),
-    precision: Precision = typer.Option(Precision.fp16, "--precision", help="Variant to validate."),
+    precisions: List[Precision] = typer.Option([Precision.fp16], "--precision",
+                                               help="Variant to validate (repeat for several)."),
     images: Optional[Path] = typer.Option(None, "--images", help="Real images (default: synthetic)."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report here."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report here (one "
+                                             "variant: its report; several: {\"variants\": {precision: report}})."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG: deviation against image size per precision."),
 ) -> None:
-    """Faithfulness of one engine or graph variant against the FP32 reference, per image."""
+    """Faithfulness of engines or graph variants against the FP32 reference, per image and size."""
     import json
 
     from .files import write_atomically
     from .engine.model_dir import ModelDir
-    from .validate import validate as run_validation
+    from .validate import plot_deviation, validate as run_validation
 
     try:
         opened = ModelDir.open(model)
-        chosen = pick_backend(backend.value, opened.path, precision.value, on_notice=say)
-        report = run_validation(opened, chosen, precision.value, images)
+        candidates = [(pick_backend(backend.value, opened.path, precision.value, on_notice=say), precision.value)
+                      for precision in dict.fromkeys(precisions)]
+        reports = run_validation(opened, candidates, images)
+        for report in reports:
+            _print_validation(report)
+        if plot is not None:
+            plot_deviation(reports, plot, _map_budgets())
     except TruforError as exc:
         fail_setup(str(exc))
     except ModuleNotFoundError as exc:
         fail_setup(_missing_package(exc))
-    Console(highlight=False).print(_validation_table(report))
     if json_path is not None:
-        write_atomically(json_path, (json.dumps(report.to_json(), indent=2) + "\n").encode())
+        written = reports[0].to_json() if len(reports) == 1 else \
+            {"variants": {report.precision: report.to_json() for report in reports}}
+        write_atomically(json_path, (json.dumps(written, indent=2) + "\n").encode())
 
 
 @app.command()

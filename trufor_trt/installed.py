@@ -6,7 +6,7 @@ from importlib import metadata
 # The extra of ours that brings each module a command may find missing.
 MODULE_EXTRAS = {"torch": "export", "onnx": "export", "onnx_graphsurgeon": "export",
                  "onnxruntime": "cpu", "tensorrt": "trt", "pycuda": "trt", "cuda": "trt-cuda-python",
-                 "matplotlib": "bench"}
+                 "matplotlib": "bench", "sympy": "export"}
 
 
 def install_command(module: str) -> str:

@@ -1,10 +1,13 @@
 """`trufor-trt validate`: how far one engine or graph variant lands from the FP32 reference.
 
 Per image: max and mean abs error of `map` and `conf`, the score error, and whether the
-decision at 0.5 flipped; overall: the worst of each, the mean of the means, the flips.
-The reference is the model folder's FP32 graph in ONNX Runtime.
+decision at 0.5 flipped; per image size: the worst of each and the flips; overall: the worst
+of each, the mean of the means, the flips; and the variant's FLOPs per precision, as its
+manifest records them. The reference is the model folder's FP32 graph in ONNX Runtime.
 """
 
+import io
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -12,17 +15,18 @@ import numpy as np
 from .batch.inputs import expand_inputs
 from .engine import create_runner
 from .engine.decode import decode_image
-from .engine.postprocess import postprocess
+from .engine.postprocess import decision_flipped, postprocess
 from .engine.preprocess import prepare_input
 from .export.synthetic import synthetic_image
+from .files import write_atomically
 
-DECISION_THRESHOLD = 0.5
 SYNTHETIC_SIZES = ((256, 256), (173, 229), (384, 256))
 
 
 @dataclass
 class ImageReport:
     image: str
+    size: str  # HxW
     map_max: float
     map_mean: float
     conf_max: float
@@ -38,6 +42,18 @@ class ValidationReport:
     backend: str
     precision: str
     images: list = field(default_factory=list)
+    flops_by_precision: list = field(default_factory=list)  # the manifest's record, per size
+
+    def by_size(self) -> dict:
+        """HxW -> the worst of each error and the flips on the images of that size."""
+        sizes = {}
+        for report in self.images:
+            sizes.setdefault(report.size, []).append(report)
+        ordered = sorted(sizes.items(), key=lambda item: _pixels(item[0]))
+        return {size: {"images": len(reports), "map_max": max(r.map_max for r in reports),
+                       "conf_max": max(r.conf_max for r in reports),
+                       "score_error_max": max(r.score_error for r in reports),
+                       "decisions_flipped": sum(r.flipped for r in reports)} for size, reports in ordered}
 
     def overall(self) -> dict:
         return {"images": len(self.images),
@@ -50,7 +66,14 @@ class ValidationReport:
 
     def to_json(self) -> dict:
         return {"backend": self.backend, "precision": self.precision, "reference": "fp32, onnxruntime",
-                "overall": self.overall(), "per_image": [asdict(report) for report in self.images]}
+                "overall": self.overall(), "by_size": self.by_size(),
+                "flops_by_precision": self.flops_by_precision,
+                "per_image": [asdict(report) for report in self.images]}
+
+
+def _pixels(size: str) -> int:
+    height, width = (int(value) for value in size.split("x"))
+    return height * width
 
 
 def _images(folder):
@@ -70,25 +93,58 @@ def compare(name: str, ours, reference) -> ImageReport:
     map_error = _errors(ours.localization_map, reference.localization_map)
     conf_error = _errors(ours.confidence_map, reference.confidence_map)
     finite = bool(np.isfinite(ours.score))
-    # A non-finite score is no decision at all: it counts as flipped.
-    flipped = not finite or (ours.score >= DECISION_THRESHOLD) != (reference.score >= DECISION_THRESHOLD)
-    return ImageReport(image=name, map_max=float(map_error.max()), map_mean=float(map_error.mean()),
+    flipped = decision_flipped(ours.score, reference.score)
+    size = "x".join(str(side) for side in np.shape(reference.localization_map)[:2])
+    return ImageReport(image=name, size=size, map_max=float(map_error.max()), map_mean=float(map_error.mean()),
                        conf_max=float(conf_error.max()), conf_mean=float(conf_error.mean()),
                        score_error=abs(ours.score - reference.score) if finite else float("inf"),
                        score=ours.score, reference_score=reference.score, flipped=flipped)
 
 
-def validate(model, backend: str, precision: str, images=None, on_image=None) -> ValidationReport:
-    """`model`: a checked ModelDir. `images`: a folder (default: synthetic images)."""
-    report = ValidationReport(backend=backend, precision=precision)
-    reference = create_runner("onnxruntime", model=model, precision="fp32")
-    candidate = create_runner(backend, model=model, precision=precision)
-    with reference, candidate:
+def validate(model, candidates: list, images=None, on_image=None) -> list:
+    """One ValidationReport per (backend, precision) of `candidates`, all against one FP32
+    reference run per image. `model`: a checked ModelDir. `images`: a folder (default:
+    synthetic images)."""
+    variants = model.manifest["variants"]
+    reports = [ValidationReport(backend=backend, precision=precision,
+                                flops_by_precision=variants.get(precision, {}).get("flops_by_precision", []))
+               for backend, precision in candidates]
+    with ExitStack() as stack:
+        reference = stack.enter_context(create_runner("onnxruntime", model=model, precision="fp32"))
+        runners = [stack.enter_context(create_runner(backend, model=model, precision=precision))
+                   for backend, precision in candidates]
         for name, rgb in _images(images):
             prepared = prepare_input(rgb)
             truth = postprocess(reference.infer(prepared), reference.detection_head)
-            ours = postprocess(candidate.infer(prepared), candidate.detection_head)
-            report.images.append(compare(name, ours, truth))
-            if on_image is not None:
-                on_image(report.images[-1])
-    return report
+            for report, runner in zip(reports, runners):
+                report.images.append(compare(name, postprocess(runner.infer(prepared), runner.detection_head), truth))
+                if on_image is not None:
+                    on_image(report.images[-1])
+    return reports
+
+
+def plot_deviation(reports: list, path, budgets: dict) -> None:
+    """PNG: each image's map deviation against its size, one series per precision, with each
+    precision's budget for the map as a dashed line (`budgets`: precision -> max abs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(7, 4.5))
+    for report in reports:
+        pixels = [_pixels(image.size) / 1e6 for image in report.images]
+        errors = [max(image.map_max, 1e-9) for image in report.images]
+        points = axes.scatter(pixels, errors, s=14, alpha=0.7, label=f"{report.precision} ({report.backend})")
+        if report.precision in budgets:
+            axes.axhline(budgets[report.precision], linestyle="--", color=points.get_facecolor()[0],
+                         label=f"{report.precision} budget")
+    axes.set(xscale="log", yscale="log", xlabel="image size (megapixels)",
+             ylabel="map: max abs deviation from FP32", title="Deviation against image size")
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=120)
+    pyplot.close(figure)
+    write_atomically(path, buffer.getvalue())

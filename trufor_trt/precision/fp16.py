@@ -16,7 +16,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..graphsurgeon import quiet_graphsurgeon
 
 # Float inputs that are parameters, not data: they keep their type (Resize's roi and scales).
 PARAMETER_INPUTS = {"Resize": {1, 2}}
@@ -28,12 +27,18 @@ def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def tensor_types(model: onnx.ModelProto) -> dict:
-    """Element type of every tensor whose type shape inference can tell."""
-    graph = onnx.shape_inference.infer_shapes(model).graph
-    types = {info.name: info.type.tensor_type.elem_type
-             for info in [*graph.value_info, *graph.input, *graph.output]}
-    types.update({init.name: init.data_type for init in graph.initializer})
-    return types
+    """Element type of every tensor whose type shape inference can tell. Inferred on a copy
+    whose initializers are stand-in inputs: types need no weights, and copying ~270 MB of
+    them into the inference made each FP16 trial seconds slower."""
+    graph = model.graph
+    stand_ins = [helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+                 for init in graph.initializer]
+    skeleton = helper.make_model(
+        helper.make_graph(list(graph.node), graph.name, [*graph.input, *stand_ins], list(graph.output)),
+        opset_imports=model.opset_import, ir_version=model.ir_version)
+    inferred = onnx.shape_inference.infer_shapes(skeleton).graph
+    return {info.name: info.type.tensor_type.elem_type
+            for info in [*inferred.value_info, *inferred.input, *inferred.output]}
 
 
 def _cast(source: str, target: str, to: int, role: str) -> onnx.NodeProto:
@@ -41,18 +46,30 @@ def _cast(source: str, target: str, to: int, role: str) -> onnx.NodeProto:
     return helper.make_node("Cast", [source], [target], to=to, name=f"{target}/{role}")
 
 
-def _finish(model: onnx.ModelProto, nodes: list, initializers: list) -> onnx.ModelProto:
-    gs = quiet_graphsurgeon()
-    ir_version = model.ir_version
+def _drop_unread(nodes: list, outputs: set) -> list:
+    """`nodes` without those whose outputs nothing reads (repeated: chains of them)."""
+    while True:
+        read = {name for node in nodes for name in node.input} | outputs
+        kept = [node for node in nodes if any(name in read for name in node.output)]
+        if len(kept) == len(nodes):
+            return kept
+        nodes = kept
+
+
+def finish_graph(model: onnx.ModelProto, nodes: list, initializers: list) -> onnx.ModelProto:
+    """`model` with `nodes` (in topological order: every pass here adds a Cast just before its
+    reader or just after its writer) and `initializers` added; the nodes whose outputs nothing
+    reads any more (a Cast back to float32 inside a float16 island) and the initializers no
+    node reads (weights replaced by their float16 twins) dropped."""
+    nodes = _drop_unread(nodes, {output.name for output in model.graph.output})
     del model.graph.node[:]
     model.graph.node.extend(nodes)
-    model.graph.initializer.extend(initializers)
+    read = {name for node in nodes for name in node.input}
+    kept = [init for init in [*model.graph.initializer, *initializers] if init.name in read]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
     del model.graph.value_info[:]
-    graph = gs.import_onnx(model)
-    graph.cleanup().toposort()
-    finished = gs.export_onnx(graph)
-    finished.ir_version = ir_version
-    return finished
+    return model
 
 
 def lower_to_fp16(model: onnx.ModelProto, half_nodes: set) -> onnx.ModelProto:
@@ -84,7 +101,7 @@ def lower_to_fp16(model: onnx.ModelProto, half_nodes: set) -> onnx.ModelProto:
                     node.output[index] = half_twin[name] = name + HALF_SUFFIX
                     nodes.append(_cast(node.output[index], name, TensorProto.FLOAT, "lower"))
         nodes.append(node)
-    return _finish(model, nodes, new_initializers)
+    return finish_graph(model, nodes, new_initializers)
 
 
 def upcast_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -110,4 +127,4 @@ def upcast_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
                     nodes.append(_cast(rounded, f"{name}/half", TensorProto.FLOAT16, "upcast"))
                     rounded = f"{name}/half"
                 nodes.append(_cast(rounded, name, TensorProto.FLOAT, "upcast"))
-    return _finish(model, nodes, initializers)
+    return finish_graph(model, nodes, initializers)

@@ -6,7 +6,9 @@ the plan decided, and nothing else.
 - every node's float inputs share one type (strong typing refuses a mixed node; ONNX too);
 - the nodes that compute in float16 are exactly the planned ones;
 - every Cast between float16 and float32 stands at a border of the plan: into float16 only
-  where all its readers are planned nodes, back to float32 only after a planned node.
+  where all its readers are planned nodes, back to float32 only after a planned node; the one
+  exception is a round trip (float32 -> float16 -> float32, nothing else reading the float16),
+  which computes nothing in float16: it measures a rounding (precision/conv16.py).
 """
 
 import onnx
@@ -34,10 +36,27 @@ def _io_problems(model: onnx.ModelProto) -> list:
             for value in values if value.type.tensor_type.elem_type != TensorProto.FLOAT]
 
 
+def _is_cast_to(node, to: int, types: dict) -> bool:
+    return node is not None and node.op_type == "Cast" and types.get(node.output[0]) == to
+
+
+def _round_trips(model: onnx.ModelProto, types: dict) -> set:
+    """Names of the Casts of float16 round trips: float32 -> float16 read only by Casts back."""
+    _, readers = graph_links(model)
+    trips = set()
+    for cast in model.graph.node:
+        if _is_cast_to(cast, TensorProto.FLOAT16, types) and types.get(cast.input[0]) == TensorProto.FLOAT:
+            back = readers.get(cast.output[0], [])
+            if back and all(_is_cast_to(node, TensorProto.FLOAT, types) for node in back):
+                trips |= {cast.name, *(node.name for node in back)}
+    return trips
+
+
 def _cast_border_problems(model: onnx.ModelProto, types: dict, half: set) -> list:
     producer, readers = graph_links(model)
+    trips = _round_trips(model, types)
     problems = []
-    for cast in (node for node in model.graph.node if node.op_type == "Cast"):
+    for cast in (node for node in model.graph.node if node.op_type == "Cast" and node.name not in trips):
         source, target = types.get(cast.input[0]), types.get(cast.output[0])
         if target == TensorProto.FLOAT16 and source in FLOAT_TYPES:
             outside = [node.name for node in readers.get(cast.output[0], []) if node.name not in half]
