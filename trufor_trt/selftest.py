@@ -109,10 +109,11 @@ def _prepare_model(backend: str, precision: str, checkpoint: Path, scratch: Path
     if precision != "fp32":
         from .export.variants import add_precision_variant
 
-        with clock.stage(f"{precision} variant"):
-            add_precision_variant(scratch / "model", precision,
-                                  _write_calibration_images(scratch / "calibration", seed),
-                                  on_step=lambda message: None)
+        calibration = _write_calibration_images(scratch / "calibration", seed)
+        # INT8 is planned on top of the FP16 plan.
+        for variant in ("fp16", "int8") if precision == "int8" else (precision,):
+            with clock.stage(f"{variant} variant"):
+                add_precision_variant(scratch / "model", variant, calibration, on_step=lambda message: None)
     if backend == "tensorrt":
         from .engine.tensorrt_plan import Profile
         from .export.tensorrt_build import build_engine
