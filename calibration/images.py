@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..batch.inputs import expand_inputs
 from ..engine.decode import decode_image
-from ..engine.preprocess import prepare_input
+from ..engine.preprocess import prepare_input, size_label
 from ..errors import TruforError
 
 DEFAULT_LIMIT = 8
@@ -37,10 +37,6 @@ def _pixels(path) -> int:
         return 0  # not readable by Pillow: decode_image will say why, if it is picked
 
 
-def _size(prepared) -> str:
-    return f"{prepared.shape[2]}x{prepared.shape[3]}"
-
-
 def load_calibration_set(folder, limit: int = DEFAULT_LIMIT, max_shape=None):
     """(search inputs, full-size inputs, record for the manifest). `max_shape`: (H, W) of the
     largest image the variant's engines will take; None: no every-size set."""
@@ -59,5 +55,5 @@ def load_calibration_set(folder, limit: int = DEFAULT_LIMIT, max_shape=None):
               "crop": f"centre crop to at most {CROP_SIDE} px a side",
               "files": [job.relative for job in search],
               "full_size_files": [job.relative for job in full_size],
-              "sizes": sorted({_size(x) for x in inputs}) + [_size(x) for x in large]}
+              "sizes": sorted({size_label(x) for x in inputs}) + [size_label(x) for x in large]}
     return inputs, large, record

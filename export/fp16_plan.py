@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from ..engine.preprocess import size_label
 from ..engine.runner import INPUT_NAME, OUTPUT_NAMES
 from ..precision.blocks import block_of, pixel_sum_chains
 from ..precision.conv16 import lower_convolutions
 from ..precision.flops import node_flops
 from ..precision.fp16 import lower_to_fp16, tensor_types, upcast_fp16
-from .measure import OUTPUTS, create_session_from_model, deviation, reference_analyses
+from .measure import OUTPUTS, create_session_from_model, deviation, reference_analyses, worst_by_output
 
 ALWAYS_FP32 = frozenset({"LayerNormalization", "Softmax", "Cast", "Constant"})
 FP16_RANGE_LIMIT = 2.0 ** 14
@@ -55,14 +56,13 @@ class Fp16Plan:
     half_nodes: set = field(default_factory=set)  # every node computing in float16
     conv_forms: dict = field(default_factory=dict)  # Noiseprint++ conv -> "fp16" | "compensated"
     units: dict = field(default_factory=dict)  # unit -> {range, solo deviation, form, decision}
-    deviation: dict = field(default_factory=dict)  # worst over every size measured
     deviation_by_size: dict = field(default_factory=dict)  # "HxW" (or "crops") -> deviation
     sizes_measured: list = field(default_factory=list)
 
     def report(self) -> dict:
         return {"budget_max_abs": FP16_BUDGET, "unit_share": UNIT_SHARE, "plan_margin": PLAN_MARGIN,
                 "range_limit": FP16_RANGE_LIMIT, "units": self.units,
-                "noiseprint_conv_forms": self.conv_forms, "deviation_vs_fp32": self.deviation,
+                "noiseprint_conv_forms": self.conv_forms, "deviation_vs_fp32": worst_by_output(self.deviation_by_size),
                 "deviation_by_size": self.deviation_by_size, "sizes_measured": self.sizes_measured}
 
 
@@ -247,11 +247,11 @@ def plan_fp16(model: onnx.ModelProto, inputs: list, head, large_inputs=(), on_st
         return budget_share(plan.deviation_by_size["crops"])
 
     give_back_until_within(earned, cost, on_crops, PLAN_MARGIN, plan.units, "on the calibration crops", on_step)
-    plan.sizes_measured = sorted({"x".join(map(str, x.shape[2:])) for x in inputs})
+    plan.sizes_measured = sorted({size_label(x) for x in inputs})
     checked_on_crops = len(earned)
     # Largest first: a unit given back there is given back for the smaller ones too.
     for large in sorted(large_inputs, key=lambda x: -x.shape[2] * x.shape[3]):
-        size = "x".join(map(str, large.shape[2:]))
+        size = size_label(large)
         at_size = Measure(model, [large], head)
 
         def on_large(units, at_size=at_size, size=size):
@@ -263,6 +263,4 @@ def plan_fp16(model: onnx.ModelProto, inputs: list, head, large_inputs=(), on_st
     plan.half_nodes, plan.conv_forms = _assemble(earned)
     if len(earned) != checked_on_crops:
         plan.deviation_by_size["crops"] = measure(plan.half_nodes, plan.conv_forms)
-    plan.deviation = {name: max(errors[name] for errors in plan.deviation_by_size.values())
-                      for name in OUTPUTS} if plan.deviation_by_size else {}
     return plan

@@ -23,6 +23,7 @@ import onnx
 
 from ..calibration.int8 import (CALIBRATION_METHODS, INT8_TARGET, QUANTIZED_OPERATORS, describe,
                                 keep_int8_only, quantize_nodes)
+from ..engine.preprocess import size_label
 from ..precision.blocks import attention_chains, pixel_sum_chains
 from ..precision.flops import node_flops
 from .fp16_plan import (FLOP_SIZE, NOISEPRINT, Measure, candidate_units, give_back_until_within,
@@ -151,9 +152,9 @@ def plan_int8(fp32_path: Path, fp32: onnx.ModelProto, inputs: list, head, fp16: 
             return int8_share(plan.deviation_by_size[size])
 
         give_back_until_within(earned, cost, share_of, PLAN_MARGIN, plan.units, "on the calibration crops", on_step)
-        plan.sizes_measured = sorted({"x".join(map(str, x.shape[2:])) for x in inputs})
+        plan.sizes_measured = sorted({size_label(x) for x in inputs})
         for large in sorted(large_inputs, key=lambda x: -x.shape[2] * x.shape[3]):
-            size = "x".join(map(str, large.shape[2:]))
+            size = size_label(large)
             at_size = Measure(fp32, [large], head)
             give_back_until_within(earned, cost, lambda units, at=at_size, size=size: share_of(units, at, size),
                                    1.0, plan.units, f"at {size}", on_step, full_size=True)

@@ -31,6 +31,11 @@ def output_errors(ours, truth) -> dict:
     return errors
 
 
+def worst_by_output(by_size: dict) -> dict:
+    """The worst deviation of each output over several measurements (e.g. one per size)."""
+    return {name: max(errors[name] for errors in by_size.values()) for name in OUTPUTS} if by_size else {}
+
+
 def deviation(candidate: onnx.ModelProto, reference: list, inputs: list, head) -> dict:
     """Worst change of each output over the inputs, against the reference analyses, and how
     many decisions flipped (`flipped`)."""

@@ -17,9 +17,9 @@ from ..errors import TruforError
 from ..files import write_atomically
 from ..precision.flops import flops_by_precision
 from ..precision.typing_check import precision_problems
-from .measure import OUTPUTS
+from .fp16_plan import FLOP_SIZE
+from .measure import worst_by_output
 
-FLOP_REPORT_SIZE = (512, 512)
 
 REDUCED_VARIANTS = {
     "fp16": GraphVariant("fp16", "trufor_fp16.onnx", "tensorrt", "fp16",
@@ -83,9 +83,9 @@ def add_precision_variant(model_dir, precision: str, calibration_folder, max_sha
     fp32 = onnx.load(fp32_path)
     graph, half_nodes, details, measured = _build(model, precision, fp32_path, fp32, inputs, large, head, on_step)
     check_precision(graph, half_nodes, precision)
-    worst = {name: max(errors[name] for errors in measured.values()) for name in OUTPUTS}
+    worst = worst_by_output(measured)
     sizes = calibration["sizes"]
-    flop_sizes = [FLOP_REPORT_SIZE] + ([tuple(max_shape)] if max_shape else [])
+    flop_sizes = [FLOP_SIZE] + ([tuple(max_shape)] if max_shape else [])
     write_atomically(model.path / variant.file, graph.SerializeToString())
     entry = {**asdict(variant), "calibration": calibration, **details,
              "flops_by_precision": [flops_by_precision(fp32, graph, *size) for size in flop_sizes],
