@@ -58,24 +58,32 @@ def quantize_nodes(fp32_graph: Path, inputs: list, nodes: set, method: str, per_
     return quantized
 
 
-def _rename_input(nodes: list, old: str, new: str) -> None:
-    for node in nodes:
-        for index, name in enumerate(node.input):
-            if name == old:
-                node.input[index] = new
-
-
-def _bypass(graph: onnx.ModelProto, quantize, dequantize, producer: dict) -> None:
-    """Readers of the pair's output read its input instead (a graph output keeps its name:
-    the input's producer then writes it)."""
+def _bypass(quantize, dequantize, producer: dict, graph_outputs: set, renames: dict) -> None:
+    """Readers of the pair's output are to read its input instead (a graph output keeps its
+    name: the input's producer then writes it); recorded in `renames`, applied at the end."""
     source, target = quantize.input[0], dequantize.output[0]
-    if target in {output.name for output in graph.graph.output} and source in producer:
+    if target in graph_outputs and source in producer:
         writer = producer[source]
         writer.output[list(writer.output).index(source)] = target
         dequantize.output[0] = f"{target}/bypassed"  # read by nothing now: dropped
-        _rename_input(list(graph.graph.node), source, target)
+        renames[source] = target
     else:
-        _rename_input(list(graph.graph.node), target, source)
+        renames[target] = source
+
+
+def _apply_renames(nodes, renames: dict) -> None:
+    """Every input named in `renames` reads its final name (bypassed pairs may follow each other)."""
+    def final(name: str) -> str:
+        seen = set()
+        while name in renames and name not in seen:
+            seen.add(name)
+            name = renames[name]
+        return name
+
+    for node in nodes:
+        for index, name in enumerate(node.input):
+            if name in renames:
+                node.input[index] = final(name)
 
 
 def keep_int8_only(quantized: onnx.ModelProto, fp32: onnx.ModelProto, nodes: set) -> onnx.ModelProto:
@@ -89,14 +97,15 @@ def keep_int8_only(quantized: onnx.ModelProto, fp32: onnx.ModelProto, nodes: set
     producer, readers = graph_links(graph)
     fp32_nodes = {node.name: node for node in fp32.graph.node}
     fp32_weights = {init.name: init for init in fp32.graph.initializer}
-    restored = {}
+    restored, renames = {}, {}
+    graph_outputs = {output.name for output in graph.graph.output}
     for dequantize in [node for node in graph.graph.node if node.op_type == "DequantizeLinear"]:
         quantize = producer.get(dequantize.input[0])
         users = readers.get(dequantize.output[0], [])
         if quantize is not None and quantize.op_type == "QuantizeLinear":
             writer = producer.get(quantize.input[0])
             if not any(node.name in nodes for node in users) and (writer is None or writer.name not in nodes):
-                _bypass(graph, quantize, dequantize, producer)
+                _bypass(quantize, dequantize, producer, graph_outputs, renames)
             continue
         for user in users:  # a quantized weight
             if user.name not in nodes and user.name in fp32_nodes:
@@ -104,6 +113,7 @@ def keep_int8_only(quantized: onnx.ModelProto, fp32: onnx.ModelProto, nodes: set
                 original = fp32_nodes[user.name].input[index]
                 user.input[index] = original
                 restored[original] = fp32_weights[original]
+    _apply_renames(graph.graph.node, renames)
     present = {init.name for init in graph.graph.initializer}
     # finish_graph drops the Q/DQ nodes nothing reads any more.
     return finish_graph(graph, list(graph.graph.node), [init for name, init in restored.items() if name not in present])
