@@ -168,24 +168,28 @@ def decode_image(path, max_pixels: int = DEFAULT_MAX_PIXELS, admit=None) -> np.n
     if not path.is_file():
         raise ImageError(path, "broken or looping symbolic link" if path.is_symlink()
                          else "no such file" if not path.exists() else "not a regular file")
-    data = path.read_bytes()
+    return decode_bytes(path.read_bytes(), path, max_pixels, admit)
+
+
+def decode_bytes(data: bytes, label, max_pixels: int = DEFAULT_MAX_PIXELS, admit=None) -> np.ndarray:
+    """decode_image for an image already in memory (an upload); `label` names it in errors."""
     if not data:
-        raise ImageError(path, "empty file")
+        raise ImageError(label, "empty file")
     kind = sniff_format(data)
     if kind is None:
-        raise ImageError(path, "not an image (unknown file signature)")
+        raise ImageError(label, "not an image (unknown file signature)")
     size = _header_size(data, kind)
     if size is not None:
-        _check_size(path, *size, max_pixels)
-        _admit(path, *size, admit)
+        _check_size(label, *size, max_pixels)
+        _admit(label, *size, admit)
     if kind == "JPEG" and not _jpeg_is_complete(data):
-        raise ImageError(path, "truncated or corrupt JPEG (no end-of-image marker)")
+        raise ImageError(label, "truncated or corrupt JPEG (no end-of-image marker)")
     if kind == "JPEG" and _jpeg_layout(data)[3] == 4:
-        return _decode_with_pillow(path, data)
+        return _decode_with_pillow(label, data)
     with _quiet_decoders():
         pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None:
-        raise ImageError(path, f"truncated or corrupt {kind} (the decoder could not read it)")
-    _check_size(path, pixels.shape[0], pixels.shape[1], max_pixels)
-    _admit(path, pixels.shape[0], pixels.shape[1], admit)
-    return _to_rgb8(path, pixels)
+        raise ImageError(label, f"truncated or corrupt {kind} (the decoder could not read it)")
+    _check_size(label, pixels.shape[0], pixels.shape[1], max_pixels)
+    _admit(label, pixels.shape[0], pixels.shape[1], admit)
+    return _to_rgb8(label, pixels)

@@ -121,3 +121,59 @@ def model_seed0(tmp_path_factory, checkpoint_seed0) -> Path:
     folder = tmp_path_factory.mktemp("models") / "seed0"
     export_model_dir(checkpoint_seed0, folder, on_step=lambda message: None)
     return folder
+
+
+# Processes the `watch` and `serve` tests start: the real command line, each stopped by the test.
+def cli_process(log: Path, *args: str) -> subprocess.Popen:
+    """`trufor-trt ARGS` in a process of its own, its output in `log`."""
+    with open(log, "ab") as sink:
+        return subprocess.Popen([sys.executable, "-m", "trufor_trt", *args], stdout=sink,
+                                stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 60) -> int:
+    """SIGTERM, then SIGKILL if it has not stopped within `timeout`; its exit code."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def service_images(tmp_path_factory) -> Path:
+    """Eight shared images of both kinds and three sizes, for `watch` and `serve` (the two large
+    official images take a minute each on 2 cores: the batch tests cover them)."""
+    require_shared()
+    coco = IMAGES_DIR / "cocoglide_sample"
+    sources = [IMAGES_DIR / "pristine1.jpg", IMAGES_DIR / "tampered2.png",
+               *sorted((coco / "real").glob("*.png"))[:3], *sorted((coco / "fake").glob("*.png"))[:3]]
+    folder = tmp_path_factory.mktemp("service-images")
+    for source in sources:
+        (folder / source.name).write_bytes(source.read_bytes())
+    return folder
+
+
+@pytest.fixture(scope="session")
+def analyzed_service_images(tmp_path_factory, model_seed0, service_images) -> Path:
+    """What `analyze` writes for service_images (ONNX Runtime, FP32): the reference for both."""
+    from typer.testing import CliRunner
+
+    from trufor_trt.cli import app
+
+    out = tmp_path_factory.mktemp("analyzed")
+    result = CliRunner().invoke(app, ["analyze", str(service_images), "--out", str(out), "--model",
+                                      str(model_seed0), "--backend", "onnxruntime"])
+    assert result.exit_code == 0, result.output
+    return out

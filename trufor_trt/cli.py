@@ -144,18 +144,18 @@ def _check_checkpoint(checkpoint: Optional[Path]) -> None:
         fail_setup(f"--checkpoint {checkpoint}: " + ("not a file" if checkpoint.exists() else "no such file"))
 
 
-def _check_output_folder(out: Path) -> None:
+def _check_output_folder(out: Path, option: str = "--out") -> None:
     """The output folder exists or can be made, and takes files: checked before any model loads."""
     import tempfile
 
     if out.exists() and not out.is_dir():
-        fail_setup(f"--out {out}: is a file, not a folder")
+        fail_setup(f"{option} {out}: is a file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
             pass
     except OSError as exc:
-        fail_setup(f"--out {out}: cannot be written ({exc.strerror or exc})")
+        fail_setup(f"{option} {out}: cannot be written ({exc.strerror or exc})")
 
 
 def _open_model(model: Optional[Path], checkpoint: Optional[Path]):
@@ -215,27 +215,39 @@ def _record_line(record: dict) -> str:
     return f"{name}: {score}, {seconds:.1f} s{why}"
 
 
+# The options of every command that analyses images (analyze, watch, serve).
+CHECKPOINT = typer.Option(None, "--checkpoint",
+                          help="TruFor checkpoint; exported once into a cache for ONNX backends.")
+MODEL = typer.Option(None, "--model", help="Model folder from `trufor-trt export`.")
+BACKEND = typer.Option(Backend.auto, "--backend", help="auto: TensorRT where it can run, else ONNX Runtime.")
+PRECISION = typer.Option(Precision.fp32, "--precision", help="Numeric precision.")
+DEVICE = typer.Option("auto", "--device", help="torch backend: cpu, cuda or auto.")
+SAVE_NOISEPRINT = typer.Option(False, "--save-noiseprint", help="Also store np++ in the .npz.")
+NO_PNG = typer.Option(False, "--no-png", help="Skip the heatmap and overlay PNGs.")
+MAX_PIXELS = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1,
+                          help="Refuse images with more pixels (decompression bombs).")
+MAX_MEMORY = typer.Option(None, "--max-memory",
+                          help="Host memory budget per image on the CPU, e.g. 8G (default: physical "
+                               "memory); bands follow from it.")
+QUIET = typer.Option(False, "--quiet", help="No progress: failures and the summary only.")
+
+
 @app.command()
 def analyze(
     inputs: List[str] = typer.Argument(..., metavar="INPUT",
                                        help="Image files, folders (searched recursively) or globs."),
     out: Path = typer.Option(..., "--out", help="Output folder (created if needed)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint",
-                                              help="TruFor checkpoint; exported once into a cache for ONNX backends."),
-    model: Optional[Path] = typer.Option(None, "--model", help="Model folder from `trufor-trt export`."),
-    backend: Backend = typer.Option(Backend.auto, "--backend",
-                                    help="auto: TensorRT where it can run, else ONNX Runtime."),
-    precision: Precision = typer.Option(Precision.fp32, "--precision", help="Numeric precision."),
-    device: str = typer.Option("auto", "--device", help="torch backend: cpu, cuda or auto."),
-    save_noiseprint: bool = typer.Option(False, "--save-noiseprint", help="Also store np++ in the .npz."),
-    no_png: bool = typer.Option(False, "--no-png", help="Skip the heatmap and overlay PNGs."),
+    checkpoint: Optional[Path] = CHECKPOINT,
+    model: Optional[Path] = MODEL,
+    backend: Backend = BACKEND,
+    precision: Precision = PRECISION,
+    device: str = DEVICE,
+    save_noiseprint: bool = SAVE_NOISEPRINT,
+    no_png: bool = NO_PNG,
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo images even where matching outputs exist."),
-    max_pixels: int = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1,
-                                   help="Refuse images with more pixels (decompression bombs)."),
-    max_memory: Optional[str] = typer.Option(None, "--max-memory",
-                                             help="Host memory budget per image on the CPU, e.g. 8G "
-                                                  "(default: physical memory); bands follow from it."),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress: failures and the summary only."),
+    max_pixels: int = MAX_PIXELS,
+    max_memory: Optional[str] = MAX_MEMORY,
+    quiet: bool = QUIET,
 ) -> None:
     """Analyse images: per image an .npz with map, conf, score, imgsize (+ PNGs), a line in
     results.jsonl (the log of runs) and a row in results.csv (each image's latest state)."""
@@ -270,6 +282,125 @@ def analyze(
                   f"{summary['error']} failed; details in {escape(str(out / RESULTS_FILE))} "
                   f"and {escape(str(out / SUMMARY_FILE))}", soft_wrap=True)
     raise typer.Exit(EXIT_FAILED if summary["error"] else 0)
+
+
+def _check_watch_folders(inbox: Path, folders: dict) -> None:
+    """The inbox is a folder; --out / --done / --failed are writable and neither inside it (their
+    files would be watched too) nor each other."""
+    if not inbox.is_dir():
+        fail_setup(f"INBOX {inbox}: " + ("not a folder" if inbox.exists() else "no such folder"))
+    for option, folder in folders.items():
+        if inbox.resolve() == folder.resolve() or inbox.resolve() in folder.resolve().parents:
+            fail_setup(f"{option} {folder}: inside INBOX {inbox}; put it beside it")
+    if len({folder.resolve() for folder in folders.values()}) < len(folders):
+        fail_setup("--out, --done and --failed must be different folders")
+    for option, folder in folders.items():
+        _check_output_folder(folder, option)
+
+
+@app.command()
+def watch(
+    inbox: Path = typer.Argument(..., metavar="INBOX", help="Folder to watch (its subfolders too)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: what `analyze INBOX --out DIR` writes."),
+    done: Optional[Path] = typer.Option(None, "--done", help="Move each analysed original here."),
+    failed: Optional[Path] = typer.Option(None, "--failed", help="Move each original that failed here."),
+    poll: float = typer.Option(5.0, "--poll", min=0.1,
+                               help="Seconds between full rescans (file systems without change events)."),
+    settle: float = typer.Option(2.0, "--settle", min=0.0,
+                                 help="Seconds a file's size and time must stay unchanged before it is read."),
+    checkpoint: Optional[Path] = CHECKPOINT,
+    model: Optional[Path] = MODEL,
+    backend: Backend = BACKEND,
+    precision: Precision = PRECISION,
+    device: str = DEVICE,
+    save_noiseprint: bool = SAVE_NOISEPRINT,
+    no_png: bool = NO_PNG,
+    max_pixels: int = MAX_PIXELS,
+    max_memory: Optional[str] = MAX_MEMORY,
+    quiet: bool = QUIET,
+) -> None:
+    """Analyse every image that appears in INBOX (and those there at start), one runner kept
+    loaded; SIGTERM / Ctrl-C stop after the image in hand. A restart after a crash neither loses
+    nor repeats an image: the outputs and results.jsonl are the record."""
+    import threading
+
+    from .service.signals import stop_on_signals
+    from .service.watch import Watch, WatchOptions
+
+    folders = {option: folder for option, folder in (("--out", out), ("--done", done), ("--failed", failed))
+               if folder is not None}
+    _check_watch_folders(inbox, folders)
+    _check_checkpoint(checkpoint)
+    runner = _load_runner(backend.value, model, checkpoint, device, precision.value, max_memory)
+    options = WatchOptions(AnalyzeOptions(out_dir=out, save_noiseprint=save_noiseprint, write_png=not no_png,
+                                          max_pixels=max_pixels),
+                           done_dir=done, failed_dir=failed, poll=poll, settle=settle)
+
+    def report(record: dict) -> None:
+        if record["status"] == "error" or not quiet:
+            console.print(_record_line(record), soft_wrap=True)
+
+    say(f"watching {inbox} ({runner.backend} {runner.precision}); SIGTERM or Ctrl-C stops after the image in hand")
+    try:
+        with stop_on_signals(threading.Event()) as stop:
+            summary = Watch(inbox, runner, options, stop, on_record=report, on_notice=say).run()
+    finally:
+        runner.close()
+    console.print(f"stopped: {summary['ok']} analysed, {summary['error']} failed in this run; details in "
+                  f"{escape(str(out / RESULTS_FILE))}", soft_wrap=True)
+
+
+@app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; any but loopback needs --token."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535),
+    token: Optional[str] = typer.Option(None, "--token", envvar="TRUFOR_TRT_TOKEN",
+                                        help="Bearer token every route but /healthz requires "
+                                             "(or the TRUFOR_TRT_TOKEN environment variable)."),
+    max_queue: int = typer.Option(8, "--max-queue", min=0,
+                                  help="Requests that may wait for the runner; beyond: 503 + Retry-After."),
+    max_body: str = typer.Option("64M", "--max-body", help="Largest request body, e.g. 64M; beyond: 413."),
+    out: Optional[Path] = typer.Option(None, "--out",
+                                       help="Also write what `analyze` writes, named by the image's SHA-256."),
+    checkpoint: Optional[Path] = CHECKPOINT,
+    model: Optional[Path] = MODEL,
+    backend: Backend = BACKEND,
+    precision: Precision = PRECISION,
+    device: str = DEVICE,
+    save_noiseprint: bool = SAVE_NOISEPRINT,
+    no_png: bool = NO_PNG,
+    max_pixels: int = MAX_PIXELS,
+    max_memory: Optional[str] = MAX_MEMORY,
+) -> None:
+    """HTTP API: POST /v1/analyze (the image as the body or multipart field "image"; ?outputs=map
+    adds the maps), GET /healthz, /readyz, /metrics. One runner, one inference at a time."""
+    from .engine.memory_budget import parse_memory
+    from .service.serve import is_loopback, serve_app
+
+    if not is_loopback(host) and not token:
+        fail_setup(f"--host {host} is reachable from other machines: give --token (or TRUFOR_TRT_TOKEN)")
+    try:
+        from .service.http_app import ServeSettings, create_app
+
+        settings = ServeSettings(AnalyzeOptions(out_dir=out, save_noiseprint=save_noiseprint,
+                                                write_png=not no_png, overwrite=True, max_pixels=max_pixels),
+                                 token=token, max_queue=max_queue, max_body=parse_memory(max_body))
+    except ModuleNotFoundError as exc:
+        fail_setup(_missing_package(exc))
+    except (TruforError, ValueError) as exc:
+        fail_setup(f"--max-body {max_body}: {exc}")
+    if out is not None:
+        _check_output_folder(out)
+    _check_checkpoint(checkpoint)
+    runner = _load_runner(backend.value, model, checkpoint, device, precision.value, max_memory)
+    say(f"serving {runner.backend} {runner.precision} on http://{host}:{port}; SIGTERM or Ctrl-C "
+        "stops after the requests in hand")
+    try:
+        started = serve_app(create_app(runner, settings), host, port)
+    finally:
+        runner.close()
+    if not started:
+        fail_setup(f"the server did not start on {host}:{port} (see the message above)")
 
 
 def _selftest_table(report) -> Table:

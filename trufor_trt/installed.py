@@ -6,7 +6,9 @@ from importlib import metadata
 # The extra of ours that brings each module a command may find missing.
 MODULE_EXTRAS = {"torch": "export", "onnx": "export", "onnx_graphsurgeon": "export",
                  "onnxruntime": "cpu", "tensorrt": "trt", "pycuda": "trt", "cuda": "trt-cuda-python",
-                 "matplotlib": "bench", "sympy": "export"}
+                 "matplotlib": "bench", "sympy": "export", "starlette": "serve", "uvicorn": "serve",
+                 "prometheus_client": "serve", "multipart": "serve", "python_multipart": "serve",
+                 "watchfiles": "watch"}
 
 
 def install_command(module: str) -> str:

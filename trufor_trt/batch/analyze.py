@@ -1,4 +1,4 @@
-"""The batch loop behind `trufor-trt analyze`: one image at a time, each failure contained.
+"""The per-image job behind every way in (`analyze`, `watch`, `serve`) and analyze's batch loop.
 
 Per image: decode -> prepare -> infer (any runner) -> postprocess -> write, each stage timed;
 one JSON line per image in `results.jsonl`. A bad image gets a one-line reason and the batch
@@ -9,9 +9,10 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from ..engine.decode import DEFAULT_MAX_PIXELS, decode_image
-from ..engine.postprocess import postprocess
+from ..engine.decode import DEFAULT_MAX_PIXELS, decode_bytes, decode_image
+from ..engine.postprocess import Analysis, postprocess
 from ..engine.preprocess import prepare_input
 from ..engine.runner import Runner
 from ..engine.timing import StageClock
@@ -25,11 +26,18 @@ from .summary import RESULTS_FILE, write_summary_csv
 
 @dataclass(frozen=True)
 class AnalyzeOptions:
-    out_dir: Path
+    out_dir: Optional[Path]  # None: analyse only, write nothing (`serve` without --out)
     save_noiseprint: bool = False
     write_png: bool = True
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class JobResult:
+    record: dict  # the line results.jsonl gets
+    analysis: Optional[Analysis] = None  # when the image was analysed in this job
+    error: Optional[BaseException] = None  # why it failed, when it did
 
 
 def _one_line(exc: BaseException) -> str:
@@ -38,10 +46,15 @@ def _one_line(exc: BaseException) -> str:
     return one_line(exc)
 
 
-def analyse_file(path, runner: Runner, clock: StageClock, max_pixels: int = DEFAULT_MAX_PIXELS):
-    """decode -> prepare -> infer -> postprocess, each stage timed; returns (rgb, Analysis)."""
+def analyse_file(path, runner: Runner, clock: StageClock, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 data: Optional[bytes] = None):
+    """decode -> prepare -> infer -> postprocess, each stage timed; returns (rgb, Analysis).
+    `data`: the image's bytes when it is not read from `path` (an upload)."""
     with clock.stage("decode"):
-        rgb = decode_image(path, max_pixels=max_pixels, admit=runner.refusal)
+        if data is None:
+            rgb = decode_image(path, max_pixels=max_pixels, admit=runner.refusal)
+        else:
+            rgb = decode_bytes(data, path, max_pixels=max_pixels, admit=runner.refusal)
     with clock.stage("preprocess"):
         prepared = prepare_input(rgb)
     with clock.stage("inference"):
@@ -51,16 +64,12 @@ def analyse_file(path, runner: Runner, clock: StageClock, max_pixels: int = DEFA
     return rgb, analysis
 
 
-def _run_image(job: ImageJob, runner: Runner, options: AnalyzeOptions, paths: OutputPaths,
-               clock: StageClock, made_by: dict) -> dict:
-    rgb, analysis = analyse_file(job.path, runner, clock, options.max_pixels)
-    with clock.stage("write"):
-        write_atomically(paths.npz, npz_bytes(analysis, options.save_noiseprint, made_by))
-        if options.write_png:
-            write_atomically(paths.heatmap, heatmap_png(analysis.localization_map))
-            write_atomically(paths.overlay, overlay_png(rgb, analysis.localization_map))
-    height, width = rgb.shape[:2]
-    return {"score": analysis.score, "height": height, "width": width}
+def _write_outputs(paths: OutputPaths, rgb, analysis: Analysis, options: AnalyzeOptions,
+                   made_by: dict) -> None:
+    write_atomically(paths.npz, npz_bytes(analysis, options.save_noiseprint, made_by))
+    if options.write_png:
+        write_atomically(paths.heatmap, heatmap_png(analysis.localization_map))
+        write_atomically(paths.overlay, overlay_png(rgb, analysis.localization_map))
 
 
 def _reusable(expected: list, made_by: dict):
@@ -77,53 +86,83 @@ def _reusable(expected: list, made_by: dict):
             "width": width}, None
 
 
-def analyze_job(job: ImageJob, runner: Runner, options: AnalyzeOptions) -> dict:
-    """Analyse one image; never raises for a bad image: the record says what happened.
-    Existing outputs are reused only when their provenance matches this run's."""
-    paths = OutputPaths.below(options.out_dir, job.relative)
-    expected = paths.expected(options.write_png)
-    made_by = provenance(input_sha256(job.path), runner)
+def run_job(job: ImageJob, runner: Runner, options: AnalyzeOptions) -> JobResult:
+    """Analyse one image and write its outputs (when there is an output folder); never raises
+    for a bad image: the record says what happened. Existing outputs are reused only when their
+    provenance matches this run's."""
+    paths = OutputPaths.below(options.out_dir, job.relative) if options.out_dir is not None else None
+    expected = paths.expected(options.write_png) if paths is not None else []
+    made_by = provenance(input_sha256(job.path, job.data), runner)
     record = {"input": str(job.path), "outputs": [str(path) for path in expected],
               "status": "ok", "reason": None, "score": None, "height": None, "width": None,
               "backend": runner.backend, "precision": runner.precision, "times_ms": {},
               "provenance": made_by}
-    if not options.overwrite:
+    result = JobResult(record)
+    if paths is not None and not options.overwrite:
         reused, record["reason"] = _reusable(expected, made_by)
         if reused is not None:
             record.update(reused)
-            return record
+            return result
     clock = StageClock()
     try:
         with clock.stage("total"):
-            record.update(_run_image(job, runner, options, paths, clock, made_by))
+            rgb, result.analysis = analyse_file(job.path, runner, clock, options.max_pixels, job.data)
+            if paths is not None:
+                with clock.stage("write"):
+                    _write_outputs(paths, rgb, result.analysis, options, made_by)
+        height, width = rgb.shape[:2]
+        record.update(score=result.analysis.score, height=height, width=width)
     except Exception as exc:  # one bad image must not stop the batch
         record.update(status="error", reason=_one_line(exc), outputs=[])
+        result.analysis, result.error = None, exc
     record["times_ms"] = clock.times_ms
-    return record
+    return result
+
+
+class ResultsLog:
+    """An output folder's results.jsonl, open for appending: one flushed line per record, so a
+    killed run loses nothing it finished; results.csv is rewritten when the log closes."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = Path(out_dir)
+        self.summary = Counter()  # records per status: ok, error, skipped
+        self._file = None
+
+    def __enter__(self) -> "ResultsLog":
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(self.out_dir)
+        self._file = open(self.out_dir / RESULTS_FILE, "a", encoding="utf-8")
+        return self
+
+    def add(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        self.summary[record["status"]] += 1
+
+    def write_summary(self) -> None:
+        write_summary_csv(self.out_dir)
+
+    def __exit__(self, *exc_info) -> None:
+        self._file.close()
+        self.write_summary()
+
+
+def _name_taken(job: ImageJob, owner: Path, runner: Runner) -> dict:
+    return {"input": str(job.path), "outputs": [], "status": "error",
+            "reason": f"output name {job.relative!r} already used by {owner}",
+            "backend": runner.backend, "precision": runner.precision}
 
 
 def analyze_batch(jobs, runner: Runner, options: AnalyzeOptions, on_record=None) -> Counter:
     """Every job through the runner, one line each appended to results.jsonl, then results.csv
     rewritten. Returns how many records had each status (ok, error, skipped)."""
-    summary = Counter()
     claimed = {}
-    options.out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(options.out_dir)
-    try:
-        with open(options.out_dir / RESULTS_FILE, "a", encoding="utf-8") as results:
-            for job in jobs:
-                owner = claimed.setdefault(job.relative, job.path)
-                if owner != job.path:
-                    record = {"input": str(job.path), "outputs": [], "status": "error",
-                              "reason": f"output name {job.relative!r} already used by {owner}",
-                              "backend": runner.backend, "precision": runner.precision}
-                else:
-                    record = analyze_job(job, runner, options)
-                results.write(json.dumps(record) + "\n")
-                results.flush()
-                summary[record["status"]] += 1
-                if on_record is not None:
-                    on_record(record)
-    finally:
-        write_summary_csv(options.out_dir)
-    return summary
+    with ResultsLog(options.out_dir) as log:
+        for job in jobs:
+            owner = claimed.setdefault(job.relative, job.path)
+            record = (run_job(job, runner, options).record if owner == job.path
+                      else _name_taken(job, owner, runner))
+            log.add(record)
+            if on_record is not None:
+                on_record(record)
+    return log.summary

@@ -10,6 +10,7 @@ import glob
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from ..errors import TruforError
 
@@ -18,8 +19,9 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".tif", ".t
 
 @dataclass(frozen=True)
 class ImageJob:
-    path: Path
+    path: Path  # the image file; for an upload, only its name in records and errors
     relative: str  # output name below --out, without the output's own suffix
+    data: Optional[bytes] = None  # an upload's bytes, decoded instead of reading `path`
 
 
 class InputError(TruforError):

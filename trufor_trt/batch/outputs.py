@@ -1,6 +1,7 @@
 """What `analyze` writes per image, always atomically (temporary name, then rename)."""
 
 import io
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from ..engine.postprocess import Analysis
 from .provenance import PROVENANCE_KEY, provenance_array
 
 OVERLAY_OPACITY = 0.6  # opacity of the heatmap where the map is 1
+NPZ_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip member can carry
 
 
 @dataclass(frozen=True)
@@ -42,8 +44,18 @@ def npz_bytes(analysis: Analysis, save_noiseprint: bool, made_by: dict) -> bytes
     }
     if save_noiseprint:
         arrays["np++"] = analysis.noiseprint
+    return _npz(arrays)
+
+
+def _npz(arrays: dict) -> bytes:
+    """np.savez's layout with a fixed member date, so the same analysis gives the same bytes
+    whichever way in wrote it, and whenever (np.savez stamps the current time)."""
     buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name, value in arrays.items():
+            with archive.open(zipfile.ZipInfo(f"{name}.npy", date_time=NPZ_DATE), "w",
+                              force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
     return buffer.getvalue()
 
 

@@ -5,6 +5,7 @@ Each .npz carries it as one extra key (PROVENANCE_KEY, a JSON string) beside the
 which stay exactly as the official test script writes them; results.jsonl carries it too.
 """
 
+import hashlib
 import json
 
 import numpy as np
@@ -21,8 +22,11 @@ REDO_REASONS = (("input_sha256", "redone: input changed"),
                 ("trufor_trt", "redone: made by another trufor-trt version"))
 
 
-def input_sha256(path):
-    """The file's SHA-256, or None where it cannot be read (the decoder then says why)."""
+def input_sha256(path, data=None):
+    """The SHA-256 of `data` if given (an upload), else of the file; None where the file cannot be
+    read (the decoder then says why)."""
+    if data is not None:
+        return hashlib.sha256(data).hexdigest()
     try:
         return sha256_file(path)
     except OSError:

@@ -1,0 +1,91 @@
+"""A watched folder: which of its files are complete images, and filing the originals away.
+
+A file counts as complete once its size and modification time have stayed the same for `settle`
+seconds of watching (a camera or a copy writing in pieces keeps changing both). Writers that
+pause longer than that mid-file should write under a hidden name (".name") or a non-image
+suffix ("name.jpg.part") and rename when done: those are never read.
+"""
+
+import errno
+import os
+import shutil
+import time
+from pathlib import Path
+
+from ..batch.inputs import IMAGE_SUFFIXES, ImageJob
+
+SETTLE_SECONDS = 2.0
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+class Inbox:
+    """Scans `folder` (recursively) and tells which images have settled."""
+
+    def __init__(self, folder: Path, settle: float = SETTLE_SECONDS, exclude=()):
+        self.folder = Path(folder)
+        self.settle = settle
+        self._exclude = [Path(path).resolve() for path in exclude]
+        self._seen = {}  # path -> ((size, mtime_ns), monotonic time it was first seen so)
+
+    def _candidates(self):
+        for path in sorted(self.folder.rglob("*")):
+            relative = path.relative_to(self.folder)
+            if (path.suffix.lower() in IMAGE_SUFFIXES and not _hidden(relative)
+                    and not any(_inside(path.resolve(), folder) for folder in self._exclude)
+                    and path.is_file()):
+                yield path, relative
+
+    def scan(self) -> list:
+        """[(ImageJob, (size, mtime_ns))] of the images unchanged for `settle` seconds."""
+        now, seen, ready = time.monotonic(), {}, []
+        for path, relative in self._candidates():
+            try:
+                stat = path.stat()
+            except OSError:  # gone since the listing
+                continue
+            key = (stat.st_size, stat.st_mtime_ns)
+            earlier = self._seen.get(path)
+            since = earlier[1] if earlier is not None and earlier[0] == key else now
+            seen[path] = (key, since)
+            if now - since >= self.settle:
+                ready.append((ImageJob(path, relative.as_posix()), key))
+        self._seen = seen
+        return ready
+
+    def settling(self) -> bool:
+        """Whether some image seen in the last scan has not settled yet."""
+        now = time.monotonic()
+        return any(now - since < self.settle for _, since in self._seen.values())
+
+
+def _free_name(target: Path) -> Path:
+    """`target`, or name-2.ext, name-3.ext... where it is taken: an original is never overwritten."""
+    candidate, count = target, 1
+    while candidate.exists():
+        count += 1
+        candidate = target.with_name(f"{target.stem}-{count}{target.suffix}")
+    return candidate
+
+
+def file_away(path: Path, relative: str, folder: Path) -> Path:
+    """Move an original below `folder` under its relative name: one rename on the same file
+    system; elsewhere a copy under a temporary name, a rename, then the original's removal."""
+    target = _free_name(Path(folder) / relative)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(path, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:  # not a move to another file system
+            raise
+        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        shutil.copy2(path, temporary)
+        os.replace(temporary, target)
+        path.unlink()
+    return target

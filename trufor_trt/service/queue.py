@@ -1,0 +1,40 @@
+"""One inference at a time on a runner, with a bounded line of requests waiting behind it."""
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Optional
+
+
+class InferenceQueue:
+    """A single worker thread owns the runner (runners are not safe to call concurrently); at
+    most `max_queue` jobs wait behind the one in hand, beyond that submit() refuses, so latency
+    stays bounded and the caller can say "busy, retry" instead."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trufor-inference")
+        self._lock = threading.Lock()
+        self._admitted = 0  # waiting + in hand
+
+    @property
+    def waiting(self) -> int:
+        with self._lock:
+            return max(self._admitted - 1, 0)
+
+    def submit(self, work: Callable, *args) -> Optional[Future]:
+        """The future of work(*args), or None when the queue is full."""
+        with self._lock:
+            if self._admitted > self.max_queue:
+                return None
+            self._admitted += 1
+        future = self._executor.submit(work, *args)
+        future.add_done_callback(self._release)
+        return future
+
+    def _release(self, _future: Future) -> None:
+        with self._lock:
+            self._admitted -= 1
+
+    def close(self) -> None:
+        """Finish what was admitted, then stop the worker."""
+        self._executor.shutdown(wait=True)
