@@ -111,10 +111,13 @@ async def _image_bytes(request: Request, body: bytes) -> bytes:
         form = await Request(request.scope, replay).form(max_files=1, max_fields=16)
     except MultiPartException as exc:
         raise BadRequest(f"unreadable multipart body: {exc.message}") from None
-    upload = form.get("image")
-    if upload is None or isinstance(upload, str):
-        raise BadRequest('multipart body without a file in field "image"')
-    return await upload.read()
+    try:
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise BadRequest('multipart body without a file in field "image"')
+        return await upload.read()
+    finally:
+        await form.close()  # the parser's spooled temporary files
 
 
 class AnalysisService:
