@@ -1,19 +1,17 @@
 """One benchmark case, run in a process of its own (see bench.py for why): load the runner,
-time images one at a time (SingleStream), then through a pipeline of several runners
-(Offline), and report the process's memory."""
+time images one at a time (SingleStream), then through `analyze`'s pipeline with several
+runners (Offline, nothing written), and report the process's memory."""
 
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
-from trufor_trt.batch.analyze import analyse_file
+from trufor_trt.batch.analyze import AnalyzeOptions, analyse_file
+from trufor_trt.batch.inputs import ImageJob
+from trufor_trt.batch.pipeline import Pipeline, open_jobs
 from trufor_trt.engine import create_runner
-from trufor_trt.engine.decode import decode_image
-from trufor_trt.engine.postprocess import postprocess
-from trufor_trt.engine.preprocess import prepare_input
 from trufor_trt.engine.timing import StageClock
 
 from .memory import peak_rss_bytes, rss_bytes
@@ -81,97 +79,14 @@ def single_stream(runner, spec: CaseSpec) -> dict:
     return {"samples_ms": samples, "shapes": shapes}
 
 
-class _Pipeline:
-    """decode + preprocess (one thread) -> inference (one thread per runner) -> postprocess
-    (one thread), joined by bounded queues so that the CPU stages overlap inference and no
-    more than a few prepared images wait in memory. A failure anywhere stops every thread."""
-
-    POLL_S = 0.1
-
-    def __init__(self, runners, images, count: int):
-        self.runners, self.images, self.count = runners, images, count
-        self.prepared = queue.Queue(maxsize=2 * len(runners))
-        self.inferred = queue.Queue(maxsize=2 * len(runners))
-        self.busy_ms = {"decode+preprocess": 0.0, "inference": 0.0, "postprocess": 0.0}
-        self.lock = threading.Lock()
-        self.failed = threading.Event()
-        self.errors = []
-
-    def _add_busy(self, stage: str, start_ns: int) -> None:
-        with self.lock:
-            self.busy_ms[stage] += _elapsed_ms(start_ns)
-
-    def _put(self, channel: queue.Queue, item) -> None:
-        while not self.failed.is_set():
-            try:
-                return channel.put(item, timeout=self.POLL_S)
-            except queue.Full:
-                continue
-
-    def _get(self, channel: queue.Queue):
-        """The next item; None once the stream ends or something failed."""
-        while not self.failed.is_set():
-            try:
-                return channel.get(timeout=self.POLL_S)
-            except queue.Empty:
-                continue
-        return None
-
-    def _guarded(self, work, *args) -> None:
-        try:
-            work(*args)
-        except Exception as exc:  # raised again by run() once every thread has stopped
-            self.errors.append(exc)
-            self.failed.set()
-
-    def _produce(self) -> None:
-        for index in range(self.count):
-            start = time.perf_counter_ns()
-            prepared = prepare_input(decode_image(self.images[index % len(self.images)]))
-            self._add_busy("decode+preprocess", start)
-            self._put(self.prepared, prepared)
-        for _ in self.runners:
-            self._put(self.prepared, None)
-
-    def _infer(self, runner) -> None:
-        while (prepared := self._get(self.prepared)) is not None:
-            start = time.perf_counter_ns()
-            raw = runner.infer(prepared)
-            self._add_busy("inference", start)
-            self._put(self.inferred, (raw, runner.detection_head))
-        self._put(self.inferred, None)
-
-    def _postprocess(self) -> None:
-        finished = 0
-        while finished < len(self.runners) and not self.failed.is_set():
-            item = self._get(self.inferred)
-            if item is None:
-                finished += 1
-                continue
-            start = time.perf_counter_ns()
-            postprocess(*item)
-            self._add_busy("postprocess", start)
-
-    def run(self) -> float:
-        """Wall-clock ms from the first decode to the last postprocess."""
-        workers = [threading.Thread(target=self._guarded, args=(self._produce,))]
-        workers += [threading.Thread(target=self._guarded, args=(self._infer, runner))
-                    for runner in self.runners]
-        start = time.perf_counter_ns()
-        for worker in workers:
-            worker.start()
-        self._guarded(self._postprocess)
-        wall_ms = _elapsed_ms(start)
-        for worker in workers:
-            worker.join()
-        if self.errors:
-            raise self.errors[0]
-        return wall_ms
+def _raise_failure(result) -> None:
+    if result.error is not None:  # a benchmark's images are all good: a failure is the runner's
+        raise result.error
 
 
 def offline(spec: CaseSpec) -> dict:
     """Throughput of `streams` runners fed by one decoding thread, drained by one postprocessing
-    thread. CPU runners share the cores between them instead of each taking all of them."""
+    thread (the calling one). CPU runners share the cores instead of each taking all of them."""
     cores = os.cpu_count() or 1
     threads = max(1, cores // spec.streams) if spec.backend in CPU_BACKENDS else 0
     runners = [make_runner(spec, threads) for _ in range(spec.streams)]
@@ -180,8 +95,10 @@ def offline(spec: CaseSpec) -> dict:
             runner.load()
             time_one_image(runner, spec.images[0])  # warm-up, not timed
         count = max(spec.repeat, 2 * spec.streams)
-        pipeline = _Pipeline(runners, spec.images, count)
-        wall_ms = pipeline.run()
+        jobs = [ImageJob(Path(spec.images[index % len(spec.images)]), str(index)) for index in range(count)]
+        options = AnalyzeOptions(out_dir=None)
+        pipeline = Pipeline(runners, options)
+        wall_ms = pipeline.run(open_jobs(jobs, runners[0], options), _raise_failure)
         device = [runner.device_memory_bytes() for runner in runners]
     finally:
         for runner in runners:

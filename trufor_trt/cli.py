@@ -16,7 +16,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from rich.table import Table
 
 from . import __version__
-from .batch.analyze import AnalyzeOptions, analyze_batch
+from .batch.analyze import AnalyzeOptions
 from .batch.inputs import expand_inputs
 from .batch.summary import RESULTS_FILE, SUMMARY_FILE
 from .engine import create_runner, pick_backend
@@ -171,28 +171,51 @@ def _open_model(model: Optional[Path], checkpoint: Optional[Path]):
     return cached_model_dir(checkpoint, on_step=say)
 
 
-def _load_runner(backend: str, model: Optional[Path], checkpoint: Optional[Path], device: str,
-                 precision: str, max_memory: Optional[str] = None):
-    """The loaded runner for the requested backend (auto resolved here)."""
+def _load_runners(backend: str, model: Optional[Path], checkpoint: Optional[Path], device: str,
+                  precision: str, max_memory: Optional[str] = None, streams: int = 1) -> list:
+    """`streams` loaded runners for the requested backend (auto resolved here; 0 streams: 2 for
+    TensorRT, which overlaps engines on one GPU, else 1). CPU runners side by side share the
+    cores and the memory budget."""
+    import os
+
+    runners = []
     try:
-        from .engine.memory_budget import parse_memory
+        from .engine.memory_budget import parse_memory, physical_memory
 
         budget = parse_memory(max_memory) if max_memory else None
-        if backend == "torch":
-            if checkpoint is None:
-                fail_setup("the torch backend runs from --checkpoint FILE")
-            runner = create_runner("torch", checkpoint=checkpoint, device=device, precision=precision,
-                                   max_memory_bytes=budget)
-        else:
+        if backend != "torch":
             opened = _open_model(model, checkpoint)
             backend = pick_backend(backend, opened.path, precision, on_notice=say)
-            runner = create_runner(backend, model=opened, precision=precision, max_memory_bytes=budget)
-        runner.load()
+        elif checkpoint is None:
+            fail_setup("the torch backend runs from --checkpoint FILE")
+        count = streams or (2 if backend == "tensorrt" else 1)
+        threads = max(1, (os.cpu_count() or 1) // count) if count > 1 else 0
+        if count > 1 and budget is None and backend != "tensorrt":
+            budget = physical_memory()
+        share = budget // count if budget else None
+        for _ in range(count):
+            runners.append(create_runner(backend, checkpoint=checkpoint, model=None if backend == "torch" else opened,
+                                         device=device, precision=precision, threads=threads,
+                                         max_memory_bytes=share))
+            runners[-1].load()
     except TruforError as exc:
+        _close_all(runners)
         fail_setup(str(exc))
     except ModuleNotFoundError as exc:
+        _close_all(runners)
         fail_setup(_missing_package(exc))
-    return runner
+    return runners
+
+
+def _close_all(runners: list) -> None:
+    for runner in runners:
+        runner.close()
+
+
+def _load_runner(backend: str, model: Optional[Path], checkpoint: Optional[Path], device: str,
+                 precision: str, max_memory: Optional[str] = None):
+    """One loaded runner for the requested backend (auto resolved here)."""
+    return _load_runners(backend, model, checkpoint, device, precision, max_memory)[0]
 
 
 def _progress(enabled: bool) -> Progress:
@@ -247,10 +270,14 @@ def analyze(
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo images even where matching outputs exist."),
     max_pixels: int = MAX_PIXELS,
     max_memory: Optional[str] = MAX_MEMORY,
+    streams: int = typer.Option(0, "--streams", min=0,
+                                help="Runners side by side in the pipeline (0: 2 with TensorRT, else 1)."),
     quiet: bool = QUIET,
 ) -> None:
     """Analyse images: per image an .npz with map, conf, score, imgsize (+ PNGs), a line in
     results.jsonl (the log of runs) and a row in results.csv (each image's latest state)."""
+    from .batch.pipeline import analyze_batch
+
     try:
         jobs = expand_inputs(inputs)
     except TruforError as exc:
@@ -259,7 +286,8 @@ def analyze(
         fail_setup("no input images found in: " + " ".join(inputs))
     _check_output_folder(out)
     _check_checkpoint(checkpoint)
-    runner = _load_runner(backend.value, model, checkpoint, device, precision.value, max_memory)
+    runners = _load_runners(backend.value, model, checkpoint, device, precision.value, max_memory, streams)
+    runner = runners[0]
     options = AnalyzeOptions(out_dir=out, save_noiseprint=save_noiseprint, write_png=not no_png,
                              overwrite=overwrite, max_pixels=max_pixels)
     # In a terminal a progress bar, and a line for each failure or redone image; in a log a
@@ -267,7 +295,8 @@ def analyze(
     in_terminal = console.is_terminal and not quiet
     try:
         with _progress(in_terminal) as progress:
-            task = progress.add_task(f"analysing ({runner.backend} {runner.precision})", total=len(jobs))
+            task = progress.add_task(f"analysing ({runner.backend} {runner.precision}, {len(runners)} "
+                                     f"runner{'s' if len(runners) > 1 else ''})", total=len(jobs))
 
             def report(record: dict) -> None:
                 noteworthy = record["status"] == "error" or (record["status"] == "ok" and record["reason"])
@@ -275,9 +304,9 @@ def analyze(
                     progress.console.print(_record_line(record), soft_wrap=True)
                 progress.advance(task)
 
-            summary = analyze_batch(jobs, runner, options, on_record=report)
+            summary = analyze_batch(jobs, runners, options, on_record=report)
     finally:
-        runner.close()
+        _close_all(runners)
     console.print(f"{summary['ok']} analysed, {summary['skipped']} skipped (outputs exist), "
                   f"{summary['error']} failed; details in {escape(str(out / RESULTS_FILE))} "
                   f"and {escape(str(out / SUMMARY_FILE))}", soft_wrap=True)

@@ -11,10 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from ..engine.decode import DEFAULT_MAX_PIXELS, decode_bytes, decode_image
 from ..engine.postprocess import Analysis, postprocess
 from ..engine.preprocess import prepare_input
-from ..engine.runner import Runner
+from ..engine.runner import RawOutputs, Runner
 from ..engine.timing import StageClock
 from ..errors import TruforError, one_line
 from ..files import remove_stale_temporaries, write_atomically
@@ -46,22 +48,54 @@ def _one_line(exc: BaseException) -> str:
     return one_line(exc)
 
 
+@dataclass
+class ImageInFlight:
+    """One image between the job's stages; the pipeline hands it from thread to thread."""
+
+    job: ImageJob
+    clock: StageClock
+    result: Optional[JobResult] = None  # None for analyse_file, which raises instead
+    paths: Optional[OutputPaths] = None
+    rgb: Optional[np.ndarray] = None
+    prepared: Optional[np.ndarray] = None
+    raw: Optional[RawOutputs] = None
+    analysis: Optional[Analysis] = None
+    done: bool = False  # failed, or its outputs reused: the later stages pass it by
+
+
+# The stage sequence, once: decode + prepare -> infer -> postprocess (-> write, in finish_job).
+def _decode(flight: ImageInFlight, runner: Runner, max_pixels: int) -> None:
+    job, clock = flight.job, flight.clock
+    with clock.stage("decode"):
+        if job.data is None:
+            flight.rgb = decode_image(job.path, max_pixels=max_pixels, admit=runner.refusal)
+        else:
+            flight.rgb = decode_bytes(job.data, job.path, max_pixels=max_pixels, admit=runner.refusal)
+    with clock.stage("preprocess"):
+        flight.prepared = prepare_input(flight.rgb)
+
+
+def _infer(flight: ImageInFlight, runner: Runner) -> None:
+    with flight.clock.stage("inference"):
+        flight.raw = runner.infer(flight.prepared)
+    flight.prepared = None  # the largest array of the image: free it as soon as it is used
+
+
+def _postprocess(flight: ImageInFlight, detection_head) -> None:
+    with flight.clock.stage("postprocess"):
+        flight.analysis = postprocess(flight.raw, detection_head)
+    flight.raw = None
+
+
 def analyse_file(path, runner: Runner, clock: StageClock, max_pixels: int = DEFAULT_MAX_PIXELS,
                  data: Optional[bytes] = None):
     """decode -> prepare -> infer -> postprocess, each stage timed; returns (rgb, Analysis).
-    `data`: the image's bytes when it is not read from `path` (an upload)."""
-    with clock.stage("decode"):
-        if data is None:
-            rgb = decode_image(path, max_pixels=max_pixels, admit=runner.refusal)
-        else:
-            rgb = decode_bytes(data, path, max_pixels=max_pixels, admit=runner.refusal)
-    with clock.stage("preprocess"):
-        prepared = prepare_input(rgb)
-    with clock.stage("inference"):
-        raw = runner.infer(prepared)
-    with clock.stage("postprocess"):
-        analysis = postprocess(raw, runner.detection_head)
-    return rgb, analysis
+    `data`: the image's bytes when it is not read from `path` (an upload). Raises on failure."""
+    flight = ImageInFlight(ImageJob(Path(path), "", data), clock)
+    _decode(flight, runner, max_pixels)
+    _infer(flight, runner)
+    _postprocess(flight, runner.detection_head)
+    return flight.rgb, flight.analysis
 
 
 def _write_outputs(paths: OutputPaths, rgb, analysis: Analysis, options: AnalyzeOptions,
@@ -86,10 +120,9 @@ def _reusable(expected: list, made_by: dict):
             "width": width}, None
 
 
-def run_job(job: ImageJob, runner: Runner, options: AnalyzeOptions) -> JobResult:
-    """Analyse one image and write its outputs (when there is an output folder); never raises
-    for a bad image: the record says what happened. Existing outputs are reused only when their
-    provenance matches this run's."""
+def open_job(job: ImageJob, runner: Runner, options: AnalyzeOptions) -> ImageInFlight:
+    """The image's record, before any stage; done already when its outputs can be reused
+    (existing outputs are reused only when their provenance matches this run's)."""
     paths = OutputPaths.below(options.out_dir, job.relative) if options.out_dir is not None else None
     expected = paths.expected(options.write_png) if paths is not None else []
     made_by = provenance(input_sha256(job.path, job.data), runner)
@@ -97,26 +130,66 @@ def run_job(job: ImageJob, runner: Runner, options: AnalyzeOptions) -> JobResult
               "status": "ok", "reason": None, "score": None, "height": None, "width": None,
               "backend": runner.backend, "precision": runner.precision, "times_ms": {},
               "provenance": made_by}
-    result = JobResult(record)
+    flight = ImageInFlight(job, StageClock(), JobResult(record), paths)
     if paths is not None and not options.overwrite:
         reused, record["reason"] = _reusable(expected, made_by)
         if reused is not None:
             record.update(reused)
-            return result
-    clock = StageClock()
+            flight.done = True
+    return flight
+
+
+def _contained(flight: ImageInFlight, stage, *args) -> None:
+    """Run a stage unless the image is done; a failure becomes the image's record (one bad image
+    must not stop the batch)."""
+    if flight.done:
+        return
     try:
-        with clock.stage("total"):
-            rgb, result.analysis = analyse_file(job.path, runner, clock, options.max_pixels, job.data)
-            if paths is not None:
-                with clock.stage("write"):
-                    _write_outputs(paths, rgb, result.analysis, options, made_by)
-        height, width = rgb.shape[:2]
-        record.update(score=result.analysis.score, height=height, width=width)
-    except Exception as exc:  # one bad image must not stop the batch
-        record.update(status="error", reason=_one_line(exc), outputs=[])
-        result.analysis, result.error = None, exc
-    record["times_ms"] = clock.times_ms
-    return result
+        stage(flight, *args)
+    except Exception as exc:
+        flight.result.record.update(status="error", reason=_one_line(exc), outputs=[])
+        flight.result.error, flight.done = exc, True
+        flight.rgb = flight.prepared = flight.raw = None
+
+
+def decode_job(flight: ImageInFlight, runner: Runner, options: AnalyzeOptions) -> None:
+    _contained(flight, _decode, runner, options.max_pixels)
+
+
+def infer_job(flight: ImageInFlight, runner: Runner) -> None:
+    _contained(flight, _infer, runner)
+
+
+def _postprocess_and_write(flight: ImageInFlight, detection_head, options: AnalyzeOptions) -> None:
+    _postprocess(flight, detection_head)
+    record = flight.result.record
+    if flight.paths is not None:
+        with flight.clock.stage("write"):
+            _write_outputs(flight.paths, flight.rgb, flight.analysis, options, record["provenance"])
+    height, width = flight.rgb.shape[:2]
+    record.update(score=flight.analysis.score, height=height, width=width)
+    flight.result.analysis = flight.analysis
+
+
+def finish_job(flight: ImageInFlight, detection_head, options: AnalyzeOptions) -> JobResult:
+    """Postprocess and write (when there is an output folder); the record gets its times, their
+    total being the image's own work (time spent waiting between stages is not its)."""
+    _contained(flight, _postprocess_and_write, detection_head, options)
+    flight.rgb = None
+    if flight.clock.times_ms:  # some stage ran
+        times = dict(flight.clock.times_ms)
+        times["total"] = round(sum(times.values()), 3)
+        flight.result.record["times_ms"] = times
+    return flight.result
+
+
+def run_job(job: ImageJob, runner: Runner, options: AnalyzeOptions) -> JobResult:
+    """One image through every stage in this thread; never raises for a bad image: the record
+    says what happened."""
+    flight = open_job(job, runner, options)
+    decode_job(flight, runner, options)
+    infer_job(flight, runner)
+    return finish_job(flight, runner.detection_head, options)
 
 
 class ResultsLog:
@@ -145,24 +218,3 @@ class ResultsLog:
     def __exit__(self, *exc_info) -> None:
         self._file.close()
         self.write_summary()
-
-
-def _name_taken(job: ImageJob, owner: Path, runner: Runner) -> dict:
-    return {"input": str(job.path), "outputs": [], "status": "error",
-            "reason": f"output name {job.relative!r} already used by {owner}",
-            "backend": runner.backend, "precision": runner.precision}
-
-
-def analyze_batch(jobs, runner: Runner, options: AnalyzeOptions, on_record=None) -> Counter:
-    """Every job through the runner, one line each appended to results.jsonl, then results.csv
-    rewritten. Returns how many records had each status (ok, error, skipped)."""
-    claimed = {}
-    with ResultsLog(options.out_dir) as log:
-        for job in jobs:
-            owner = claimed.setdefault(job.relative, job.path)
-            record = (run_job(job, runner, options).record if owner == job.path
-                      else _name_taken(job, owner, runner))
-            log.add(record)
-            if on_record is not None:
-                on_record(record)
-    return log.summary

@@ -1,0 +1,142 @@
+"""Images through the per-image job's stages on overlapping threads: decode + prepare (one
+thread) -> inference (one thread per runner) -> postprocess + write (the calling thread), joined
+by bounded queues, so the CPU stages overlap inference and only a few prepared images wait in
+memory whatever the input holds. `analyze` and `bench`'s Offline mode both run it.
+
+Records come out in the order images finish: with one runner that is the input order.
+"""
+
+import queue
+import threading
+import time
+from collections import Counter
+from typing import Callable, Iterable
+
+from ..engine.runner import Runner
+from ..engine.timing import StageClock
+from .analyze import (AnalyzeOptions, ImageInFlight, JobResult, ResultsLog, decode_job, finish_job, infer_job,
+                      open_job)
+from .inputs import ImageJob
+
+POLL_S = 0.1
+QUEUE_DEPTH_PER_RUNNER = 2
+BUSY_STAGES = {"decode+preprocess": ("decode", "preprocess"), "inference": ("inference",),
+               "postprocess": ("postprocess", "write")}
+
+
+class Pipeline:
+    """One run over a stream of jobs. A failure of the pipeline itself (not of an image: those
+    are records) stops every thread and is raised again by run()."""
+
+    def __init__(self, runners: list, options: AnalyzeOptions):
+        self.runners, self.options = runners, options
+        depth = QUEUE_DEPTH_PER_RUNNER * len(runners)
+        self._opened, self._inferred = queue.Queue(maxsize=depth), queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._errors = []
+        self.busy_ms = {stage: 0.0 for stage in BUSY_STAGES}
+
+    def _put(self, channel: queue.Queue, item) -> None:
+        while not self._stop.is_set():
+            try:
+                return channel.put(item, timeout=POLL_S)
+            except queue.Full:
+                continue
+
+    def _get(self, channel: queue.Queue):
+        """The next item; None once the stream ends or the run stops."""
+        while not self._stop.is_set():
+            try:
+                return channel.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+        return None
+
+    def _guarded(self, work: Callable, *args) -> None:
+        try:
+            work(*args)
+        except BaseException as exc:  # raised again by run() once every thread has stopped
+            self._errors.append(exc)
+            self._stop.set()
+
+    def _produce(self, flights: Iterable) -> None:
+        runner = self.runners[0]  # any runner: they share the model, so its size limits
+        for flight in flights:
+            if self._stop.is_set():
+                return
+            decode_job(flight, runner, self.options)
+            self._put(self._opened, flight)
+        for _ in self.runners:
+            self._put(self._opened, None)
+
+    def _infer(self, runner: Runner) -> None:
+        while (flight := self._get(self._opened)) is not None:
+            infer_job(flight, runner)
+            self._put(self._inferred, flight)
+        self._put(self._inferred, None)
+
+    def _account(self, flight: ImageInFlight) -> None:
+        times = flight.clock.times_ms
+        for stage, parts in BUSY_STAGES.items():
+            self.busy_ms[stage] += sum(times.get(part, 0.0) for part in parts)
+
+    def run(self, flights: Iterable, on_result: Callable[[JobResult], None]) -> float:
+        """Every flight (from open_job, or finished already) through the stages; on_result gets
+        each in the calling thread. Returns the wall-clock ms."""
+        workers = [threading.Thread(target=self._guarded, args=(self._produce, flights), daemon=True)]
+        workers += [threading.Thread(target=self._guarded, args=(self._infer, runner), daemon=True)
+                    for runner in self.runners]
+        start = time.perf_counter_ns()
+        for worker in workers:
+            worker.start()
+        try:
+            self._guarded(self._drain, on_result)
+        finally:
+            self._stop.set()
+            for worker in workers:
+                worker.join()
+        if self._errors:
+            raise self._errors[0]
+        return (time.perf_counter_ns() - start) / 1e6
+
+    def _drain(self, on_result) -> None:
+        finished = 0
+        while finished < len(self.runners):
+            flight = self._get(self._inferred)
+            if flight is None:
+                if self._stop.is_set():
+                    return
+                finished += 1
+                continue
+            result = finish_job(flight, self.runners[0].detection_head, self.options)
+            self._account(flight)
+            on_result(result)
+
+
+def open_jobs(jobs: Iterable, runner: Runner, options: AnalyzeOptions):
+    """The flights for `jobs`, opened lazily (the reuse check reads files) as the pipeline asks;
+    a job whose output name another input took already is refused here."""
+    claimed = {}
+    for job in jobs:
+        owner = claimed.setdefault(job.relative, job.path)
+        yield open_job(job, runner, options) if owner == job.path else _name_taken(job, owner, runner)
+
+
+def _name_taken(job: ImageJob, owner, runner: Runner) -> ImageInFlight:
+    record = {"input": str(job.path), "outputs": [], "status": "error",
+              "reason": f"output name {job.relative!r} already used by {owner}",
+              "backend": runner.backend, "precision": runner.precision}
+    return ImageInFlight(job, StageClock(), JobResult(record), done=True)
+
+
+def analyze_batch(jobs, runners: list, options: AnalyzeOptions, on_record=None) -> Counter:
+    """Every job through the pipeline, one line each appended to results.jsonl as it finishes,
+    then results.csv rewritten. Returns how many records had each status (ok, error, skipped)."""
+    with ResultsLog(options.out_dir) as log:
+        def keep(result: JobResult) -> None:
+            log.add(result.record)
+            if on_record is not None:
+                on_record(result.record)
+
+        Pipeline(runners, options).run(open_jobs(jobs, runners[0], options), keep)
+    return log.summary
