@@ -231,9 +231,9 @@ def test_fp16_keeps_every_decision_on_the_shared_images(shared_validation):
     assert shared_validation[0]["fp16"]["overall"]["decisions_flipped"] == 0
 
 
-# Issue 13's acceptance, not met yet (measured: README, FP16 and INT8): plans searched on the
+# Issue 13's acceptance, not met (blocked; measured: README, FP16 and INT8): plans searched on the
 # suite's 2 calibration crops do not generalise to all 52 images.
-@pytest.mark.xfail(strict=True, reason="issue 13 open: FP16 from 2 crops exceeds the budget on the "
+@pytest.mark.xfail(strict=True, reason="issue 13 blocked: FP16 from 2 crops exceeds the budget on the "
                    "shared images (score 3.2e-3 vs 1.5e-3, map 5.1e-3 vs 5e-3)")
 def test_fp16_stays_within_its_budget_on_every_shared_image(shared_validation):
     from trufor_trt.export.fp16_plan import FP16_BUDGET
@@ -243,7 +243,7 @@ def test_fp16_stays_within_its_budget_on_every_shared_image(shared_validation):
     assert overall["score_error_max"] <= FP16_BUDGET["score"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 open: INT8 from 2 crops flips 1 decision of 52 "
+@pytest.mark.xfail(strict=True, reason="issue 13 blocked: INT8 from 2 crops flips 1 decision of 52 "
                    "(map 8.0e-2, score 6.5e-2 against 5e-2, 2e-2)")
 def test_int8_flips_no_decision_and_keeps_its_target_on_the_shared_images(shared_validation):
     from trufor_trt.calibration.int8 import INT8_TARGET
