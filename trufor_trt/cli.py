@@ -318,8 +318,10 @@ def _check_watch_folders(inbox: Path, folders: dict) -> None:
     files would be watched too) nor each other."""
     if not inbox.is_dir():
         fail_setup(f"INBOX {inbox}: " + ("not a folder" if inbox.exists() else "no such folder"))
+    from .service.inbox import is_inside
+
     for option, folder in folders.items():
-        if inbox.resolve() == folder.resolve() or inbox.resolve() in folder.resolve().parents:
+        if is_inside(folder, inbox):
             fail_setup(f"{option} {folder}: inside INBOX {inbox}; put it beside it")
     if len({folder.resolve() for folder in folders.values()}) < len(folders):
         fail_setup("--out, --done and --failed must be different folders")

@@ -1,4 +1,5 @@
-"""The per-image job behind every way in (`analyze`, `watch`, `serve`) and analyze's batch loop.
+"""The per-image job behind every way in (`analyze`, `watch`, `serve`), in stages that
+`run_job` chains in one thread and batch/pipeline.py overlaps across threads; and the results log.
 
 Per image: decode -> prepare -> infer (any runner) -> postprocess -> write, each stage timed;
 one JSON line per image in `results.jsonl`. A bad image gets a one-line reason and the batch

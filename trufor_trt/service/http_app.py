@@ -34,7 +34,7 @@ from ..batch.outputs import npz_bytes
 from ..engine.preprocess import prepare_input
 from ..errors import ImageError
 from .metrics import ServiceMetrics
-from .queue import InferenceQueue
+from .inference_queue import InferenceQueue
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 DEFAULT_MAX_QUEUE = 8

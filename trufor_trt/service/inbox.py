@@ -21,7 +21,9 @@ def _hidden(relative: Path) -> bool:
     return any(part.startswith(".") for part in relative.parts)
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def is_inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or below it, links resolved."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
     return path == folder or folder in path.parents
 
 
@@ -31,14 +33,15 @@ class Inbox:
     def __init__(self, folder: Path, settle: float = SETTLE_SECONDS, exclude=()):
         self.folder = Path(folder)
         self.settle = settle
-        self._exclude = [Path(path).resolve() for path in exclude]
+        # Only folders below this one can hold its files (the CLI refuses them: usually none).
+        self._exclude = [Path(path) for path in exclude if is_inside(path, self.folder)]
         self._seen = {}  # path -> ((size, mtime_ns), monotonic time it was first seen so)
 
     def _candidates(self):
         for path in sorted(self.folder.rglob("*")):
             relative = path.relative_to(self.folder)
             if (path.suffix.lower() in IMAGE_SUFFIXES and not _hidden(relative)
-                    and not any(_inside(path.resolve(), folder) for folder in self._exclude)
+                    and not any(is_inside(path, folder) for folder in self._exclude)
                     and path.is_file()):
                 yield path, relative
 

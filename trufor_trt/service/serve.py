@@ -1,9 +1,8 @@
 """`trufor-trt serve`: the HTTP app under uvicorn, stopped gracefully by SIGTERM / SIGINT."""
 
 import ipaddress
-import signal
 
-from .signals import STOP_SIGNALS
+from .signals import signals_handled_by
 
 
 def is_loopback(host: str) -> bool:
@@ -25,12 +24,9 @@ def serve_app(app, host: str, port: int) -> bool:
                                            access_log=False, server_header=False))
     # uvicorn raises the stopping signal again once it is done; with these handlers in place that
     # lands here, and the process exits 0, as a requested stop should.
-    previous = {number: signal.signal(number, lambda *_: None) for number in STOP_SIGNALS}
     try:
-        server.run()
+        with signals_handled_by(lambda *_: None):
+            server.run()
     except SystemExit:  # uvicorn exits like this when it cannot bind
         return False
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
     return server.started

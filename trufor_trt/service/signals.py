@@ -8,12 +8,19 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextmanager
-def stop_on_signals(stop: threading.Event):
-    """While inside, SIGTERM and SIGINT set `stop` instead of ending the process (main thread
+def signals_handled_by(handler):
+    """While inside, SIGTERM and SIGINT call `handler` instead of ending the process (main thread
     only, as Python delivers signals there); the previous handlers come back on the way out."""
-    previous = {number: signal.signal(number, lambda *_: stop.set()) for number in STOP_SIGNALS}
+    previous = {number: signal.signal(number, handler) for number in STOP_SIGNALS}
     try:
-        yield stop
+        yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        for number, earlier in previous.items():
+            signal.signal(number, earlier)
+
+
+@contextmanager
+def stop_on_signals(stop: threading.Event):
+    """While inside, SIGTERM and SIGINT set `stop`: the work in hand finishes first."""
+    with signals_handled_by(lambda *_: stop.set()):
+        yield stop
