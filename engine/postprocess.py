@@ -26,8 +26,10 @@ class DetectionHead:
     output_bias: np.ndarray
 
     def logit(self, features: np.ndarray) -> float:
-        hidden = np.maximum(self.hidden_weight.astype(np.float64) @ features + self.hidden_bias, 0.0)
-        return float((self.output_weight.astype(np.float64) @ hidden + self.output_bias)[0])
+        # Products summed by numpy, not BLAS: BLAS sums in an order that depends on its thread
+        # count (OMP_NUM_THREADS, which Ray sets per worker), and the score's last bits with it.
+        hidden = np.maximum(_products_summed(self.hidden_weight, features) + self.hidden_bias, 0.0)
+        return float((_products_summed(self.output_weight, hidden) + self.output_bias)[0])
 
 
 DECISION_THRESHOLD = 0.5  # a score at or above it reads "forged"
@@ -67,6 +69,11 @@ def _log_softmax(values: np.ndarray) -> np.ndarray:
     return values - _logsumexp(values)
 
 
+def _products_summed(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """matrix @ vector in float64, in the same order whatever the machine's thread settings."""
+    return np.sum(matrix.astype(np.float64) * vector, axis=1)
+
+
 def _log_sigmoid(values: np.ndarray) -> np.ndarray:
     return -np.logaddexp(0.0, -values)
 
@@ -83,8 +90,8 @@ def weighted_statistics(values: np.ndarray, log_weights: np.ndarray) -> np.ndarr
     return np.array([
         -_logsumexp(log_w - values),
         _logsumexp(log_w + values),
-        float(np.dot(weights, values)),
-        float(np.dot(weights, values * values)),
+        float(np.sum(weights * values)),
+        float(np.sum(weights * values * values)),
     ])
 
 

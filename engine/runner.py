@@ -2,7 +2,8 @@
 
 A runner is loaded once, then takes one prepared input (1 x 3 x H x W float32, see
 `preprocess.prepare_input`) at a time and returns the network's raw outputs; the CPU
-postprocessor turns those into the official results the same way for every backend.
+postprocessor turns those into the official results the same way for every backend. Runners on
+a GPU may also take a batch of same-size images at once (`batch_limit`, `infer_batch`).
 """
 
 from abc import ABC, abstractmethod
@@ -25,9 +26,14 @@ class RawOutputs:
 
     @classmethod
     def from_batch_of_one(cls, localization, confidence, noiseprint) -> "RawOutputs":
-        return cls(localization_logits=np.asarray(localization)[0],
-                   confidence_logits=np.asarray(confidence)[0],
-                   noiseprint=np.asarray(noiseprint)[0, 0])
+        return cls.from_batch(localization, confidence, noiseprint)[0]
+
+    @classmethod
+    def from_batch(cls, localization, confidence, noiseprint) -> list:
+        """The network's N-image outputs -> one RawOutputs per image."""
+        localization, confidence, noiseprint = map(np.asarray, (localization, confidence, noiseprint))
+        return [cls(localization_logits=localization[index], confidence_logits=confidence[index],
+                    noiseprint=noiseprint[index, 0]) for index in range(localization.shape[0])]
 
 
 class Runner(ABC):
@@ -55,6 +61,19 @@ class Runner(ABC):
     @abstractmethod
     def infer(self, prepared: np.ndarray) -> RawOutputs:
         """One prepared input -> its raw outputs."""
+
+    def batch_limit(self, height: int, width: int) -> int:
+        """How many images of this size infer_batch() computes together (1: one at a time)."""
+        return 1
+
+    def takes_batches(self) -> bool:
+        """Whether batch_limit is above 1 for some image size (what `analyze --batch` needs)."""
+        return False
+
+    def infer_batch(self, prepared: np.ndarray) -> list:
+        """N prepared images of one size (N x 3 x H x W, N <= batch_limit) -> their raw outputs,
+        in order. Same-size images only: nothing is ever padded or resized into a batch."""
+        return [self.infer(prepared[index:index + 1]) for index in range(prepared.shape[0])]
 
     def refusal(self, height: int, width: int):
         """Why this runner cannot take an image of this size (checked from the file's header,

@@ -46,19 +46,33 @@ def parse_shape(text: str) -> tuple:
 
 @dataclass(frozen=True)
 class Profile:
-    """One optimization profile over the input's height and width (batch 1)."""
+    """One optimization profile over the input's height and width, and its batch: 1 .. max_batch
+    images of one size (tuned for full batches)."""
 
     min: tuple
     opt: tuple
     max: tuple
+    max_batch: int = 1
 
     def __post_init__(self):
         for axis in (0, 1):
             if not self.min[axis] <= self.opt[axis] <= self.max[axis]:
                 raise EngineError(f"profile {self.tag()}: needs min <= opt <= max on each side")
+        if self.max_batch < 1:
+            raise EngineError(f"profile {self.tag()}: the batch must be at least 1")
 
     def tag(self) -> str:
-        return "_".join(f"{h}x{w}" for h, w in (self.min, self.opt, self.max))
+        sizes = "_".join(f"{h}x{w}" for h, w in (self.min, self.opt, self.max))
+        return sizes if self.max_batch == 1 else f"{sizes}_b{self.max_batch}"
+
+    def input_shapes(self) -> tuple:
+        """The input's (min, opt, max) shapes, N x 3 x H x W, as the builder takes them."""
+        return ((1, 3, *self.min), (self.max_batch, 3, *self.opt), (self.max_batch, 3, *self.max))
+
+    def as_dict(self) -> dict:
+        """What the sidecar keeps (max_batch only when above 1: older sidecars lack it)."""
+        sizes = {"min": self.min, "opt": self.opt, "max": self.max}
+        return sizes if self.max_batch == 1 else {**sizes, "max_batch": self.max_batch}
 
     def admits(self, height: int, width: int) -> bool:
         return (self.min[0] <= height <= self.max[0]) and (self.min[1] <= width <= self.max[1])
@@ -84,11 +98,12 @@ def default_profile(integrated_gpu: bool) -> Profile:
     return DEFAULT_PROFILES["jetson" if integrated_gpu else "datacenter"]
 
 
-def profile_from_options(integrated_gpu: bool, min_shape=None, opt_shape=None, max_shape=None) -> Profile:
+def profile_from_options(integrated_gpu: bool, min_shape=None, opt_shape=None, max_shape=None,
+                         max_batch: int = 1) -> Profile:
     base = default_profile(integrated_gpu)
     return Profile(min=parse_shape(min_shape) if min_shape else base.min,
                    opt=parse_shape(opt_shape) if opt_shape else base.opt,
-                   max=parse_shape(max_shape) if max_shape else base.max)
+                   max=parse_shape(max_shape) if max_shape else base.max, max_batch=max_batch)
 
 
 def version_tuple(version: str) -> tuple:
@@ -189,7 +204,7 @@ class Sidecar:
         return cls(**values)
 
     def profile_object(self) -> Profile:
-        return Profile(**{key: tuple(value) for key, value in self.profile.items()})
+        return Profile(**{key: value if key == "max_batch" else tuple(value) for key, value in self.profile.items()})
 
     def mismatch(self, gpu: Gpu, tensorrt_version: str, onnx_sha256: str) -> str:
         """Why this engine cannot run here ('' if it can)."""
@@ -235,8 +250,10 @@ class EngineSurvey:
 
 
 def _profile_area(sidecar: Sidecar) -> tuple:
-    height, width = sidecar.profile_object().max
-    return height * width, height, width
+    """Smallest images first; of two engines for the same sizes, the one taking larger batches."""
+    profile = sidecar.profile_object()
+    height, width = profile.max
+    return height * width, height, width, -profile.max_batch
 
 
 def survey_engines(model_dir, gpu: Gpu, tensorrt_version: str, precision: str, onnx_sha256: str) -> EngineSurvey:
@@ -257,5 +274,6 @@ def survey_engines(model_dir, gpu: Gpu, tensorrt_version: str, precision: str, o
 
 
 def build_command(model_dir, precision: str, profile: Profile) -> str:
+    batch = f" --max-batch {profile.max_batch}" if profile.max_batch > 1 else ""
     return (f"trufor-trt build --model {model_dir} --{precision} --min-shape {profile.min[0]}x{profile.min[1]} "
-            f"--opt-shape {profile.opt[0]}x{profile.opt[1]} --max-shape {profile.max[0]}x{profile.max[1]}")
+            f"--opt-shape {profile.opt[0]}x{profile.opt[1]} --max-shape {profile.max[0]}x{profile.max[1]}{batch}")

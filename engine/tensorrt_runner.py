@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ..architecture import stage_grids
-from ..errors import ImageError, one_line
+from ..errors import ImageError, RunnerFailure, one_line
 from .model_dir import ModelDir, sha256_file
 from .runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs, Runner
 from .tensorrt_plan import EngineError, Sidecar, io_contract_problems, survey_engines
@@ -80,8 +80,9 @@ class _LoadedEngine:
         self.events = [cuda.event() for _ in range(4)]
         self.dtypes = {name: np.dtype(trt.nptype(self.engine.get_tensor_dtype(name)))
                        for name in (INPUT_NAME, *OUTPUT_NAMES)}
-        largest = {name: output_shape(name, *self.profile.max) for name in OUTPUT_NAMES}
-        largest[INPUT_NAME] = (1, 3, *self.profile.max)
+        largest = {name: (self.profile.max_batch, *output_shape(name, *self.profile.max)[1:])
+                   for name in OUTPUT_NAMES}
+        largest[INPUT_NAME] = (self.profile.max_batch, 3, *self.profile.max)
         nbytes = {name: int(np.prod(shape)) * self.dtypes[name].itemsize for name, shape in largest.items()}
         self.host = {name: cuda.pinned_buffer(size) for name, size in nbytes.items()}
         self.device = {name: cuda.device_buffer(size) for name, size in nbytes.items()}
@@ -90,7 +91,7 @@ class _LoadedEngine:
                 raise EngineError(f"TensorRT refused the address of tensor {name} in {path.name}")
 
     def run(self, cuda, prepared: np.ndarray) -> tuple:
-        """(raw outputs, stage times in ms) of one prepared image."""
+        """([raw outputs per image], stage times in ms) of N prepared same-size images."""
         staged = self.host[INPUT_NAME].view(self.dtypes[INPUT_NAME], prepared.size)
         np.copyto(staged, prepared.ravel(), casting="same_kind")
         if not self.context.set_input_shape(INPUT_NAME, prepared.shape):
@@ -113,7 +114,7 @@ class _LoadedEngine:
         stages = {"host_to_device": copied_in.milliseconds_since(start),
                   "inference": computed.milliseconds_since(copied_in),
                   "device_to_host": copied_out.milliseconds_since(computed)}
-        outputs = RawOutputs.from_batch_of_one(*(np.array(result, np.float32) for result in results))
+        outputs = RawOutputs.from_batch(*(np.array(result, np.float32) for result in results))
         return outputs, stages
 
     def close(self) -> None:
@@ -174,12 +175,28 @@ class TensorRTRunner(Runner):
     def refusal(self, height: int, width: int):
         return self._survey.refusal(height, width) or None
 
+    def takes_batches(self) -> bool:
+        return any(sidecar.profile_object().max_batch > 1 for _, sidecar in self._survey.usable)
+
+    def batch_limit(self, height: int, width: int) -> int:
+        chosen = self._survey.for_image(height, width)
+        return chosen[1].profile_object().max_batch if chosen else 1
+
     def infer(self, prepared: np.ndarray) -> RawOutputs:
+        return self.infer_batch(prepared)[0]
+
+    def infer_batch(self, prepared: np.ndarray) -> list:
         height, width = prepared.shape[2:]
-        if prepared.shape[0] != 1:
-            raise ImageError(f"{height}x{width}", "the TensorRT runner takes one image at a time")
-        with self._cuda.current(self.device) as cuda:
-            outputs, self.last_stage_ms = self._engine_for(height, width).run(cuda, prepared)
+        if prepared.shape[0] > self.batch_limit(height, width):
+            raise ImageError(f"{height}x{width}", f"a batch of {prepared.shape[0]} is more than this "
+                                                  f"size's engine takes ({self.batch_limit(height, width)})")
+        try:
+            with self._cuda.current(self.device) as cuda:
+                outputs, self.last_stage_ms = self._engine_for(height, width).run(cuda, prepared)
+        except ImageError:
+            raise
+        except Exception as exc:  # the image was admitted: what fails now is the engine or the GPU
+            raise RunnerFailure(f"TensorRT on GPU {self.device} failed: {one_line(exc)}") from exc
         return outputs
 
     def device_memory_bytes(self):

@@ -18,3 +18,7 @@ class StageClock:
             yield
         finally:
             self.times_ms[name] = round((time.perf_counter_ns() - start) / 1e6, 3)
+
+    def add(self, name: str, milliseconds: float) -> None:
+        """A stage timed elsewhere (one image's share of a batch)."""
+        self.times_ms[name] = round(self.times_ms.get(name, 0.0) + milliseconds, 3)

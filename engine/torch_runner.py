@@ -1,10 +1,12 @@
-"""The PyTorch reference backend: our checkpoint-compatible network, eager, batch of one."""
+"""The PyTorch reference backend: our checkpoint-compatible network, eager; on a GPU it also
+takes batches of same-size images."""
 
 import threading
 from contextlib import contextmanager, nullcontext
 
 import numpy as np
 
+from ..errors import RunnerFailure, one_line
 from .memory_budget import MemoryModel, physical_memory
 from .model_dir import sha256_file
 from .postprocess import DetectionHead
@@ -13,7 +15,8 @@ from .runner import RawOutputs, Runner
 # Peak RSS of `analyze` per image on the CPU (measured with PyTorch 2.13 on the 2-core CPU; README).
 CPU_MEMORY = MemoryModel(fixed_bytes=0.8e9, bytes_per_pixel=400, noiseprint_bytes_per_pixel=800,
                          decoder_bytes_per_cell=16000)
-
+# Same-size images one forward pass takes on a GPU (analyze --batch asks for up to this many).
+GPU_BATCH_LIMIT = 64
 
 _TF32_LOCK = threading.Lock()
 _TF32_STATE = {"users": 0, "saved": None}
@@ -93,16 +96,35 @@ class TorchRunner(Runner):
     def refusal(self, height: int, width: int):
         return CPU_MEMORY.refusal(height, width, self.max_memory_bytes) if self._bounded_on_cpu() else None
 
+    def takes_batches(self) -> bool:
+        return self.device not in (None, "cpu")
+
+    def batch_limit(self, height: int, width: int) -> int:
+        return GPU_BATCH_LIMIT if self.takes_batches() else 1
+
     def infer(self, prepared: np.ndarray) -> RawOutputs:
         import torch
 
+        if self.device != "cpu":
+            return self.infer_batch(prepared)[0]
         with torch.inference_mode(), self._formulation(*prepared.shape[2:]):
-            if self.device == "cpu":
-                outputs = self.network(torch.from_numpy(prepared).to(dtype=self.dtype))
-                return RawOutputs.from_batch_of_one(*(out.numpy() for out in outputs))
-            return self._infer_timed_on_gpu(torch, prepared)
+            outputs = self.network(torch.from_numpy(prepared).to(dtype=self.dtype))
+        return RawOutputs.from_batch_of_one(*(out.numpy() for out in outputs))
 
-    def _infer_timed_on_gpu(self, torch, prepared: np.ndarray) -> RawOutputs:
+    def infer_batch(self, prepared: np.ndarray) -> list:
+        if self.device == "cpu":  # row bands are planned per image: one at a time
+            return super().infer_batch(prepared)
+        import torch
+
+        try:
+            with torch.inference_mode(), self._formulation(*prepared.shape[2:]):
+                return self._infer_timed_on_gpu(torch, prepared)
+        except torch.cuda.OutOfMemoryError:
+            raise  # these images are too large for the GPU; smaller ones may still run
+        except RuntimeError as exc:  # a CUDA error leaves the context unusable
+            raise RunnerFailure(f"PyTorch on {self.device} failed: {one_line(exc)}") from exc
+
+    def _infer_timed_on_gpu(self, torch, prepared: np.ndarray) -> list:
         start, copied_in, computed, copied_out = (torch.cuda.Event(enable_timing=True) for _ in range(4))
         start.record()
         image = torch.from_numpy(prepared).to(device=self.device, dtype=self.dtype)
@@ -116,7 +138,7 @@ class TorchRunner(Runner):
         self.last_stage_ms = {"host_to_device": start.elapsed_time(copied_in),
                               "inference": copied_in.elapsed_time(computed),
                               "device_to_host": computed.elapsed_time(copied_out)}
-        return RawOutputs.from_batch_of_one(*results)
+        return RawOutputs.from_batch(*results)
 
     def device_memory_bytes(self):
         if self.device is None or self.device == "cpu":

@@ -52,9 +52,8 @@ def _config(trt, builder, settings: BuildSettings, profile: Profile, workspace_g
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     for flag in settings.cleared_flags:
         config.clear_flag(getattr(trt.BuilderFlag, flag))
-    shapes = [(1, 3, *size) for size in (profile.min, profile.opt, profile.max)]
     optimization = builder.create_optimization_profile()
-    optimization.set_shape(INPUT_NAME, *shapes)
+    optimization.set_shape(INPUT_NAME, *profile.input_shapes())
     config.add_optimization_profile(optimization)
     return config, _timing_cache(config, cached, on_step)
 
@@ -91,13 +90,13 @@ def coverage_warning(variant: dict, profile: Profile) -> str:
 
 def build_engine(model_dir, precision: str, profile: Profile = None, workspace_gib: float = 4.0,
                  timing_cache_path=None, min_shape=None, opt_shape=None, max_shape=None,
-                 on_step=print) -> Path:
+                 max_batch: int = 1, on_step=print) -> Path:
     """Build and write the engine and its sidecar; returns the engine's path."""
     trt = import_tensorrt()
     settings = build_settings(trt.__version__)
     cuda = cuda_layer()
     gpu = cuda.gpu()
-    profile = profile or profile_from_options(gpu.integrated, min_shape, opt_shape, max_shape)
+    profile = profile or profile_from_options(gpu.integrated, min_shape, opt_shape, max_shape, max_batch)
     model = ModelDir.open(model_dir)
     onnx_path = model.variant_path(precision)
     target = engine_path(model.path, gpu, trt.__version__, precision, profile)
@@ -112,7 +111,7 @@ def build_engine(model_dir, precision: str, profile: Profile = None, workspace_g
                                 Path(timing_cache_path) if timing_cache_path else None, on_step)
     seconds = time.perf_counter() - started
     # The sidecar first: an engine that exists always has one.
-    Sidecar(precision=precision, profile={"min": profile.min, "opt": profile.opt, "max": profile.max},
+    Sidecar(precision=precision, profile=profile.as_dict(),
             tensorrt_version=trt.__version__, device=gpu.name,
             compute_capability=list(gpu.compute_capability), onnx_file=onnx_path.name,
             onnx_sha256=sha256_file(onnx_path), strongly_typed=settings.strongly_typed,

@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from trufor_trt.engine.runner import Runner
+from trufor_trt.errors import RunnerFailure
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("TRUFOR_SHARED", REPO.parent / "shared"))
 GOLDEN_DIR = SHARED / "reference" / "golden"
@@ -177,3 +180,23 @@ def analyzed_service_images(tmp_path_factory, model_seed0, service_images) -> Pa
                                       str(model_seed0), "--backend", "onnxruntime"])
     assert result.exit_code == 0, result.output
     return out
+
+
+class BreaksAfter(Runner):
+    """A real runner that stops working after `images` images, as a GPU that falls off the bus:
+    what `analyze`, `serve` and Ray do then is the subject, not how a device fails."""
+
+    def __init__(self, runner: Runner, images: int):
+        super().__init__()
+        self.runner, self.left = runner, images
+        self.backend, self.precision = runner.backend, runner.precision
+
+    def load(self) -> None:
+        self.runner.load()
+        self.detection_head, self.model_sha256 = self.runner.detection_head, self.runner.model_sha256
+
+    def infer(self, prepared):
+        if self.left == 0:
+            raise RunnerFailure("GPU 0 fell off the bus")
+        self.left -= 1
+        return self.runner.infer(prepared)

@@ -358,3 +358,42 @@ def test_bench_times_device_stages_of_the_torch_network_on_cuda(torch_cuda, tmp_
     assert {"host_to_device", "inference", "device_to_host"} <= set(run["single_stream"]["stats_ms"])
     assert run["memory"]["device_peak_bytes"] > 0
     assert "fraction_of_gemm_rate" not in run  # a CPU rate says nothing about a GPU run
+
+
+def _batch_against_one_at_a_time(runner, count: int) -> dict:
+    """Worst change of each output when `count` same-size images run as one batch."""
+    from trufor_trt.export.measure import output_errors
+
+    prepared = [prepare_input(synthetic_image(96, 128, seed=seed)) for seed in range(count)]
+    batched = runner.infer_batch(np.concatenate(prepared))
+    alone = [runner.infer(image) for image in prepared]
+    errors = [output_errors(postprocess(ours, runner.detection_head), postprocess(theirs, runner.detection_head))
+              for ours, theirs in zip(batched, alone)]
+    return {key: max(error[key] for error in errors) for key in errors[0]}
+
+
+def test_torch_on_cuda_batches_same_size_images_without_changing_them(torch_cuda, checkpoint_seed0):
+    """`analyze --batch` on a GPU: same-size images in one forward pass equal each alone (to
+    float32 rounding, which the batch's kernels may order differently)."""
+    from trufor_trt.engine.torch_runner import TorchRunner
+
+    with TorchRunner(checkpoint_seed0, device="cuda") as runner:
+        assert runner.takes_batches() and runner.batch_limit(96, 128) > 4
+        worst = _batch_against_one_at_a_time(runner, 4)
+    record("torch cuda batch of 4 vs one at a time", worst)
+    assert worst["map"] < 1e-3 and worst["score"] < 1e-3, worst
+
+
+def test_tensorrt_batch_engine_takes_same_size_images_together(tensorrt_ready, tmp_path, model_seed0):
+    from trufor_trt.engine.tensorrt_plan import Profile
+    from trufor_trt.engine.tensorrt_runner import TensorRTRunner
+    from trufor_trt.export.tensorrt_build import build_engine
+
+    model = Path(shutil.copytree(model_seed0, tmp_path / "model"))
+    build_engine(model, "fp32", Profile(min=(32, 32), opt=(96, 128), max=(256, 256), max_batch=4),
+                 workspace_gib=8, on_step=lambda message: None)
+    with TensorRTRunner(model, precision="fp32") as engine:
+        assert engine.takes_batches() and engine.batch_limit(96, 128) == 4
+        worst = _batch_against_one_at_a_time(engine, 3)
+    record("tensorrt fp32 batch of 3 vs one at a time", worst)
+    assert worst["map"] < 1e-3 and worst["score"] < 1e-3, worst

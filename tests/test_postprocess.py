@@ -85,3 +85,30 @@ def test_postprocessor_imports_no_torch():
     code = ("import sys, trufor_trt.engine.postprocess, trufor_trt.engine.decode, trufor_trt.cli; "
             "sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+SCORE_UNDER_THREADS = """
+import numpy as np
+from trufor_trt.engine.postprocess import DetectionHead, postprocess
+from trufor_trt.engine.runner import RawOutputs
+rng = np.random.default_rng(0)
+head = DetectionHead(rng.standard_normal((128, 8)), rng.standard_normal(128), rng.standard_normal((1, 128)),
+                     rng.standard_normal(1))
+raw = RawOutputs(rng.standard_normal((2, 384, 512)).astype(np.float32),
+                 rng.standard_normal((1, 384, 512)).astype(np.float32),
+                 rng.standard_normal((1536, 2048)).astype(np.float32))
+print(postprocess(raw, head).score.hex())
+"""
+
+
+def test_the_score_has_the_same_bits_whatever_the_thread_settings():
+    """Ray workers run with OMP_NUM_THREADS=1: BLAS would sum the score's products in another
+    order there, and the same image would get another last bit than under `analyze`."""
+    scores = set()
+    for threads in ("1", "2"):
+        environment = {"PATH": "/usr/bin:/bin", **{name: threads for name in (
+            "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
+        result = subprocess.run([sys.executable, "-c", SCORE_UNDER_THREADS], capture_output=True, text=True,
+                                env=environment, check=True)
+        scores.add(result.stdout.strip())
+    assert len(scores) == 1, scores

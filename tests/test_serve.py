@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from trufor_trt.cli import app
 
-from conftest import cli_process, free_port, stop_process
+from conftest import BreaksAfter, cli_process, free_port, stop_process
 
 httpx = pytest.importorskip("httpx", reason="the serve tests need httpx (the dev extra)")
 pytest.importorskip("starlette", reason="serve needs the serve extra")
@@ -209,3 +209,26 @@ def test_token_is_checked_on_every_route_but_healthz_and_sigterm_finishes_the_re
             (analyzed_service_images / f"tampered2.png{suffix}").read_bytes(), suffix
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [record["status"] for record in records] == ["ok"] and (out / "results.csv").is_file()
+
+
+def test_a_broken_runner_turns_every_route_away_and_stops_the_server(model_seed0, service_images):
+    from starlette.testclient import TestClient
+
+    from trufor_trt.batch.analyze import AnalyzeOptions
+    from trufor_trt.engine.onnxruntime_runner import OnnxRuntimeRunner
+    from trufor_trt.service.http_app import ServeSettings, create_app
+
+    runner = BreaksAfter(OnnxRuntimeRunner(model_seed0), images=1)  # the warm-up's image
+    runner.load()
+    app = create_app(runner, ServeSettings(AnalyzeOptions(out_dir=None)))
+    stops = []
+    app.state.service.stop_server = lambda: stops.append("stop")  # what uvicorn's server is told
+    image = (service_images / "tampered2.png").read_bytes()
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        assert client.get("/readyz").status_code == 200
+        for _ in range(2):  # the request that met the failure, then one after it
+            answer = client.post("/v1/analyze", content=image)
+            assert answer.status_code == 503
+            assert answer.json()["error"] == "the runner failed: GPU 0 fell off the bus"
+        assert client.get("/healthz").status_code == 503 and client.get("/readyz").status_code == 503
+    assert stops == ["stop"]

@@ -127,8 +127,7 @@ def _engine(folder: Path, profile: Profile, **changes) -> Path:
     path = engine_path(folder, ORIN, "10.3.0", "fp16", profile)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"")
-    _sidecar(profile={"min": profile.min, "opt": profile.opt, "max": profile.max}, **changes) \
-        .write(sidecar_path(path))
+    _sidecar(profile=profile.as_dict(), **changes).write(sidecar_path(path))
     return path
 
 
@@ -157,6 +156,23 @@ def test_build_command_reproduces_the_profile():
     profile = Profile(min=(32, 32), opt=(64, 80), max=(96, 128))
     assert build_command(Path("m"), "int8", profile) == (
         "trufor-trt build --model m --int8 --min-shape 32x32 --opt-shape 64x80 --max-shape 96x128")
+    batched = Profile(min=(32, 32), opt=(64, 80), max=(96, 128), max_batch=8)
+    assert build_command(Path("m"), "int8", batched).endswith("--max-shape 96x128 --max-batch 8")
+
+
+def test_a_batch_profile_spans_one_to_its_batch_and_is_preferred_for_its_sizes(tmp_path):
+    batched = Profile(min=(32, 32), opt=(64, 64), max=(96, 96), max_batch=8)
+    assert batched.input_shapes() == ((1, 3, 32, 32), (8, 3, 64, 64), (8, 3, 96, 96))
+    assert Profile(min=(32, 32), opt=(64, 64), max=(96, 96)).input_shapes()[2] == (1, 3, 96, 96)
+    assert batched.tag() == "32x32_64x64_96x96_b8"
+    with pytest.raises(EngineError, match="at least 1"):
+        Profile(min=(32, 32), opt=(64, 64), max=(96, 96), max_batch=0)
+    single = _engine(tmp_path, Profile(min=(32, 32), opt=(64, 64), max=(96, 96)))
+    several = _engine(tmp_path, batched)
+    assert "max_batch" not in json.loads(sidecar_path(single).read_text())["profile"]  # older readers
+    survey = survey_engines(tmp_path, ORIN, "10.3.0", "fp16", "abc")
+    assert survey.for_image(64, 64)[0] == several
+    assert survey.for_image(64, 64)[1].profile_object() == batched
 
 
 @pytest.mark.parametrize("height, width", [(29, 29), (173, 229), (1536, 2048)])

@@ -1,9 +1,12 @@
 """`trufor-trt`: the command line. Thin: each command parses, calls the package, sets the exit code.
 
 Exit codes: 0 all good, 1 some images failed (the others were done) or a self-test failed,
-2 usage or setup error. Progress and messages go to stderr; stdout stays free for results.
+2 usage or setup error, 3 the runner itself failed (the batch stopped), 128 + N stopped by
+signal N (Ctrl-C: 130). Progress and messages go to stderr; stdout stays free for results.
 """
 
+import signal
+import threading
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -21,11 +24,13 @@ from .batch.inputs import expand_inputs
 from .batch.summary import RESULTS_FILE, SUMMARY_FILE
 from .engine import create_runner, pick_backend
 from .engine.decode import DEFAULT_MAX_PIXELS
-from .errors import TruforError
+from .errors import RunnerFailure, TruforError
 from .installed import install_command
+from .signals import halt_on_signals, stop_on_signals
 
 EXIT_FAILED = 1
 EXIT_SETUP = 2
+EXIT_RUNNER_FAILED = 3
 
 # Plain help: typer's rich help shows every flag as taking a value ("--fp16 <bool>").
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -218,6 +223,65 @@ def _load_runner(backend: str, model: Optional[Path], checkpoint: Optional[Path]
     return _load_runners(backend, model, checkpoint, device, precision, max_memory)[0]
 
 
+def _in_this_process(jobs: list, runners: list, options: AnalyzeOptions, batch: int):
+    """analyze's batch on loaded runners: a function (on_record, halt) -> records per status."""
+    from .batch.pipeline import analyze_batch
+
+    def analyse(on_record, halt):
+        try:
+            return analyze_batch(jobs, runners, options, on_record=on_record, halt=halt, batch=batch)
+        finally:
+            _close_all(runners)
+    return analyse
+
+
+def _ray_runner_spec(backend: str, model: Optional[Path], checkpoint: Optional[Path], device: str,
+                     precision: str, max_memory: Optional[str], cpus: int, batch: int):
+    """What each Ray actor loads: the backend resolved here, paths as this process sees them."""
+    import os
+
+    from .cluster.ray_analyze import RunnerSpec
+    from .engine.memory_budget import parse_memory
+
+    try:
+        budget = parse_memory(max_memory) if max_memory else None
+        if backend == "torch":
+            if checkpoint is None:
+                fail_setup("the torch backend runs from --checkpoint FILE")
+            return RunnerSpec(backend, precision, checkpoint=str(checkpoint), device=device, cpus=cpus,
+                              max_memory=budget, folder=os.getcwd(), batch=batch)
+        opened = _open_model(model, checkpoint)
+        backend = pick_backend(backend, opened.path, precision, on_notice=say)
+    except TruforError as exc:
+        fail_setup(str(exc))
+    return RunnerSpec(backend, precision, model=str(opened.path), cpus=cpus, max_memory=budget, folder=os.getcwd(),
+                      batch=batch)
+
+
+def _on_ray(jobs: list, address: str, spec, options: AnalyzeOptions, workers: int):
+    """analyze's batch on Ray actors: a function (on_record, halt) -> records per status."""
+    import importlib
+
+    try:
+        importlib.import_module("ray.data")  # here, so that a missing extra is a setup error
+    except ModuleNotFoundError as exc:
+        fail_setup(_missing_package(exc))
+    from .cluster.ray_analyze import analyze_on_ray
+
+    def started(actors: int, needs: dict) -> None:
+        each = ", ".join(f"{value} {name.removeprefix('num_').upper()}" for name, value in needs.items())
+        say(f"Ray: {actors} actor{'s' if actors > 1 else ''}, each {each} and one {spec.backend} runner")
+
+    def analyse(on_record, halt):
+        try:
+            return analyze_on_ray(jobs, address, spec, options, workers, on_record, halt, on_start=started)
+        except RunnerFailure:
+            raise  # analyze reports it: the job stopped
+        except TruforError as exc:  # the cluster cannot host the actors
+            fail_setup(str(exc))
+    return analyse
+
+
 def _progress(enabled: bool) -> Progress:
     """A bar with the time left, in a terminal only (elsewhere `analyze` prints a line per image)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -272,12 +336,20 @@ def analyze(
     max_memory: Optional[str] = MAX_MEMORY,
     streams: int = typer.Option(0, "--streams", min=0,
                                 help="Runners side by side in the pipeline (0: 2 with TensorRT, else 1)."),
+    batch: int = typer.Option(1, "--batch", min=1,
+                              help="Infer up to N same-size images together (TensorRT engines built "
+                                   "with --max-batch, torch on a GPU); never padded or resized."),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray", metavar="ADDRESS",
+        help="Run on Ray actors: local (a Ray instance on this machine, for this run), auto (the "
+             "cluster this machine joined) or HOST:PORT; paths must be the same on every node."),
+    ray_workers: int = typer.Option(0, "--ray-workers", min=0,
+                                    help="--ray: actors, one runner each (0: one per GPU, or per --ray-cpus CPUs)."),
+    ray_cpus: int = typer.Option(1, "--ray-cpus", min=1, help="--ray, CPU backends: cores per actor."),
     quiet: bool = QUIET,
 ) -> None:
     """Analyse images: per image an .npz with map, conf, score, imgsize (+ PNGs), a line in
     results.jsonl (the log of runs) and a row in results.csv (each image's latest state)."""
-    from .batch.pipeline import analyze_batch
-
     try:
         jobs = expand_inputs(inputs)
     except TruforError as exc:
@@ -286,17 +358,30 @@ def analyze(
         fail_setup("no input images found in: " + " ".join(inputs))
     _check_output_folder(out)
     _check_checkpoint(checkpoint)
-    runners = _load_runners(backend.value, model, checkpoint, device, precision.value, max_memory, streams)
-    runner = runners[0]
+    if ray_address is not None and streams:
+        fail_setup("--streams sets runners in this process; with --ray, --ray-workers sets the actors")
     options = AnalyzeOptions(out_dir=out, save_noiseprint=save_noiseprint, write_png=not no_png,
                              overwrite=overwrite, max_pixels=max_pixels)
+    if ray_address is None:
+        runners = _load_runners(backend.value, model, checkpoint, device, precision.value, max_memory, streams)
+        if batch > 1 and not runners[0].takes_batches():
+            _close_all(runners)
+            fail_setup(f"--batch {batch}: this {runners[0].backend} runner takes one image at a time; batches "
+                       "need TensorRT engines built with `trufor-trt build --max-batch N`, or --backend torch on a GPU")
+        what = f"{runners[0].backend} {runners[0].precision}, {len(runners)} runner{'s' if len(runners) > 1 else ''}"
+        analyse = _in_this_process(jobs, runners, options, batch)
+    else:
+        spec = _ray_runner_spec(backend.value, model, checkpoint, device, precision.value, max_memory, ray_cpus,
+                                batch)
+        what = f"{spec.backend} {spec.precision} on Ray"
+        analyse = _on_ray(jobs, ray_address, spec, options, ray_workers)
     # In a terminal a progress bar, and a line for each failure or redone image; in a log a
     # line for every image; with --quiet failures only.
     in_terminal = console.is_terminal and not quiet
+    halt, stopped = threading.Event(), []
     try:
-        with _progress(in_terminal) as progress:
-            task = progress.add_task(f"analysing ({runner.backend} {runner.precision}, {len(runners)} "
-                                     f"runner{'s' if len(runners) > 1 else ''})", total=len(jobs))
+        with _progress(in_terminal) as progress, halt_on_signals(halt, stopped.append):
+            task = progress.add_task(f"analysing ({what})", total=len(jobs))
 
             def report(record: dict) -> None:
                 noteworthy = record["status"] == "error" or (record["status"] == "ok" and record["reason"])
@@ -304,12 +389,19 @@ def analyze(
                     progress.console.print(_record_line(record), soft_wrap=True)
                 progress.advance(task)
 
-            summary = analyze_batch(jobs, runners, options, on_record=report)
-    finally:
-        _close_all(runners)
-    console.print(f"{summary['ok']} analysed, {summary['skipped']} skipped (outputs exist), "
-                  f"{summary['error']} failed; details in {escape(str(out / RESULTS_FILE))} "
-                  f"and {escape(str(out / SUMMARY_FILE))}", soft_wrap=True)
+            summary = analyse(report, halt)
+    except RunnerFailure as exc:
+        console.print(f"[red]stopped[/]: {escape(str(exc))}; the images done so far are in "
+                      f"{escape(str(out / RESULTS_FILE))}, run again to resume", soft_wrap=True)
+        raise typer.Exit(EXIT_RUNNER_FAILED)
+    done = f"{summary['ok']} analysed, {summary['skipped']} skipped (outputs exist), {summary['error']} failed"
+    if stopped:
+        left = len(jobs) - sum(summary.values())
+        console.print(f"stopped by {signal.Signals(stopped[0]).name}: {done}, {left} not started "
+                      "(run again to resume)", soft_wrap=True)
+        raise typer.Exit(128 + stopped[0])
+    console.print(f"{done}; details in {escape(str(out / RESULTS_FILE))} and {escape(str(out / SUMMARY_FILE))}",
+                  soft_wrap=True)
     raise typer.Exit(EXIT_FAILED if summary["error"] else 0)
 
 
@@ -353,9 +445,6 @@ def watch(
     """Analyse every image that appears in INBOX (and those there at start), one runner kept
     loaded; SIGTERM / Ctrl-C stop after the image in hand. A restart after a crash neither loses
     nor repeats an image: the outputs and results.jsonl are the record."""
-    import threading
-
-    from .service.signals import stop_on_signals
     from .service.watch import Watch, WatchOptions
 
     folders = {option: folder for option, folder in (("--out", out), ("--done", done), ("--failed", failed))
@@ -375,6 +464,9 @@ def watch(
     try:
         with stop_on_signals(threading.Event()) as stop:
             summary = Watch(inbox, runner, options, stop, on_record=report, on_notice=say).run()
+    except RunnerFailure as exc:  # a supervisor (systemd: Restart=on-failure) starts it again
+        console.print(f"[red]stopped[/]: {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(EXIT_RUNNER_FAILED)
     finally:
         runner.close()
     console.print(f"stopped: {summary['ok']} analysed, {summary['error']} failed in this run; details in "
@@ -426,12 +518,16 @@ def serve(
     runner = _load_runner(backend.value, model, checkpoint, device, precision.value, max_memory)
     say(f"serving {runner.backend} {runner.precision} on http://{host}:{port}; SIGTERM or Ctrl-C "
         "stops after the requests in hand")
+    app = create_app(runner, settings)
     try:
-        started = serve_app(create_app(runner, settings), host, port)
+        started = serve_app(app, host, port)
     finally:
         runner.close()
     if not started:
         fail_setup(f"the server did not start on {host}:{port} (see the message above)")
+    if app.state.service.failure is not None:
+        console.print(f"[red]stopped[/]: {escape(app.state.service.failure)}", soft_wrap=True)
+        raise typer.Exit(EXIT_RUNNER_FAILED)
 
 
 def _selftest_table(report) -> Table:
@@ -565,6 +661,8 @@ def build(
                                             help="HxW; default 768x768 on a Jetson, 1024x1024 else."),
     max_shape: Optional[str] = typer.Option(None, "--max-shape",
                                             help="HxW; default 1536x1536 on a Jetson, 2048x2048 else."),
+    max_batch: int = typer.Option(1, "--max-batch", min=1,
+                                  help="Largest batch of same-size images (analyze --batch); default 1."),
     workspace: float = typer.Option(4.0, "--workspace", min=0.25, help="Builder workspace, GiB."),
     timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Loaded and saved."),
 ) -> None:
@@ -576,7 +674,8 @@ def build(
         from .export.tensorrt_build import build_engine
 
         engine = build_engine(model, chosen[0], workspace_gib=workspace, timing_cache_path=timing_cache,
-                              min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape, on_step=say)
+                              min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape, max_batch=max_batch,
+                              on_step=say)
     except TruforError as exc:
         fail_setup(str(exc))
     console.print(f"wrote {escape(str(engine))}")

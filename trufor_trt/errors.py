@@ -14,6 +14,11 @@ class ImageError(TruforError):
         self.reason = reason
 
 
+class RunnerFailure(TruforError):
+    """The runner itself can no longer infer (device lost, engine broken): no later image would
+    fare better, so a batch stops with this reason instead of failing every image in turn."""
+
+
 class CheckpointError(TruforError):
     """A checkpoint file is not a usable TruFor checkpoint."""
 

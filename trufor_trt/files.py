@@ -38,11 +38,14 @@ def _stale(name: str, pattern: re.Pattern) -> bool:
     return bool(match) and int(match.group(1)) != os.getpid() and not process_alive(int(match.group(1)))
 
 
-def remove_stale_temporaries(folder) -> int:
-    """Delete the temporary files below `folder` whose writer is gone (killed mid-write)."""
+def remove_stale_temporaries(folder, every_other_writer: bool = False) -> int:
+    """Delete the temporary files below `folder` whose writer is gone (killed mid-write);
+    `every_other_writer`: every one this process did not write (its writers are known to be done)."""
     removed = 0
     for path in Path(folder).rglob(".*.tmp"):
-        if path.is_file() and _stale(path.name, _TEMPORARY):
+        match = _TEMPORARY.match(path.name)
+        other = bool(match) and int(match.group(1)) != os.getpid()
+        if path.is_file() and (other if every_other_writer else _stale(path.name, _TEMPORARY)):
             path.unlink(missing_ok=True)
             removed += 1
     return removed

@@ -8,7 +8,7 @@ MODULE_EXTRAS = {"torch": "export", "onnx": "export", "onnx_graphsurgeon": "expo
                  "onnxruntime": "cpu", "tensorrt": "trt", "pycuda": "trt", "cuda": "trt-cuda-python",
                  "matplotlib": "bench", "sympy": "export", "starlette": "serve", "uvicorn": "serve",
                  "prometheus_client": "serve", "multipart": "serve", "python_multipart": "serve",
-                 "watchfiles": "watch"}
+                 "watchfiles": "watch", "ray": "ray", "pyarrow": "ray", "pandas": "ray"}
 
 
 def install_command(module: str) -> str:

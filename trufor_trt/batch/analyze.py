@@ -7,6 +7,7 @@ goes on; existing outputs are skipped unless overwrite is asked for, so a batch 
 """
 
 import json
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from ..engine.postprocess import Analysis, postprocess
 from ..engine.preprocess import prepare_input
 from ..engine.runner import RawOutputs, Runner
 from ..engine.timing import StageClock
-from ..errors import TruforError, one_line
+from ..errors import RunnerFailure, TruforError, one_line
 from ..files import remove_stale_temporaries, write_atomically
 from .inputs import ImageJob
 from .outputs import OutputPaths, heatmap_png, npz_bytes, overlay_png
@@ -142,15 +143,21 @@ def open_job(job: ImageJob, runner: Runner, options: AnalyzeOptions) -> ImageInF
 
 def _contained(flight: ImageInFlight, stage, *args) -> None:
     """Run a stage unless the image is done; a failure becomes the image's record (one bad image
-    must not stop the batch)."""
+    must not stop the batch), except the runner's own, which stops it."""
     if flight.done:
         return
     try:
         stage(flight, *args)
+    except RunnerFailure:
+        raise
     except Exception as exc:
-        flight.result.record.update(status="error", reason=_one_line(exc), outputs=[])
-        flight.result.error, flight.done = exc, True
-        flight.rgb = flight.prepared = flight.raw = None
+        _failed(flight, exc)
+
+
+def _failed(flight: ImageInFlight, exc: Exception) -> None:
+    flight.result.record.update(status="error", reason=_one_line(exc), outputs=[])
+    flight.result.error, flight.done = exc, True
+    flight.rgb = flight.prepared = flight.raw = None
 
 
 def decode_job(flight: ImageInFlight, runner: Runner, options: AnalyzeOptions) -> None:
@@ -159,6 +166,30 @@ def decode_job(flight: ImageInFlight, runner: Runner, options: AnalyzeOptions) -
 
 def infer_job(flight: ImageInFlight, runner: Runner) -> None:
     _contained(flight, _infer, runner)
+
+
+def infer_jobs(flights: list, runner: Runner) -> None:
+    """Inference for decoded images of one size, in one runner call when there are several (each
+    image's time: its share of the batch's). If the batch fails, each image is tried alone, so a
+    failure stays the failing image's."""
+    waiting = [flight for flight in flights if not flight.done]
+    if len(waiting) < 2:
+        for flight in waiting:
+            infer_job(flight, runner)
+        return
+    start = time.perf_counter_ns()
+    try:
+        raws = runner.infer_batch(np.concatenate([flight.prepared for flight in waiting]))
+    except RunnerFailure:
+        raise
+    except Exception:
+        for flight in waiting:
+            infer_job(flight, runner)
+        return
+    share = (time.perf_counter_ns() - start) / 1e6 / len(waiting)
+    for flight, raw in zip(waiting, raws):
+        flight.raw, flight.prepared = raw, None
+        flight.clock.add("inference", share)
 
 
 def _postprocess_and_write(flight: ImageInFlight, detection_head, options: AnalyzeOptions) -> None:
@@ -185,12 +216,20 @@ def finish_job(flight: ImageInFlight, detection_head, options: AnalyzeOptions) -
 
 
 def run_job(job: ImageJob, runner: Runner, options: AnalyzeOptions) -> JobResult:
-    """One image through every stage in this thread; never raises for a bad image: the record
-    says what happened."""
+    """One image through every stage in this thread; never raises for a bad image (the record
+    says what happened), only RunnerFailure when the runner itself broke."""
     flight = open_job(job, runner, options)
     decode_job(flight, runner, options)
     infer_job(flight, runner)
     return finish_job(flight, runner.detection_head, options)
+
+
+def _ends_mid_line(path: Path) -> bool:
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as existing:
+        existing.seek(-1, 2)
+        return existing.read(1) != b"\n"
 
 
 class ResultsLog:
@@ -205,7 +244,11 @@ class ResultsLog:
     def __enter__(self) -> "ResultsLog":
         self.out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.out_dir)
-        self._file = open(self.out_dir / RESULTS_FILE, "a", encoding="utf-8")
+        path = self.out_dir / RESULTS_FILE
+        unterminated = _ends_mid_line(path)
+        self._file = open(path, "a", encoding="utf-8")
+        if unterminated:  # a run killed while writing a line: the next record starts its own
+            self._file.write("\n")
         return self
 
     def add(self, record: dict) -> None:

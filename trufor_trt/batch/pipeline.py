@@ -4,17 +4,21 @@ by bounded queues, so the CPU stages overlap inference and only a few prepared i
 memory whatever the input holds. `analyze` and `bench`'s Offline mode both run it.
 
 Records come out in the order images finish: with one runner that is the input order.
+halt() (Ctrl-C) stops taking images: those inferred already are still written, the rest get no
+record, so a resumed run does them; nothing is half-written either way. With `batch` > 1,
+consecutive decoded images of one size go to the runner together, up to what it takes for that
+size (runner.batch_limit); an image of another size closes the group: nothing is padded.
 """
 
 import queue
 import threading
 import time
 from collections import Counter
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Optional
 
 from ..engine.runner import Runner
 from ..engine.timing import StageClock
-from .analyze import (AnalyzeOptions, ImageInFlight, JobResult, ResultsLog, decode_job, finish_job, infer_job,
+from .analyze import (AnalyzeOptions, ImageInFlight, JobResult, ResultsLog, decode_job, finish_job, infer_jobs,
                       open_job)
 from .inputs import ImageJob
 
@@ -26,15 +30,23 @@ BUSY_STAGES = {"decode+preprocess": ("decode", "preprocess"), "inference": ("inf
 
 class Pipeline:
     """One run over a stream of jobs. A failure of the pipeline itself (not of an image: those
-    are records) stops every thread and is raised again by run()."""
+    are records), or of a runner (RunnerFailure), stops every thread and is raised again by run().
+    `halt`: an event that, once set, stops the run cleanly (see halt()); `batch`: the most
+    same-size images inferred together."""
 
-    def __init__(self, runners: list, options: AnalyzeOptions):
-        self.runners, self.options = runners, options
+    def __init__(self, runners: list, options: AnalyzeOptions, halt: Optional[threading.Event] = None,
+                 batch: int = 1):
+        self.runners, self.options, self.batch = runners, options, batch
         depth = QUEUE_DEPTH_PER_RUNNER * len(runners)
         self._opened, self._inferred = queue.Queue(maxsize=depth), queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
+        self._stop = threading.Event()  # a failure: every thread returns at once
+        self._halt = halt or threading.Event()
         self._errors = []
         self.busy_ms = {stage: 0.0 for stage in BUSY_STAGES}
+
+    def halt(self) -> None:
+        """Take no more images; finish and write those inferred already. Signal-handler safe."""
+        self._halt.set()
 
     def _put(self, channel: queue.Queue, item) -> None:
         while not self._stop.is_set():
@@ -60,19 +72,37 @@ class Pipeline:
             self._stop.set()
 
     def _produce(self, flights: Iterable) -> None:
-        runner = self.runners[0]  # any runner: they share the model, so its size limits
+        """Decoded images, in groups for the inference threads (of one each, unless batching)."""
+        runner = self.runners[0]  # any runner: they share the model, so its size and batch limits
+        group = []
         for flight in flights:
             if self._stop.is_set():
                 return
+            if self._halt.is_set():
+                break
             decode_job(flight, runner, self.options)
-            self._put(self._opened, flight)
+            if flight.done:  # nothing to infer: it passes any group waiting to fill
+                self._put(self._opened, [flight])
+                continue
+            if group and group[0].prepared.shape != flight.prepared.shape:
+                self._put(self._opened, group)
+                group = []
+            group.append(flight)
+            if len(group) >= min(self.batch, runner.batch_limit(*flight.prepared.shape[2:])):
+                self._put(self._opened, group)
+                group = []
+        if group and not self._halt.is_set():
+            self._put(self._opened, group)
         for _ in self.runners:
             self._put(self._opened, None)
 
     def _infer(self, runner: Runner) -> None:
-        while (flight := self._get(self._opened)) is not None:
-            infer_job(flight, runner)
-            self._put(self._inferred, flight)
+        while (group := self._get(self._opened)) is not None:
+            if self._halt.is_set():
+                continue  # not inferred: no record, a resumed run does them
+            infer_jobs(group, runner)
+            for flight in group:
+                self._put(self._inferred, flight)
         self._put(self._inferred, None)
 
     def _account(self, flight: ImageInFlight) -> None:
@@ -113,30 +143,41 @@ class Pipeline:
             on_result(result)
 
 
-def open_jobs(jobs: Iterable, runner: Runner, options: AnalyzeOptions):
-    """The flights for `jobs`, opened lazily (the reuse check reads files) as the pipeline asks;
-    a job whose output name another input took already is refused here."""
+def claim_output_names(jobs: Iterable):
+    """(job, None) for each job, or (job, the earlier input that took its output name)."""
     claimed = {}
     for job in jobs:
         owner = claimed.setdefault(job.relative, job.path)
-        yield open_job(job, runner, options) if owner == job.path else _name_taken(job, owner, runner)
+        yield job, None if owner == job.path else owner
 
 
-def _name_taken(job: ImageJob, owner, runner: Runner) -> ImageInFlight:
-    record = {"input": str(job.path), "outputs": [], "status": "error",
-              "reason": f"output name {job.relative!r} already used by {owner}",
-              "backend": runner.backend, "precision": runner.precision}
-    return ImageInFlight(job, StageClock(), JobResult(record), done=True)
+def name_taken_record(job: ImageJob, owner, backend: str, precision: str) -> dict:
+    return {"input": str(job.path), "outputs": [], "status": "error",
+            "reason": f"output name {job.relative!r} already used by {owner}",
+            "backend": backend, "precision": precision}
 
 
-def analyze_batch(jobs, runners: list, options: AnalyzeOptions, on_record=None) -> Counter:
+def open_jobs(jobs: Iterable, runner: Runner, options: AnalyzeOptions):
+    """The flights for `jobs`, opened lazily (the reuse check reads files) as the pipeline asks;
+    a job whose output name another input took already is refused here."""
+    for job, owner in claim_output_names(jobs):
+        if owner is None:
+            yield open_job(job, runner, options)
+        else:
+            record = name_taken_record(job, owner, runner.backend, runner.precision)
+            yield ImageInFlight(job, StageClock(), JobResult(record), done=True)
+
+
+def analyze_batch(jobs, runners: list, options: AnalyzeOptions, on_record=None,
+                  halt: Optional[threading.Event] = None, batch: int = 1) -> Counter:
     """Every job through the pipeline, one line each appended to results.jsonl as it finishes,
-    then results.csv rewritten. Returns how many records had each status (ok, error, skipped)."""
+    then results.csv rewritten. Returns how many records had each status (ok, error, skipped);
+    fewer than the jobs when `halt` was set. RunnerFailure passes through, the log closed."""
     with ResultsLog(options.out_dir) as log:
         def keep(result: JobResult) -> None:
             log.add(result.record)
             if on_record is not None:
                 on_record(result.record)
 
-        Pipeline(runners, options).run(open_jobs(jobs, runners[0], options), keep)
+        Pipeline(runners, options, halt, batch).run(open_jobs(jobs, runners[0], options), keep)
     return log.summary

@@ -3,7 +3,7 @@
 POST /v1/analyze   the image as the body, or as multipart field "image"; JSON with the score,
                    size, backend, precision and stage times; `?outputs=map` adds "npz": the .npz
                    analyze would write (map, conf, score, imgsize, provenance), base64.
-GET  /healthz      the process is up (never needs the token)
+GET  /healthz      the process is up (never needs the token); 503 once the runner has failed
 GET  /readyz       the runner is loaded and has answered (a warm-up inference at start)
 GET  /metrics      Prometheus text
 
@@ -32,7 +32,7 @@ from ..batch.analyze import AnalyzeOptions, ResultsLog, run_job
 from ..batch.inputs import ImageJob
 from ..batch.outputs import npz_bytes
 from ..engine.preprocess import prepare_input
-from ..errors import ImageError
+from ..errors import ImageError, RunnerFailure
 from .metrics import ServiceMetrics
 from .inference_queue import InferenceQueue
 
@@ -129,6 +129,8 @@ class AnalysisService:
         self.metrics = ServiceMetrics(runner, lambda: self.queue.waiting)
         self.results = None  # the ResultsLog while the app runs, with an --out
         self.ready = False
+        self.failure = None  # why the runner stopped working, once it has
+        self.stop_server = lambda: None  # set by the server that runs the app
 
     def _analyse(self, job: ImageJob):
         """On the worker thread: the per-image job, its record logged when there is an --out."""
@@ -171,11 +173,17 @@ class AnalysisService:
         except BadRequest as exc:
             self.metrics.rejected.labels("bad_request").inc()
             return _error(422, str(exc))
+        if self.failure is not None:
+            return _error(503, self.failure)
         digest = hashlib.sha256(data).hexdigest()
         future = self.queue.submit(self._analyse, ImageJob(Path(f"upload:{digest}"), digest, data))
         if future is None:
             return self._busy()
-        result = await asyncio.wrap_future(future)
+        try:
+            result = await asyncio.wrap_future(future)
+        except RunnerFailure as exc:
+            self._runner_failed(exc)
+            return _error(503, self.failure)
         self.metrics.request_seconds.observe(time.perf_counter() - started)
         if result.error is not None:
             status = 422 if isinstance(result.error, ImageError) else 500
@@ -190,7 +198,16 @@ class AnalysisService:
             answer["npz"] = base64.b64encode(npz).decode("ascii")
         return answer
 
+    def _runner_failed(self, exc: RunnerFailure) -> None:
+        """No request can succeed any more: refuse them, and stop the server as SIGTERM would
+        (the CLI then exits 3, and a supervisor starts a fresh process)."""
+        if self.failure is None:
+            self.failure, self.ready = f"the runner failed: {exc}", False
+            self.stop_server()
+
     async def healthz(self, _request: Request) -> Response:
+        if self.failure is not None:
+            return _error(503, self.failure)
         return JSONResponse({"status": "up"})
 
     async def readyz(self, _request: Request) -> Response:

@@ -1,0 +1,166 @@
+"""`analyze --ray`: the per-image job on a Ray cluster, through Ray Data.
+
+This process (the driver) lists the inputs, refuses clashing output names, and keeps the one
+results.jsonl. The remaining inputs become a dataset whose rows `map_batches` hands to a pool of
+actors; each actor holds one loaded runner on its node and runs the pipeline `analyze` runs
+(batch/pipeline.py) over the images it is given, writing their outputs into the output folder
+itself (a file system every node shares), exactly as `analyze` does, and returning their records.
+
+Ray restarts an actor whose process dies and retries the images it had (Ray Data's defaults).
+Outputs are only ever renamed into place whole, so a retried image either finds its outputs
+complete and matching (skipped) or is analysed again; each image gets one line in this run.
+"""
+
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..batch.analyze import AnalyzeOptions, ResultsLog, open_job
+from ..batch.pipeline import Pipeline, claim_output_names, name_taken_record
+from ..errors import RunnerFailure, TruforError
+from ..files import remove_stale_temporaries
+
+LOCAL = "local"  # --ray local: start a Ray instance for this run on this machine
+IMAGES_PER_TASK = {"cpu": 1, "gpu": 4}  # a GPU actor's pipeline overlaps a few images
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """What an actor needs to load its runner on its own node (paths on the shared file system)."""
+
+    backend: str
+    precision: str
+    model: Optional[str] = None  # the model folder (ONNX Runtime, TensorRT)
+    checkpoint: Optional[str] = None  # the torch backend's checkpoint
+    device: str = "cpu"  # torch: cpu or cuda
+    cpus: int = 1  # CPU backends: cores (and threads) per actor
+    max_memory: Optional[int] = None  # host budget per image; None: the node's memory, shared
+    folder: str = "."  # the driver's working folder: relative paths mean the same on every node
+    batch: int = 1  # the most same-size images inferred together (runners that take batches)
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.backend == "tensorrt" or (self.backend == "torch" and self.device.startswith("cuda"))
+
+
+def _memory_share(cpus: int) -> int:
+    """An actor's share of its node's memory: as much as its share of the node's cores."""
+    from ..engine.memory_budget import physical_memory
+
+    return physical_memory() * min(cpus, os.cpu_count() or 1) // (os.cpu_count() or 1)
+
+
+class AnalyzeImages:
+    """The Ray Data actor: one runner, loaded once, for every batch of images it is handed."""
+
+    def __init__(self, spec: RunnerSpec, options: AnalyzeOptions):
+        from ..engine import create_runner
+
+        os.chdir(spec.folder)  # this process is the actor's alone
+        self.options, self.batch = options, spec.batch
+        threads = 0 if spec.on_gpu else spec.cpus
+        budget = None if spec.on_gpu else spec.max_memory or _memory_share(spec.cpus)
+        self.runner = create_runner(spec.backend, checkpoint=spec.checkpoint, model=spec.model,
+                                    device=spec.device, precision=spec.precision, threads=threads,
+                                    max_memory_bytes=budget)
+        self.runner.load()
+
+    def __call__(self, batch: dict) -> dict:
+        """Rows (path, relative) -> their records as JSON lines; if the runner broke, a last row
+        with the reason instead (an exception would reach the driver only as text)."""
+        flights = (open_job(_job(path, relative), self.runner, self.options)
+                   for path, relative in zip(batch["path"], batch["relative"]))
+        records, failures = [], []
+        try:
+            Pipeline([self.runner], self.options, batch=self.batch).run(
+                flights, lambda result: records.append(json.dumps(result.record)))
+        except RunnerFailure as exc:
+            failures.append(str(exc))
+        return {"record": records + [""] * len(failures), "runner_failure": [""] * len(records) + failures}
+
+
+def _job(path: str, relative: str):
+    from ..batch.inputs import ImageJob
+
+    return ImageJob(Path(str(path)), str(relative))
+
+
+def _connect(address: str):
+    import ray
+
+    for name in ("ray", "ray.data"):  # Ray's notes on its own set-up are not the user's business
+        logging.getLogger(name).setLevel(logging.ERROR)
+    settings = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR}
+    if address == LOCAL:
+        ray.init(**settings)
+    else:
+        ray.init(address=address, **settings)  # "auto": the cluster this machine belongs to
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    return ray
+
+
+def _pool(ray, spec: RunnerSpec, workers: int) -> tuple:
+    """(actors, resources per actor), checked against what the cluster has."""
+    resources = ray.cluster_resources()
+    if spec.on_gpu:
+        available, needs = int(resources.get("GPU", 0)), {"num_gpus": 1, "num_cpus": 1}
+        if available == 0:
+            raise TruforError(f"the {spec.backend} backend needs GPUs, and the Ray cluster has none")
+    else:
+        available, needs = int(resources.get("CPU", 0)) // spec.cpus, {"num_cpus": spec.cpus}
+        if available == 0:
+            raise TruforError(f"no Ray node has {spec.cpus} CPUs for one worker (--ray-cpus)")
+    return workers or available, needs
+
+
+def analyze_on_ray(jobs, address: str, spec: RunnerSpec, options: AnalyzeOptions, workers: int = 0,
+                   on_record: Callable[[dict], None] = lambda record: None, halt=None,
+                   on_start: Callable[[int, dict], None] = lambda workers, needs: None) -> Counter:
+    """Every job analysed by actors on the cluster at `address` (LOCAL: a Ray instance started for
+    this run); one line per image in results.jsonl as records come back. Returns records per
+    status (fewer than the jobs when `halt` was set). RunnerFailure: an actor's runner broke."""
+    ray = _connect(address)
+    try:
+        if spec.backend == "torch" and spec.device == "auto":
+            spec = replace(spec, device="cuda" if ray.cluster_resources().get("GPU") else "cpu")
+        with ResultsLog(options.out_dir) as log:
+            def keep(record: dict) -> None:
+                log.add(record)
+                on_record(record)
+
+            rows = []
+            for job, owner in claim_output_names(jobs):
+                if owner is None:
+                    rows.append({"path": str(job.path), "relative": job.relative})
+                else:
+                    keep(name_taken_record(job, owner, spec.backend, spec.precision))
+            if rows and _run_dataset(ray, rows, spec, options, workers, keep, halt, on_start):
+                # Every actor is done: what temporaries remain were left by actors that died
+                # mid-write (on any node: their process ids mean nothing here).
+                remove_stale_temporaries(options.out_dir, every_other_writer=True)
+        return log.summary
+    finally:
+        ray.shutdown()
+
+
+def _run_dataset(ray, rows: list, spec: RunnerSpec, options: AnalyzeOptions, workers: int,
+                 keep: Callable[[dict], None], halt, on_start) -> bool:
+    """Whether every row came back (False: halted)."""
+    actors, needs = _pool(ray, spec, workers)
+    on_start(actors, needs)
+    dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        AnalyzeImages, fn_constructor_args=(spec, options),
+        batch_size=IMAGES_PER_TASK["gpu" if spec.on_gpu else "cpu"],
+        compute=ray.data.ActorPoolStrategy(size=actors), **needs)
+    for row in dataset.iter_rows():
+        if row["runner_failure"]:
+            raise RunnerFailure(row["runner_failure"])  # the actors stop with the Ray instance
+        keep(json.loads(row["record"]))
+        if halt is not None and halt.is_set():
+            return False  # the actors stop with the Ray instance; a resumed run does the rest
+    return True
