@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..batch.analyze import AnalyzeOptions, ResultsLog, open_job
+from ..batch.inputs import ImageJob
 from ..batch.pipeline import Pipeline, claim_output_names, name_taken_record
 from ..errors import RunnerFailure, TruforError
 from ..files import remove_stale_temporaries
@@ -83,14 +84,12 @@ class AnalyzeImages:
         return {"record": records + [""] * len(failures), "runner_failure": [""] * len(records) + failures}
 
 
-def _job(path: str, relative: str):
-    from ..batch.inputs import ImageJob
-
-    return ImageJob(Path(str(path)), str(relative))
+def _job(path, relative) -> ImageJob:
+    return ImageJob(Path(str(path)), str(relative))  # numpy strings from the batch
 
 
 def _connect(address: str):
-    import ray
+    import ray.data  # binds `ray` too
 
     for name in ("ray", "ray.data"):  # Ray's notes on its own set-up are not the user's business
         logging.getLogger(name).setLevel(logging.ERROR)
