@@ -1,6 +1,7 @@
 """Shared fixtures: the project's reference data in ../shared and a seeded official-format checkpoint."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -179,6 +180,31 @@ def analyzed_service_images(tmp_path_factory, model_seed0, service_images) -> Pa
     result = CliRunner().invoke(app, ["analyze", str(service_images), "--out", str(out), "--model",
                                       str(model_seed0), "--backend", "onnxruntime"])
     assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_images(tmp_path_factory) -> Path:
+    """A copy of every shared image (54: CocoGlide real and fake, the official four)."""
+    require_shared()
+    return shutil.copytree(IMAGES_DIR, tmp_path_factory.mktemp("shared") / "images")
+
+
+@pytest.fixture(scope="session")
+def shared_images_analyzed(shared_images, model_seed0, tmp_path_factory) -> Path:
+    """The output folder of the per-image job on every shared image, one after the other in one
+    thread, no pipeline, one ONNX Runtime session with its default threads (what `analyze`
+    loads): the reference the batch ways in are held to, and the report's material."""
+    from trufor_trt.batch.analyze import AnalyzeOptions, ResultsLog, run_job
+    from trufor_trt.batch.inputs import expand_inputs
+    from trufor_trt.engine.onnxruntime_runner import OnnxRuntimeRunner
+
+    out = tmp_path_factory.mktemp("sequential")
+    options = AnalyzeOptions(out_dir=out)
+    with OnnxRuntimeRunner(model_seed0) as runner, ResultsLog(out) as log:
+        for job in expand_inputs([str(shared_images)]):
+            log.add(run_job(job, runner, options).record)
+    assert log.summary == {"ok": 54}
     return out
 
 

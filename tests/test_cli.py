@@ -68,7 +68,7 @@ def test_batch_with_a_corrupt_file_finishes_the_others(tmp_path, image_folder, c
         assert sorted(saved.files) == ["conf", "imgsize", "map", "score", PROVENANCE_KEY]
         assert saved["map"].shape == shape and tuple(saved["imgsize"]) == shape
         assert 0.0 <= float(saved["score"]) <= 1.0 and record["score"] == float(saved["score"])
-        for suffix in (".heatmap.png", ".overlay.png"):
+        for suffix in (".heatmap.png", ".conf.png", ".overlay.png"):
             assert cv2.imread(str(out / f"{name}{suffix}")).shape[:2] == shape
     assert not list(out.rglob("*.tmp")) and not (out / "corrupt.jpg.npz").exists()
 

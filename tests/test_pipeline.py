@@ -14,15 +14,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from trufor_trt.batch.analyze import AnalyzeOptions, ResultsLog, run_job
-from trufor_trt.batch.inputs import expand_inputs
 from trufor_trt.cli import app
 from trufor_trt.engine.onnxruntime_runner import OnnxRuntimeRunner
 from trufor_trt.engine.runner import Runner
 
-from conftest import IMAGES_DIR, BreaksAfter, cli_process, require_shared, stop_process
+from conftest import BreaksAfter, cli_process, stop_process
 
-OUTPUT_SUFFIXES = (".npz", ".heatmap.png", ".overlay.png")
+OUTPUT_SUFFIXES = (".npz", ".heatmap.png", ".conf.png", ".overlay.png")
 SAME_IN_EVERY_RUN = ("status", "reason", "score", "height", "width", "backend", "precision", "provenance")
 FEW = ("pristine1.jpg", "tampered2.png", "cocoglide_sample/real/airplane_383621.png",
        "cocoglide_sample/real/airplane_525322.png", "cocoglide_sample/fake/glide_inpainting_val2017_11813_up.png",
@@ -71,27 +69,13 @@ def _copy_outputs(reference: Path, out: Path, names) -> None:
 
 
 @pytest.fixture(scope="module")
-def shared_images(tmp_path_factory) -> Path:
-    require_shared()
-    return shutil.copytree(IMAGES_DIR, tmp_path_factory.mktemp("pipeline") / "images")
-
-
-@pytest.fixture(scope="module")
 def names(shared_images) -> list:
     return sorted(path.relative_to(shared_images).as_posix() for path in shared_images.rglob("*") if path.is_file())
 
 
 @pytest.fixture(scope="module")
-def sequential(shared_images, model_seed0, tmp_path_factory) -> Path:
-    """The reference: the per-image job on every shared image, one after the other in this
-    thread, no pipeline, one ONNX Runtime session with its default threads (what `analyze` loads)."""
-    out = tmp_path_factory.mktemp("sequential")
-    options = AnalyzeOptions(out_dir=out)
-    with OnnxRuntimeRunner(model_seed0) as runner, ResultsLog(out) as log:
-        for job in expand_inputs([str(shared_images)]):
-            log.add(run_job(job, runner, options).record)
-    assert log.summary == {"ok": 54}
-    return out
+def sequential(shared_images_analyzed) -> Path:
+    return shared_images_analyzed
 
 
 @pytest.fixture

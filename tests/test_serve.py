@@ -204,7 +204,7 @@ def test_token_is_checked_on_every_route_but_healthz_and_sigterm_finishes_the_re
     assert answers and answers[0].status_code == 200, answers
     image = (service_images / "tampered2.png").read_bytes()
     name = hashlib.sha256(image).hexdigest()
-    for suffix in (".npz", ".heatmap.png", ".overlay.png"):
+    for suffix in (".npz", ".heatmap.png", ".conf.png", ".overlay.png"):
         assert (out / f"{name}{suffix}").read_bytes() == \
             (analyzed_service_images / f"tampered2.png{suffix}").read_bytes(), suffix
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]

@@ -119,7 +119,7 @@ def test_every_good_image_is_analysed_exactly_once_across_a_kill(watched):
 def test_outputs_equal_analyze_byte_for_byte_with_no_partial_file(watched, analyzed_service_images):
     out = watched["out"]
     for image in watched["images"]:
-        for suffix in (".npz", ".heatmap.png", ".overlay.png"):
+        for suffix in (".npz", ".heatmap.png", ".conf.png", ".overlay.png"):
             assert (out / f"{image.name}{suffix}").read_bytes() == \
                 (analyzed_service_images / f"{image.name}{suffix}").read_bytes(), (image.name, suffix)
     leftovers = [path.name for path in out.rglob(".*")]

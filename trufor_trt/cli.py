@@ -346,6 +346,9 @@ def analyze(
     ray_workers: int = typer.Option(0, "--ray-workers", min=0,
                                     help="--ray: actors, one runner each (0: one per GPU, or per --ray-cpus CPUs)."),
     ray_cpus: int = typer.Option(1, "--ray-cpus", min=1, help="--ray, CPU backends: cores per actor."),
+    report: bool = typer.Option(False, "--report", help="Also write the batch's HTML report, OUT/report.html."),
+    report_to: Optional[Path] = typer.Option(None, "--report-to", metavar="FILE",
+                                             help="The report elsewhere than OUT/report.html (implies --report)."),
     quiet: bool = QUIET,
 ) -> None:
     """Analyse images: per image an .npz with map, conf, score, imgsize (+ PNGs), a line in
@@ -383,18 +386,20 @@ def analyze(
         with _progress(in_terminal) as progress, halt_on_signals(halt, stopped.append):
             task = progress.add_task(f"analysing ({what})", total=len(jobs))
 
-            def report(record: dict) -> None:
+            def show(record: dict) -> None:
                 noteworthy = record["status"] == "error" or (record["status"] == "ok" and record["reason"])
                 if record["status"] == "error" or (not quiet and (noteworthy or not in_terminal)):
                     progress.console.print(_record_line(record), soft_wrap=True)
                 progress.advance(task)
 
-            summary = analyse(report, halt)
+            summary = analyse(show, halt)
     except RunnerFailure as exc:
         console.print(f"[red]stopped[/]: {escape(str(exc))}; the images done so far are in "
                       f"{escape(str(out / RESULTS_FILE))}, run again to resume", soft_wrap=True)
         raise typer.Exit(EXIT_RUNNER_FAILED)
     done = f"{summary['ok']} analysed, {summary['skipped']} skipped (outputs exist), {summary['error']} failed"
+    if report or report_to is not None:
+        _write_report(out, report_to)
     if stopped:
         left = len(jobs) - sum(summary.values())
         console.print(f"stopped by {signal.Signals(stopped[0]).name}: {done}, {left} not started "
@@ -403,6 +408,26 @@ def analyze(
     console.print(f"{done}; details in {escape(str(out / RESULTS_FILE))} and {escape(str(out / SUMMARY_FILE))}",
                   soft_wrap=True)
     raise typer.Exit(EXIT_FAILED if summary["error"] else 0)
+
+
+def _write_report(out: Path, page: Optional[Path]) -> None:
+    from .batch.report import build_report
+
+    try:
+        written = build_report(out, page)
+    except (OSError, ModuleNotFoundError) as exc:
+        fail_setup(f"report: {_missing_package(exc) if isinstance(exc, ModuleNotFoundError) else exc}")
+    console.print(f"report: {escape(str(written))}", soft_wrap=True)
+
+
+@app.command("report")
+def report_command(
+    out: Path = typer.Argument(..., metavar="OUT", help="An output folder `analyze` wrote."),
+    page: Optional[Path] = typer.Option(None, "--to", help="The page to write (default OUT/report.html)."),
+) -> None:
+    """(Re)build the HTML report of an output folder from its results.jsonl and files (the model
+    is not run): scores, maps, overlays, failures; sortable, filterable, no network needed."""
+    _write_report(out, page)
 
 
 def _check_watch_folders(inbox: Path, folders: dict) -> None:

@@ -105,6 +105,7 @@ def _write_outputs(paths: OutputPaths, rgb, analysis: Analysis, options: Analyze
     write_atomically(paths.npz, npz_bytes(analysis, options.save_noiseprint, made_by))
     if options.write_png:
         write_atomically(paths.heatmap, heatmap_png(analysis.localization_map))
+        write_atomically(paths.confidence, heatmap_png(analysis.confidence_map))
         write_atomically(paths.overlay, overlay_png(rgb, analysis.localization_map))
 
 

@@ -18,7 +18,8 @@ NPZ_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip member can carry
 @dataclass(frozen=True)
 class OutputPaths:
     npz: Path
-    heatmap: Path
+    heatmap: Path  # the localization map
+    confidence: Path  # the confidence map, on the same colour scale
     overlay: Path
 
     @classmethod
@@ -26,10 +27,11 @@ class OutputPaths:
         base = Path(out_dir) / relative
         return cls(npz=base.with_name(base.name + ".npz"),
                    heatmap=base.with_name(base.name + ".heatmap.png"),
+                   confidence=base.with_name(base.name + ".conf.png"),
                    overlay=base.with_name(base.name + ".overlay.png"))
 
     def expected(self, with_png: bool) -> list:
-        return [self.npz, self.heatmap, self.overlay] if with_png else [self.npz]
+        return [self.npz, self.heatmap, self.confidence, self.overlay] if with_png else [self.npz]
 
 
 def npz_bytes(analysis: Analysis, save_noiseprint: bool, made_by: dict) -> bytes:
@@ -66,14 +68,15 @@ def _png(bgr: np.ndarray) -> bytes:
     return encoded.tobytes()
 
 
-def heatmap_bgr(localization_map: np.ndarray) -> np.ndarray:
-    """The localization map in the JET colour scale: 0 (pristine) blue .. 1 (forged) red."""
-    levels = np.rint(np.clip(localization_map, 0.0, 1.0) * 255).astype(np.uint8)
+def heatmap_bgr(values: np.ndarray) -> np.ndarray:
+    """A map of values in [0, 1] in the JET colour scale: 0 blue (pristine, or unreliable for
+    the confidence map) .. 1 red (forged, or reliable)."""
+    levels = np.rint(np.clip(values, 0.0, 1.0) * 255).astype(np.uint8)
     return cv2.applyColorMap(levels, cv2.COLORMAP_JET)
 
 
-def heatmap_png(localization_map: np.ndarray) -> bytes:
-    return _png(heatmap_bgr(localization_map))
+def heatmap_png(values: np.ndarray) -> bytes:
+    return _png(heatmap_bgr(values))
 
 
 def overlay_png(rgb: np.ndarray, localization_map: np.ndarray) -> bytes:
