@@ -29,7 +29,9 @@ def reported(shared_images, shared_images_analyzed, model_seed0, tmp_path_factor
     into it by `analyze --report`: (out, its latest records by input, the page)."""
     out = shutil.copytree(shared_images_analyzed, tmp_path_factory.mktemp("report") / "out")
     extra = tmp_path_factory.mktemp("extra")
-    shutil.copy(shared_images / "tampered2.png", extra / HOSTILE_NAME)
+    hostile = extra / HOSTILE_NAME  # a folder "<script>alert(1)<" holding "script>.png"
+    hostile.parent.mkdir()
+    shutil.copy(shared_images / "tampered2.png", hostile)
     (extra / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
     result = CliRunner().invoke(app, ["analyze", str(extra), "--out", str(out), "--model", str(model_seed0),
                                       "--backend", "onnxruntime", "--report"])

@@ -81,8 +81,8 @@ def _in_folder(recorded: str, out_dir: Path) -> Optional[Path]:
     them (relative to its working folder, perhaps), so the first one that exists with leading
     parts dropped is it."""
     parts = Path(recorded).parts
-    for first in range(len(parts)):
-        candidate = out_dir.joinpath(*parts[first:])
+    for first in range(1 if Path(recorded).is_absolute() else 0, len(parts)):
+        candidate = out_dir.joinpath(*parts[first:])  # inside out_dir: a copied folder's own files
         if candidate.is_file():
             return candidate
     return None
