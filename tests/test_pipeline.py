@@ -20,6 +20,9 @@ from trufor_trt.engine.runner import Runner
 
 from conftest import BreaksAfter, cli_process, stop_process
 
+# Every test here stands on the 54 shared images analysed once (minutes on 2 cores).
+pytestmark = pytest.mark.slow
+
 OUTPUT_SUFFIXES = (".npz", ".heatmap.png", ".conf.png", ".overlay.png")
 SAME_IN_EVERY_RUN = ("status", "reason", "score", "height", "width", "backend", "precision", "provenance")
 FEW = ("pristine1.jpg", "tampered2.png", "cocoglide_sample/real/airplane_383621.png",

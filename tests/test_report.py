@@ -13,6 +13,9 @@ from typer.testing import CliRunner
 
 from trufor_trt.cli import app
 
+# Every test here stands on the 54 shared images analysed once (minutes on 2 cores).
+pytestmark = pytest.mark.slow
+
 CHROMIUM = shutil.which("chromium")
 HOSTILE_NAME = "<script>alert(1)</script>.png"
 BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
