@@ -61,11 +61,16 @@ def _npz(arrays: dict) -> bytes:
     return buffer.getvalue()
 
 
-def _png(bgr: np.ndarray) -> bytes:
-    ok, encoded = cv2.imencode(".png", bgr)
+def encoded(suffix: str, bgr: np.ndarray, *params: int) -> bytes:
+    """An image as the bytes of a file with this suffix (".png", ".jpg"), OpenCV's parameters."""
+    ok, data = cv2.imencode(suffix, bgr, list(params))
     if not ok:
-        raise RuntimeError("PNG encoding failed")
-    return encoded.tobytes()
+        raise RuntimeError(f"{suffix} encoding failed")
+    return data.tobytes()
+
+
+def _png(bgr: np.ndarray) -> bytes:
+    return encoded(".png", bgr)
 
 
 def heatmap_bgr(values: np.ndarray) -> np.ndarray:

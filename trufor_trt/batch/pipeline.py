@@ -4,10 +4,11 @@ by bounded queues, so the CPU stages overlap inference and only a few prepared i
 memory whatever the input holds. `analyze` and `bench`'s Offline mode both run it.
 
 Records come out in the order images finish: with one runner that is the input order.
-halt() (Ctrl-C) stops taking images: those inferred already are still written, the rest get no
-record, so a resumed run does them; nothing is half-written either way. With `batch` > 1,
-consecutive decoded images of one size go to the runner together, up to what it takes for that
-size (runner.batch_limit); an image of another size closes the group: nothing is padded.
+Setting the `halt` event (Ctrl-C) stops taking images: those inferred already are still
+written, the rest get no record, so a resumed run does them; nothing is half-written either
+way. With `batch` > 1, consecutive decoded images of one size go to the runner together, up to
+what it takes for that size (runner.batch_limit); an image of another size closes the group:
+nothing is padded.
 """
 
 import queue
@@ -31,7 +32,7 @@ BUSY_STAGES = {"decode+preprocess": ("decode", "preprocess"), "inference": ("inf
 class Pipeline:
     """One run over a stream of jobs. A failure of the pipeline itself (not of an image: those
     are records), or of a runner (RunnerFailure), stops every thread and is raised again by run().
-    `halt`: an event that, once set, stops the run cleanly (see halt()); `batch`: the most
+    `halt`: an event that, once set, stops the run cleanly (see above); `batch`: the most
     same-size images inferred together."""
 
     def __init__(self, runners: list, options: AnalyzeOptions, halt: Optional[threading.Event] = None,
@@ -43,10 +44,6 @@ class Pipeline:
         self._halt = halt or threading.Event()
         self._errors = []
         self.busy_ms = {stage: 0.0 for stage in BUSY_STAGES}
-
-    def halt(self) -> None:
-        """Take no more images; finish and write those inferred already. Signal-handler safe."""
-        self._halt.set()
 
     def _put(self, channel: queue.Queue, item) -> None:
         while not self._stop.is_set():

@@ -8,6 +8,7 @@ what is scrolled to; nothing is fetched from elsewhere, the page's own script so
 The same folder gives the same page, byte for byte (its date is results.jsonl's).
 """
 
+import base64
 import datetime
 import hashlib
 import os
@@ -21,7 +22,7 @@ import numpy as np
 from .. import __version__
 from ..engine.postprocess import DECISION_THRESHOLD
 from ..files import write_atomically
-from .outputs import heatmap_bgr
+from .outputs import OutputPaths, encoded, heatmap_bgr
 from .summary import RESULTS_FILE, latest_records
 
 REPORT_FILE = "report.html"
@@ -51,10 +52,7 @@ def _thumbnail(bgr: np.ndarray) -> np.ndarray:
 
 
 def _write_jpeg(path: Path, bgr: np.ndarray) -> None:
-    ok, encoded = cv2.imencode(".jpg", _thumbnail(bgr), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-    if not ok:
-        raise RuntimeError("JPEG encoding failed")
-    write_atomically(path, encoded.tobytes())
+    write_atomically(path, encoded(".jpg", _thumbnail(bgr), cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY))
 
 
 def _input_bgr(record: dict, out_dir: Path) -> Optional[np.ndarray]:
@@ -90,10 +88,11 @@ def _in_folder(recorded: str, out_dir: Path) -> Optional[Path]:
 
 def _thumbnails(record: dict, npz: Path, out_dir: Path, report_dir: Path) -> dict:
     """Write the record's thumbnails into OUT/report_files; their links relative to the page."""
-    stem = hashlib.sha256(npz.relative_to(out_dir).as_posix().encode()).hexdigest()[:16]
+    relative = npz.relative_to(out_dir).as_posix()
+    stem = hashlib.sha256(relative.encode()).hexdigest()[:16]
     with np.load(npz) as saved:
         pictures = {"map": heatmap_bgr(saved["map"]), "conf": heatmap_bgr(saved["conf"])}
-    overlay = npz.with_name(npz.name[:-len(".npz")] + ".overlay.png")
+    overlay = OutputPaths.below(out_dir, relative.removesuffix(".npz")).overlay
     if overlay.is_file():
         pictures["overlay"] = cv2.imread(str(overlay), cv2.IMREAD_COLOR)
     image = _input_bgr(record, out_dir)
@@ -123,11 +122,8 @@ def _row(record: dict, out_dir: Path, report_dir: Path) -> ReportRow:
 
 
 def _legend_png_base64() -> str:
-    import base64
-
     bar = heatmap_bgr(np.tile(np.linspace(0.0, 1.0, 256), (12, 1)))
-    ok, encoded = cv2.imencode(".png", bar)
-    return base64.b64encode(encoded.tobytes()).decode("ascii")
+    return base64.b64encode(encoded(".png", bar)).decode("ascii")
 
 
 def _summary(records: list, rows: list, results: Path) -> dict:
