@@ -128,6 +128,19 @@ def _achieved(run: dict, flop_per_image: list, gemm: dict, nominal_peak: Optiona
         run["fraction_of_peak"] = run["achieved_gflops"] / nominal_peak
 
 
+def _parts(samples_ms: dict, shapes: list, end_to_end: dict) -> dict:
+    """Per part of the network (runners that time them): its times, its share of the end-to-end
+    median and its GFLOP/s on the FLOPs it executes (decoders folded)."""
+    parts = {}
+    for name, samples in samples_ms.items():
+        executed = sum(network_flops(*shape, folded_decoders=True)[name] for shape in shapes)
+        stats = summarize(samples)
+        parts[name] = {"stats_ms": stats, "share_of_end_to_end": stats["median"] / end_to_end["median"],
+                       "executed_gflop_per_image": executed / len(shapes) / 1e9,
+                       "achieved_gflops": executed / (sum(samples) / 1e3) / 1e9}
+    return parts
+
+
 def _mean(values) -> float:
     return sum(values) / len(values)
 
@@ -149,6 +162,7 @@ def _summarise(result: dict, group: InputGroup, gemm: dict, nominal_peak, offici
     run["peak_rss_gib_per_megapixel"] = result["memory"]["host_peak_rss_bytes"] / 1024 ** 3 / megapixels
     on_cpu = result["memory"]["device_peak_bytes"] is None  # the GEMM rates are the CPU's
     _achieved(run, flop_per_image, gemm if on_cpu else {}, nominal_peak)
+    stream["parts"] = _parts(stream.pop("parts_samples_ms"), shapes, stream["stats_ms"]["end_to_end"])
     if "offline" in result:
         offline = result["offline"]
         offline["images_per_s"] = offline["images"] / (offline["wall_ms"] / 1e3)

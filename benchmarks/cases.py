@@ -65,8 +65,9 @@ def time_one_image(runner, path) -> tuple:
 
 
 def single_stream(runner, spec: CaseSpec) -> dict:
-    """Batch 1, one image after the other; the warm-up iterations are not recorded."""
-    samples = {"end_to_end": []}
+    """Batch 1, one image after the other; the warm-up iterations are not recorded. Runners
+    that run the network in parts also give each part's times (`parts_samples_ms`)."""
+    samples, parts = {"end_to_end": []}, {}
     shapes = []
     for index in range(spec.warmup + spec.repeat):
         stages, total_ms, shape = time_one_image(runner, spec.images[index % len(spec.images)])
@@ -74,9 +75,11 @@ def single_stream(runner, spec: CaseSpec) -> dict:
             continue
         for name, ms in stages.items():
             samples.setdefault(name, []).append(ms)
+        for name, ms in runner.last_parts_ms.items():
+            parts.setdefault(name, []).append(ms)
         samples["end_to_end"].append(total_ms)
         shapes.append(shape)
-    return {"samples_ms": samples, "shapes": shapes}
+    return {"samples_ms": samples, "parts_samples_ms": parts, "shapes": shapes}
 
 
 def _raise_failure(result) -> None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from trufor_trt.files import write_atomically
 
 STAGES = ("decode", "preprocess", "host_to_device", "inference", "device_to_host", "postprocess")
+PARTS = ("noiseprint", "encoder", "decoders")  # the network's parts, as runners time them
 MARKDOWN_BEGIN = "<!-- trufor-trt bench: begin -->"
 MARKDOWN_END = "<!-- trufor-trt bench: end -->"
 GIB = 1024 ** 3
@@ -60,6 +61,16 @@ def summary_rows(report: dict):
                f"{device / GIB:.2f} GiB" if device is not None else "-", _offline(run))
 
 
+def parts_rows(report: dict):
+    """(input, runner, per part: median ms (% of end to end), GFLOP/s) for runs timed in parts."""
+    for run in report["runs"]:
+        parts = run.get("single_stream", {}).get("parts")
+        if parts:
+            yield (run["input"], run_name(run), *(
+                f"{_ms(parts[name]['stats_ms']['median'])} ({100 * parts[name]['share_of_end_to_end']:.1f}%), "
+                f"{parts[name]['achieved_gflops']:.0f}" if name in parts else "-" for name in PARTS))
+
+
 def print_tables(report: dict, console) -> None:
     from rich.table import Table
 
@@ -76,6 +87,14 @@ def print_tables(report: dict, console) -> None:
     for row in summary_rows(report):
         summary.add_row(*row)
     console.print(summary)
+    rows = list(parts_rows(report))
+    if rows:
+        parts = Table(title="Inference by part: median ms (share of end to end), GFLOP/s executed")
+        for column in ("input", "runner", *PARTS):
+            parts.add_column(column, justify="left" if column in ("input", "runner") else "right")
+        for row in rows:
+            parts.add_row(*row)
+        console.print(parts)
     for item in report["comparisons"]:
         console.print(f"{item['input']}: {item['engine']} is {item['speedup_end_to_end']:.2f}x faster "
                       f"end to end ({item['speedup_inference']:.2f}x in inference) than {item['reference']}")
@@ -115,6 +134,11 @@ def markdown_table(report: dict) -> str:
     speedups = {item["input"]: item for item in report["comparisons"]}
     lines += [_markdown_row(run, speedups.get(run["input"]) if run["role"] == "engine" else None)
               for run in report["runs"]]
+    rows = list(parts_rows(report))
+    if rows:
+        lines += ["", "Inference by part: median (share of end to end), GFLOP/s executed:", "",
+                  "| input | runner | " + " | ".join(PARTS) + " |", "|---|---|" + "---|" * len(PARTS)]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -3,8 +3,9 @@
 With Noiseprint++ and the folded decoders in row bands (bands.py), what one image needs is a
 fixed part (runtime, weights), a part proportional to its pixels (input, Noiseprint++ map, the
 encoder's activations and maps, the postprocessed outputs) and the bands: Noiseprint++'s 64
-full-resolution channels and the decoders' 512-channel 1/4-grid maps, each proportional to the
-band's size. Each runner carries its own coefficients, measured on this project's machines
+full-resolution channels, and the decoders' coarse maps for a group of 1/4-grid rows (1024
+channels, upsampled along the columns; bands.decoder_groups), each proportional to its size.
+Each runner carries its own coefficients, measured on this project's machines
 (README, "Large images"); an image that does not fit even with the smallest bands is refused
 before any work.
 """
@@ -49,7 +50,7 @@ def physical_memory() -> Optional[int]:
 @dataclass(frozen=True)
 class BandPlan:
     noiseprint_rows: int  # output rows per Noiseprint++ band
-    decoder_rows: int  # 1/4-grid rows per decoder band
+    decoder_rows: int  # 1/4-grid rows per decoder group (bands.decoder_groups)
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class MemoryModel:
     fixed_bytes: float
     bytes_per_pixel: float  # everything proportional to the image but the bands
     noiseprint_bytes_per_pixel: float  # Noiseprint++'s activations per pixel of its band
-    decoder_bytes_per_cell: float  # both decoders' activations per 1/4-grid cell of a band
+    decoder_bytes_per_cell: float  # both decoders' activations per 1/4-grid cell of a group
 
     def without_bands(self, height: int, width: int) -> float:
         return self.fixed_bytes + self.bytes_per_pixel * height * width

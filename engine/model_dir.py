@@ -17,7 +17,7 @@ from ..errors import TruforError
 from .postprocess import DetectionHead
 
 FORMAT = "trufor-trt-model"
-FORMAT_VERSION = 2  # 2: folded decoders; the CPU graph split into three for exact bands
+FORMAT_VERSION = 3  # 2: folded decoders, the CPU graph split for exact bands; 3: CPU decoders as matrix products
 MANIFEST_FILE = "manifest.json"
 DETECTION_HEAD_FILE = "detection_head.npz"
 
@@ -31,8 +31,10 @@ class GraphVariant:
     purpose: str
     # "whole": image -> logits and Noiseprint++. The CPU graphs split it where exact row
     # bands bound the memory (bands.py): "noiseprint": image -> Noiseprint++; "features":
-    # (image, Noiseprint++) -> the encoder's four maps; "decoder-band": a band of the 1/4 grid
-    # of the four maps (with its bilinear taps) -> the band's logits.
+    # (image, Noiseprint++) -> the encoder's four maps (channels last); "decoder-maps": rows of
+    # the coarse maps -> both decoders' maps of them, upsampled along the columns;
+    # "decoder-band": a band of the 1/4 grid (c1 rows, the maps' rows, the row interpolation
+    # matrices) -> the band's logits.
     part: str = "whole"
 
 
@@ -44,12 +46,15 @@ VARIANTS = (
     GraphVariant("fp32-cpu", "trufor_fp32_cpu.onnx", "onnxruntime", "fp32",
                  "ONNX Runtime CPU: the two-stream encoder, attention as "
                  "com.microsoft.MultiHeadAttention", part="features"),
+    GraphVariant("fp32-cpu-decoder-maps", "trufor_fp32_cpu_decoder_maps.onnx", "onnxruntime", "fp32",
+                 "ONNX Runtime CPU: both folded decoders' coarse maps, upsampled along the columns",
+                 part="decoder-maps"),
     GraphVariant("fp32-cpu-decoders", "trufor_fp32_cpu_decoders.onnx", "onnxruntime", "fp32",
                  "ONNX Runtime CPU: both folded decoders, run in row bands", part="decoder-band"),
 )
 # The CPU graphs in the order the ONNX Runtime runner chains them; the encoder's names the
 # chain in the verification records.
-CPU_VARIANTS = ("fp32-cpu-noiseprint", "fp32-cpu", "fp32-cpu-decoders")
+CPU_VARIANTS = ("fp32-cpu-noiseprint", "fp32-cpu", "fp32-cpu-decoder-maps", "fp32-cpu-decoders")
 CPU_VARIANT = "fp32-cpu"
 
 

@@ -1,9 +1,10 @@
 """The ONNX Runtime backend: the embedded default that runs on any CPU.
 
-FP32 runs the model folder's three CPU graphs in bounded memory: Noiseprint++ in exact row
+FP32 runs the model folder's four CPU graphs in bounded memory: Noiseprint++ in exact row
 bands, the two-stream encoder on the whole image (attention as com.microsoft.MultiHeadAttention,
-whose flash kernel keeps no score matrix), then both folded decoders in exact row bands of the
-1/4 grid (bands.py); band heights follow the memory budget. The session settings below, and
+whose flash kernel keeps no score matrix), then both folded decoders as matrix products: the
+coarse maps of a group of 1/4-grid rows, then the group in small bands (bands.py); band and
+group heights follow the memory budget. The session settings below, and
 what each was measured to buy on a 2-core CPU, are in the README ("ONNX Runtime settings",
 "Large images").
 """
@@ -12,15 +13,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..bands import decoder_band_taps, noiseprint_row_bands, row_bands
+from ..bands import decoder_groups, noiseprint_row_bands
 from .memory_budget import MemoryModel, physical_memory
 from .model_dir import CPU_VARIANTS, ModelDir
 from .runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs, Runner
+from .timing import StageClock
 
 NOISEPRINT = OUTPUT_NAMES[2]
 LOGITS = list(OUTPUT_NAMES[:2])
 FEATURES = ("c1", "c2", "c3", "c4")
-COARSE = ("c4", "c3", "c2")  # the order the decoder band graph takes the coarse scales in
+COARSE = ("c4", "c3", "c2")  # the order the decoder graphs take the coarse scales in
+WIDENED = tuple(f"{name}_wide" for name in COARSE)
 # Peak RSS of `analyze` per image (measured with ONNX Runtime 1.31 on the 2-core CPU; README).
 MEMORY = MemoryModel(fixed_bytes=0.6e9, bytes_per_pixel=400, noiseprint_bytes_per_pixel=1000,
                      decoder_bytes_per_cell=16000)
@@ -80,36 +83,33 @@ def noiseprint_in_row_bands(session, prepared: np.ndarray, band_rows: int) -> np
     return noiseprint
 
 
-def _band_feed(features: dict, top: int, bottom: int) -> dict:
-    """The decoder band graph's inputs for 1/4-grid rows [top, bottom)."""
-    grid = features["c1"].shape[2:]
-    taps = decoder_band_taps([features[name].shape[2:] for name in COARSE], grid, top, bottom)
-    feed = {"c1_rows": np.ascontiguousarray(features["c1"][:, :, top:bottom])}
-    for name, scale_taps in zip(COARSE, taps):
-        feed.update({f"{name}_rows": np.ascontiguousarray(features[name][:, :, scale_taps.first:scale_taps.last]),
-                     f"{name}_row_taps": scale_taps.rows,
-                     f"{name}_row_weight": scale_taps.row_weight.astype(np.float32),
-                     f"{name}_column_taps": scale_taps.columns,
-                     f"{name}_column_weight": scale_taps.column_weight.astype(np.float32)})
-    return feed
-
-
-def decoders_in_row_bands(session, features: dict, band_rows: int) -> list:
-    """Both decoders' logits, `band_rows` rows of the 1/4 grid at a time (exact)."""
-    batch, _, grid_height, grid_width = features["c1"].shape
-    logits = [np.empty((batch, channels, grid_height, grid_width), np.float32) for channels in (2, 1)]
-    for top, bottom in row_bands(grid_height, band_rows):
-        for whole, band in zip(logits, session.run(LOGITS, _band_feed(features, top, bottom))):
-            whole[:, :, top:bottom] = band
+def decoders_in_bands(maps_session, band_session, features: dict, group_rows: int) -> list:
+    """Both decoders' logits (batch of one) from the channels-last maps, by bands.decoder_groups:
+    each group's coarse rows widened in one run of the maps graph, then its bands (exact)."""
+    _, grid_height, grid_width, _ = features["c1"].shape
+    logits = [np.empty((1, channels, grid_height, grid_width), np.float32) for channels in (2, 1)]
+    plan = decoder_groups([features[name].shape[1] for name in COARSE], grid_height, group_rows)
+    for group in plan:
+        feed = {"c1_rows": features["c1"][0, group.top:group.bottom]}
+        feed.update({f"{name}_rows": features[name][0, first:last]
+                     for name, (first, last) in zip(COARSE, group.coarse_rows)})
+        widened = [scale[0] for scale in maps_session.run(list(WIDENED), feed)]
+        for band in group.bands:
+            feed = {"c1_rows": features["c1"][0, band.top:band.bottom]}
+            for name, scale, (start, stop), matrix in zip(COARSE, widened, band.reads, band.vertical):
+                feed.update({f"{name}_wide": scale[start:stop], f"{name}_vertical": matrix.astype(np.float32)})
+            for whole, part in zip(logits, band_session.run(LOGITS, feed)):
+                whole[0, :, band.top:band.bottom] = part
     return logits
 
 
 @dataclass(frozen=True)
 class CpuSessions:
-    """The three CPU graphs of a model folder, one session each."""
+    """The four CPU graphs of a model folder, one session each."""
 
     noiseprint: object
     features: object
+    decoder_maps: object
     decoders: object
 
     @classmethod
@@ -118,10 +118,18 @@ class CpuSessions:
         # cores from the next (measured, 2 cores: 387 -> 299 ms at 256 px, 1314 -> 1246 at 512).
         return cls(*(create_session(files[name], threads, spinning=False) for name in CPU_VARIANTS))
 
-    def run(self, prepared: np.ndarray, noiseprint_rows: int, decoder_rows: int) -> RawOutputs:
-        noiseprint = noiseprint_in_row_bands(self.noiseprint, prepared, noiseprint_rows)
-        maps = self.features.run(list(FEATURES), {INPUT_NAME: prepared, NOISEPRINT: noiseprint})
-        logits = decoders_in_row_bands(self.decoders, dict(zip(FEATURES, maps)), decoder_rows)
+    def run(self, prepared: np.ndarray, noiseprint_rows: int, decoder_rows: int,
+            parts_ms: dict = None) -> RawOutputs:
+        """The network on one image; `parts_ms`, if given, receives each part's milliseconds."""
+        clock = StageClock()
+        with clock.stage("noiseprint"):
+            noiseprint = noiseprint_in_row_bands(self.noiseprint, prepared, noiseprint_rows)
+        with clock.stage("encoder"):
+            maps = self.features.run(list(FEATURES), {INPUT_NAME: prepared, NOISEPRINT: noiseprint})
+        with clock.stage("decoders"):
+            logits = decoders_in_bands(self.decoder_maps, self.decoders, dict(zip(FEATURES, maps)), decoder_rows)
+        if parts_ms is not None:
+            parts_ms.update(clock.times_ms)
         return RawOutputs.from_batch_of_one(*logits, noiseprint)
 
 
@@ -168,7 +176,8 @@ class OnnxRuntimeRunner(Runner):
         if self.cpu_sessions is None:
             return run_session(self.session, prepared)
         plan = MEMORY.plan(*prepared.shape[2:], self.max_memory_bytes)
-        return self.cpu_sessions.run(prepared, plan.noiseprint_rows, plan.decoder_rows)
+        self.last_parts_ms = {}
+        return self.cpu_sessions.run(prepared, plan.noiseprint_rows, plan.decoder_rows, self.last_parts_ms)
 
     def close(self) -> None:
         self.session = self.cpu_sessions = None

@@ -43,7 +43,9 @@ class Runner(ABC):
     `model_sha256` the SHA-256 of the checkpoint it came from (the outputs' provenance).
     Runners on a GPU also time their device stages: after infer(), `last_stage_ms` holds
     host_to_device, inference and device_to_host in milliseconds (CUDA events); CPU runners
-    leave it empty, their inference being the infer() call itself.
+    leave it empty, their inference being the infer() call itself. Runners that run the
+    network as separate graphs (ONNX Runtime FP32) record each part's milliseconds in
+    `last_parts_ms` (noiseprint, encoder, decoders), so that `bench` shows where time goes.
     """
 
     backend: str = ""
@@ -53,6 +55,7 @@ class Runner(ABC):
         self.detection_head = None
         self.model_sha256 = None
         self.last_stage_ms = {}
+        self.last_parts_ms = {}
 
     @abstractmethod
     def load(self) -> None:

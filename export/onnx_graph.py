@@ -2,15 +2,18 @@
 
 import tempfile
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import onnx
 import torch
 
-from ..architecture import EMBED_DIMS
+from ..architecture import DECODER_DIM, EMBED_DIMS
 from ..engine.runner import INPUT_NAME, OUTPUT_NAMES
 from ..graphsurgeon import quiet_graphsurgeon
 from ..model.attention import attention_form
+from ..model.decoder import DecoderPair, split_logits
+from ..model.formulation import for_onnxruntime
 
 DEFAULT_OPSET = 18  # Reduce* axes become inputs (initializers); TensorRT 10.3 parses 9..20
 SUPPORTED_OPSETS = range(17, 21)  # 17 brings LayerNormalization; 20 is TensorRT 10.3's newest
@@ -32,22 +35,17 @@ DYNAMIC_AXES = {
 }
 
 
-def band_input_names() -> tuple:
-    """The decoder band graph's inputs: c1's band rows, then per coarse scale (c4, c3, c2)
-    the rows the band reads and its bilinear taps (see DecoderHead.band)."""
-    names = ["c1_rows"]
-    for scale in ("c4", "c3", "c2"):
-        names += [f"{scale}_rows", f"{scale}_row_taps", f"{scale}_row_weight",
-                  f"{scale}_column_taps", f"{scale}_column_weight"]
-    return tuple(names)
-
-
-BAND_INPUTS = band_input_names()
-# Graph part -> (input names, output names); see GraphVariant.part.
+COARSE = ("c4", "c3", "c2")  # the order the decoder graphs take the coarse scales in
+MAPS_INPUTS = ("c1_rows", *(f"{scale}_rows" for scale in COARSE))
+WIDENED = tuple(f"{scale}_wide" for scale in COARSE)
+BAND_INPUTS = ("c1_rows", *WIDENED, *(f"{scale}_vertical" for scale in COARSE))
+# Graph part -> (input names, output names); see GraphVariant.part. The CPU graphs' maps are
+# channels-last and without the batch axis (model/decoder.py, DecoderPair).
 PART_IO = {
     "whole": ((INPUT_NAME,), OUTPUT_NAMES),
     "noiseprint": ((INPUT_NAME,), (NOISEPRINT,)),
     "features": ((INPUT_NAME, NOISEPRINT), FEATURES),
+    "decoder-maps": (MAPS_INPUTS, WIDENED),
     "decoder-band": (BAND_INPUTS, OUTPUT_NAMES[:2]),
 }
 
@@ -57,6 +55,9 @@ class _Part(torch.nn.Module):
         super().__init__()
         self.network = network
 
+    def pair(self) -> DecoderPair:
+        return DecoderPair.of((self.network.decode_head, self.network.decode_head_conf))
+
 
 class _NoiseprintPart(_Part):
     def forward(self, image):
@@ -65,52 +66,55 @@ class _NoiseprintPart(_Part):
 
 class _FeaturesPart(_Part):
     def forward(self, image, noiseprint):
-        return tuple(self.network.features(image, noiseprint))
+        return tuple(scale.permute(0, 2, 3, 1) for scale in self.network.features(image, noiseprint))
+
+
+class _DecoderMapsPart(_Part):
+    def forward(self, c1_rows, *coarse_rows):
+        """c1_rows: only its width (the 1/4 grid's) is read."""
+        return self.pair().widened_rows(coarse_rows, c1_rows.shape[1])
 
 
 class _DecoderBandPart(_Part):
-    def forward(self, c1_rows, *coarse):
-        scales = [coarse[index:index + 5] for index in range(0, len(coarse), 5)]
-        return (self.network.decode_head.band(c1_rows, scales),
-                self.network.decode_head_conf.band(c1_rows, scales))
+    def forward(self, c1_rows, *widened_and_vertical):
+        widened, vertical = widened_and_vertical[:len(COARSE)], widened_and_vertical[len(COARSE):]
+        return split_logits(self.pair().band_logits(c1_rows, widened, vertical))
 
 
 def _part_module(network, part: str) -> torch.nn.Module:
-    return {"whole": network, "noiseprint": _NoiseprintPart(network),
-            "features": _FeaturesPart(network), "decoder-band": _DecoderBandPart(network)}[part]
-
-
-def _band_examples() -> tuple:
-    """A band of 3 rows of a 5 x 7 grid, with taps reading 2 rows of each coarse scale."""
-    examples = [torch.rand(1, EMBED_DIMS[0], 3, 7)]
-    for channels in reversed(EMBED_DIMS[1:]):
-        examples += [torch.rand(1, channels, 2, 4), torch.tensor([[0, 0, 1], [1, 1, 1]]),
-                     torch.rand(3), torch.randint(0, 4, (2, 7)), torch.rand(7)]
-    return tuple(examples)
+    return {"whole": network, "noiseprint": _NoiseprintPart(network), "features": _FeaturesPart(network),
+            "decoder-maps": _DecoderMapsPart(network), "decoder-band": _DecoderBandPart(network)}[part]
 
 
 def _examples(part: str) -> tuple:
+    """Inputs to trace a part with: any legal sizes (every shape in the graph stays symbolic)."""
+    c1_rows = torch.rand(3, 7, EMBED_DIMS[0])
+    if part == "decoder-maps":
+        return (c1_rows, *(torch.rand(2, 4, channels) for channels in reversed(EMBED_DIMS[1:])))
     if part == "decoder-band":
-        return _band_examples()
+        return (c1_rows, *(torch.rand(2, 7, 2 * DECODER_DIM) for _ in COARSE), *(torch.rand(3, 2) for _ in COARSE))
     inputs = PART_IO[part][0]
     return tuple(torch.rand(1, 3 if name == INPUT_NAME else 1, *TRACE_SIZE) for name in inputs)
 
 
-def _band_axes() -> dict:
-    axes = {"c1_rows": {0: "batch", 2: "band", 3: "grid_width"}}
-    for scale in ("c4", "c3", "c2"):
-        axes.update({f"{scale}_rows": {0: "batch", 2: f"{scale}_band", 3: f"{scale}_width"},
-                     f"{scale}_row_taps": {1: "band"}, f"{scale}_row_weight": {0: "band"},
-                     f"{scale}_column_taps": {1: "grid_width"},
-                     f"{scale}_column_weight": {0: "grid_width"}})
+def _decoder_axes() -> dict:
+    axes = {"c1_rows": {0: "rows", 1: "grid_width"}}
+    for scale in COARSE:
+        axes.update({f"{scale}_rows": {0: f"{scale}_rows", 1: f"{scale}_width"},
+                     f"{scale}_wide": {1: f"{scale}_rows", 2: "grid_width"},
+                     f"{scale}_vertical": {0: "rows", 1: f"{scale}_rows"}})
     return axes
 
 
 def _dynamic_axes(part: str) -> dict:
     inputs, outputs = PART_IO[part]
-    known = {**DYNAMIC_AXES, **_band_axes()}
+    known = {**DYNAMIC_AXES, **_decoder_axes()}
+    if part == "features":
+        known.update({name: {0: "batch", 1: f"{name}_height", 2: f"{name}_width"} for name in FEATURES})
     if part == "decoder-band":
-        known.update({name: {0: "batch", 2: "band", 3: "grid_width"} for name in outputs})
+        # the widened rows as the band graph takes them: a slice of the maps graph's, no batch
+        known.update({name: {0: f"{scale}_rows", 1: "grid_width"} for scale, name in zip(COARSE, WIDENED)})
+        known.update({name: {1: "rows", 2: "grid_width"} for name in outputs})
     return {name: known[name] for name in (*inputs, *outputs)}
 
 
@@ -121,7 +125,8 @@ def _trace_to_onnx(network, path: Path, attention: str, opset: int, part: str) -
     examples = _examples(part)
     has_attention = part in ("whole", "features")
     custom = {ORT_CONTRIB_DOMAIN: 1} if attention == "onnxruntime" and has_attention else None
-    with attention_form(attention), torch.no_grad(), warnings.catch_warnings():
+    layout = for_onnxruntime() if attention == "onnxruntime" else nullcontext()
+    with attention_form(attention), layout, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(_part_module(network, part), examples, str(path), dynamo=False,
                           opset_version=opset, input_names=list(inputs), output_names=list(outputs),

@@ -22,8 +22,9 @@ from ..errors import TruforError
 from .synthetic import synthetic_image
 
 VERIFY_SIZES = ((61, 83), (96, 128))
-# The CPU graphs are verified as the runner runs them, in several row bands of each kind.
-VERIFY_NOISEPRINT_ROWS, VERIFY_DECODER_ROWS = 24, 5
+# The CPU graphs are verified as the runner runs them, in several row bands of each kind (the
+# decoders: groups of 13 rows of the 1/4 grid, in bands of 8 and 5).
+VERIFY_NOISEPRINT_ROWS, VERIFY_DECODER_ROWS = 24, 13
 BOUNDS = {"localization_logits": 1.5e-2, "confidence_logits": 1.5e-2, "noiseprint": 4e-3}
 
 

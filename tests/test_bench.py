@@ -103,6 +103,7 @@ def test_bench_json_has_every_field(bench_report):
         assert run["seconds_per_megapixel"] > 0 and run["peak_rss_gib_per_megapixel"] > 0
         assert run["memory"]["host_peak_rss_bytes"] >= run["host_rss_after_load_bytes"] > 0
         assert run["memory"]["device_peak_bytes"] is None
+        _check_parts(run)
     offline = report["runs"][0]["offline"]
     assert offline["streams"] == 2 and offline["threads_per_runner"] >= 1
     assert offline["images"] >= 4 and offline["images_per_s"] > 0
@@ -113,6 +114,23 @@ def test_bench_json_has_every_field(bench_report):
                for item in report["comparisons"])
 
 
+def _check_parts(run: dict) -> None:
+    """ONNX Runtime runs the network in parts and each is timed; the PyTorch reference is one
+    forward pass and has none."""
+    parts, stats = run["single_stream"]["parts"], run["single_stream"]["stats_ms"]
+    if run["backend"] != "onnxruntime":
+        assert parts == {}
+        return
+    assert set(parts) == {"noiseprint", "encoder", "decoders"}
+    assert sum(part["stats_ms"]["median"] for part in parts.values()) <= stats["inference"]["max"]
+    size = map(int, run["input"].split("x"))
+    executed = network_flops(*size, folded_decoders=True)
+    for name, part in parts.items():
+        assert part["stats_ms"]["n"] == 3 and 0 < part["share_of_end_to_end"] < 1
+        assert part["executed_gflop_per_image"] * 1e9 == pytest.approx(executed[name])
+        assert part["achieved_gflops"] > 0
+
+
 def test_bench_prints_tables_and_rewrites_only_the_marked_block(bench_report):
     _, readme, output = bench_report
     assert "SingleStream latency" in output and "faster end to end" in output
@@ -120,6 +138,7 @@ def test_bench_prints_tables_and_rewrites_only_the_marked_block(bench_report):
     assert readme.endswith(MARKDOWN_END + "\nafter\n")
     assert "old table" not in readme
     assert "| 48x64 | onnxruntime fp32 |" in readme and "| 40x56 | torch fp32 (reference) |" in readme
+    assert "Inference by part" in output and "| input | runner | noiseprint | encoder | decoders |" in readme
 
 
 def test_bench_plot_is_a_png(tmp_path, bench_report):

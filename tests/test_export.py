@@ -9,6 +9,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 
+from trufor_trt.architecture import EMBED_DIMS
 from trufor_trt.cli import app
 from trufor_trt.engine.model_dir import MANIFEST_FILE, VARIANTS, ModelDir, ModelDirError, sha256_file
 from trufor_trt.export import verify
@@ -51,13 +52,26 @@ def test_tensorrt_graph_uses_only_parser_operators(graphs):
     assert tensorrt_shape_problems(graph) == []
 
 
+def _symbolic_axes(graph_name: str, value_name: str, rank: int) -> list:
+    """Which axes of a graph input or output follow the image: all but channels (and the
+    unit batch of the decoder maps graph's outputs)."""
+    if graph_name == "fp32-cpu" and value_name.startswith("c"):
+        return [0, 1, 2]  # the encoder's maps, channels last: batch, height, width
+    if value_name.endswith(("_rows", "_vertical")) or (value_name.endswith("_wide") and rank == 3):
+        return [0, 1]  # rows of a channels-last map, or a rows x rows interpolation matrix
+    if value_name.endswith("_wide"):
+        return [1, 2]
+    if graph_name == "fp32-cpu-decoders":
+        return [1, 2]  # a band's logits: classes x rows x width
+    return [0, 2, 3]  # images and NCHW maps: batch, height, width
+
+
 def test_height_and_width_are_symbolic(graphs):
-    for graph in graphs.values():
+    for graph_name, graph in graphs.items():
         for value in [*graph.graph.input, *graph.graph.output]:
             dims = value.type.tensor_type.shape.dim
             symbolic = [axis for axis, dim in enumerate(dims) if dim.dim_param and not dim.dim_value]
-            # Images and maps: batch, height, width; the decoder band's taps: their length.
-            assert symbolic == ([0, 2, 3] if len(dims) == 4 else [len(dims) - 1]), value.name
+            assert symbolic == _symbolic_axes(graph_name, value.name, len(dims)), (graph_name, value.name)
         assert graph.ir_version == 10
 
 
@@ -76,6 +90,39 @@ def test_cpu_variant_uses_onnxruntime_multi_head_attention(graphs):
     nodes = [node for node in graphs["fp32-cpu"].graph.node if node.op_type == "MultiHeadAttention"]
     assert len(nodes) == ATTENTION_LAYERS
     assert all(node.domain == "com.microsoft" for node in nodes)
+
+
+def _as_onnxruntime_optimises_it(path, folder) -> onnx.ModelProto:
+    """The graph after ONNX Runtime's CPU optimiser (what it runs), as the runner sets it up."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(folder / "optimised.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return onnx.load(folder / "optimised.onnx")
+
+
+def _producers(graph: onnx.ModelProto) -> dict:
+    return {output: node for node in graph.graph.node for output in node.output}
+
+
+def test_cpu_encoder_runs_as_arithmetic_without_layout_passes(model_seed0, tmp_path):
+    """In the encoder as ONNX Runtime runs it: every token Linear's bias is inside its product
+    (no Add of a constant after a MatMul), and no transformer block is left with a token <->
+    grid transpose (the convolutions' layout conversions absorbed them: channels-last
+    ReorderInput/Output)."""
+    path = model_seed0 / next(variant.file for variant in VARIANTS if variant.name == "fp32-cpu")
+    graph = _as_onnxruntime_optimises_it(path, tmp_path)
+    producers, constants = _producers(graph), {init.name for init in graph.graph.initializer}
+    late_biases = [node.name for node in graph.graph.node if node.op_type == "Add"
+                   and any(getattr(producers.get(name), "op_type", None) == "MatMul" for name in node.input)
+                   and any(name in constants for name in node.input)]
+    assert late_biases == []
+    token_linears = 3 * ATTENTION_LAYERS + 4 * len(EMBED_DIMS)  # q, kv, proj; each fusion's four
+    assert sum(node.op_type in ("Gemm", "FusedGemm") for node in graph.graph.node) >= token_linears
+    assert [node.name for node in graph.graph.node if node.op_type == "Transpose" and "block" in node.name] == []
 
 
 def _tiny_graph(op: str, attributes=None, dims=("batch", 3, "height", "width")):

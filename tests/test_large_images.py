@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from trufor_trt.bands import NOISEPRINT_HALO, decoder_band_taps, noiseprint_row_bands, row_bands
+from trufor_trt.bands import NOISEPRINT_HALO, decoder_groups, noiseprint_row_bands
 from trufor_trt.cli import app
 from trufor_trt.engine.memory_budget import GIB, MemoryBudgetError, MemoryModel, parse_memory
 from trufor_trt.engine.onnxruntime_runner import MEMORY, OnnxRuntimeRunner
@@ -20,7 +20,7 @@ from trufor_trt.engine.preprocess import prepare_input
 from trufor_trt.export.synthetic import synthetic_image
 from trufor_trt.export.verify import raw_deviation
 from trufor_trt.model import load_trufor
-from trufor_trt.model.formulation import in_bands, official
+from trufor_trt.model.formulation import for_onnxruntime, in_bands, official
 
 from conftest import IMAGES_DIR
 
@@ -33,21 +33,23 @@ def test_noiseprint_bands_cover_every_row_once_with_the_halo_clipped_at_the_bord
         (60 - NOISEPRINT_HALO, 100), (90 - NOISEPRINT_HALO, 100)]  # 90 + 17 > 100: clipped
 
 
-@pytest.mark.parametrize("coarse, grid, band_rows", [((7, 9), (25, 33), 4), ((2, 3), (7, 11), 3),
-                                                     ((13, 17), (25, 33), 25)])
-def test_band_taps_rebuild_the_whole_bilinear_upsampling(coarse, grid, band_rows):
-    """Bands of rows, each reading only the coarse rows its taps name, give F.interpolate's
-    upsampling of the whole map."""
+@pytest.mark.parametrize("coarse, grid, group_rows", [((7, 9), (25, 33), 4), ((2, 3), (7, 11), 3),
+                                                      ((13, 17), (25, 33), 25), ((13, 17), (25, 33), 19)])
+def test_decoder_groups_rebuild_the_whole_bilinear_upsampling(coarse, grid, group_rows):
+    """Rows upsampled whole along the columns, then each band's interpolation matrix over
+    only the coarse rows its group holds and it reads, give F.interpolate's upsampling of the
+    whole map; every 1/4-grid row is in exactly one band."""
     planes = np.random.default_rng(0).standard_normal((3, *coarse))
     whole = upsample_bilinear(planes, *grid)
-    banded = np.empty_like(whole)
-    for top, bottom in row_bands(grid[0], band_rows):
-        taps = decoder_band_taps([coarse], grid, top, bottom)[0]
-        rows = planes[:, taps.first:taps.last]
-        vertical = (rows[:, taps.rows[0]] * (1 - taps.row_weight)[:, None]
-                    + rows[:, taps.rows[1]] * taps.row_weight[:, None])
-        banded[:, top:bottom] = (vertical[..., taps.columns[0]] * (1 - taps.column_weight)
-                                 + vertical[..., taps.columns[1]] * taps.column_weight)
+    widened = upsample_bilinear(planes, coarse[0], grid[1])  # rows keep their positions
+    banded = np.full_like(whole, np.nan)
+    for group in decoder_groups([coarse[0]], grid[0], group_rows):
+        (first, last), = group.coarse_rows
+        held = widened[:, first:last]
+        for band in group.bands:
+            (start, stop), = band.reads
+            assert 0 <= start < stop <= last - first and np.isnan(banded[:, band.top:band.bottom]).all()
+            banded[:, band.top:band.bottom] = np.einsum("rk,ckw->crw", band.vertical[0], held[:, start:stop])
     np.testing.assert_allclose(banded, whole, rtol=0, atol=1e-13)
 
 
@@ -56,10 +58,11 @@ def float64_network(checkpoint_seed0):
     return load_trufor(checkpoint_seed0).double()
 
 
-@pytest.mark.parametrize("noiseprint_rows, decoder_rows", [(None, None), (20, 4), (37, 1)])
+@pytest.mark.parametrize("noiseprint_rows, decoder_rows", [(None, None), (20, 4), (37, 1), (None, 19)])
 def test_bounded_formulation_equals_the_official_one_in_float64(float64_network, noiseprint_rows,
                                                                 decoder_rows):
-    """Folded decoders and both kinds of band change nothing but float reassociation."""
+    """Folded decoders, both kinds of band and the decoders' groups (19 rows: bands of 8, 8
+    and 3) change nothing but float reassociation."""
     image = torch.from_numpy(prepare_input(synthetic_image(107, 141, seed=5), np.float64))
     with torch.inference_mode():
         with official():
@@ -67,6 +70,18 @@ def test_bounded_formulation_equals_the_official_one_in_float64(float64_network,
         with in_bands(noiseprint_rows, decoder_rows):
             bounded = float64_network(image)
     for ours, theirs in zip(bounded, expected):
+        assert float((ours - theirs).abs().max()) < 1e-11
+
+
+def test_onnxruntime_layout_changes_nothing_but_float_reassociation(float64_network):
+    """What the CPU graphs are traced with (channels-last tokens, MixFFN on the grid, token
+    Linears as one matrix) computes the same network."""
+    image = torch.from_numpy(prepare_input(synthetic_image(107, 141, seed=6), np.float64))
+    with torch.inference_mode():
+        expected = float64_network(image)
+        with for_onnxruntime():
+            relaid = float64_network(image)
+    for ours, theirs in zip(relaid, expected):
         assert float((ours - theirs).abs().max()) < 1e-11
 
 

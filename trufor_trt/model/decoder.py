@@ -7,14 +7,21 @@ maps per pixel, and bilinear upsampling (weights summing to one) commutes with s
 included. So the folded form applies one 1x1 map per scale at the scale's own resolution,
 upsamples and sums: the same result up to float reassociation, without the 2048-channel
 tensor, and without the 1/4-grid 2048 -> 512 product (most of the decoders' FLOPs).
+
+The CPU graphs compute both heads as one (DecoderPair) on channels-last rows, so that every
+step is a matrix product: the coarse scales' maps are upsampled along the columns on whole
+coarse rows, then along the rows by a small interpolation matrix per band, accumulated into
+the c1 map (bands.decoder_groups).
 """
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..architecture import DECODER_DIM, EMBED_DIMS
-from ..bands import decoder_band_taps, row_bands
+from ..architecture import DECODER_DIM, EMBED_DIMS, LOCALIZATION_CLASSES
+from ..bands import decoder_groups
 from .formulation import decoders_folded
 from .layers import grid_to_tokens, resize_bilinear, tokens_to_grid
 
@@ -77,21 +84,6 @@ class DecoderHead(nn.Module):
             fused = fused.add_(resize_bilinear(F.conv2d(grid, weight), c1.shape[-2:]))  # in place
         return fused.add_(bias)
 
-    def band(self, c1_rows: torch.Tensor, coarse) -> torch.Tensor:
-        """Logits for a band of 1/4-grid rows (folded form, bands.py): `c1_rows` those rows of
-        c1; `coarse` per scale c4, c3, c2: (the rows of it the band reads, row taps 2 x R, row
-        weights, column taps 2 x W, column weights), as bands.decoder_band_taps gives them."""
-        weights, bias = self._folded_maps()
-        fused = F.conv2d(c1_rows, weights[3])
-        for (rows, row_taps, row_weight, column_taps, column_weight), weight in zip(coarse, weights):
-            mapped = F.conv2d(rows, weight)
-            row_weight = row_weight[:, None]
-            vertical = (mapped[:, :, row_taps[0]] * (1 - row_weight)
-                        + mapped[:, :, row_taps[1]] * row_weight)
-            fused = fused.add_(vertical[..., column_taps[0]] * (1 - column_weight)
-                               + vertical[..., column_taps[1]] * column_weight)
-        return self.linear_pred(F.relu(fused.add_(bias), inplace=True))
-
     def _official(self, features) -> torch.Tensor:
         c1, c2, c3, c4 = features
         size = c1.shape[-2:]
@@ -104,25 +96,79 @@ class DecoderHead(nn.Module):
         return self.linear_pred(self.linear_fuse(torch.cat(embedded, dim=1)))
 
 
-def _band_inputs(coarse: torch.Tensor, taps) -> tuple:
-    """One coarse scale's part of a band, as DecoderHead.band takes it."""
-    def weight(values):
-        return torch.from_numpy(values).to(coarse.dtype)
+@dataclass(frozen=True)
+class DecoderPair:
+    """Both folded decoders as one on channels-last rows: per scale (c1 .. c4) a C x 1024 map
+    (each head's 512 side by side), the bias (added to the c4 map before its upsampling:
+    the interpolation weights sum to one), and the two 1x1 predictions as one 1024 x 3 matrix
+    (block diagonal: localization's 2 outputs read its 512, confidence's 1 the other 512)."""
 
-    return (coarse[:, :, taps.first:taps.last], torch.from_numpy(taps.rows), weight(taps.row_weight),
-            torch.from_numpy(taps.columns), weight(taps.column_weight))
+    maps: tuple
+    bias: torch.Tensor
+    prediction: torch.Tensor
+    prediction_bias: torch.Tensor
+
+    @classmethod
+    def of(cls, heads) -> "DecoderPair":
+        folded = [head._folded_maps() for head in heads]
+        # _folded_maps lists c4 .. c1; these read c1 .. c4.
+        maps = tuple(torch.cat([weights[index][:, :, 0, 0] for weights, _ in folded]).T
+                     for index in reversed(range(len(EMBED_DIMS))))
+        bias = torch.cat([bias.flatten() for _, bias in folded])
+        localization, confidence = (head.linear_pred.weight[:, :, 0, 0] for head in heads)
+        prediction = torch.cat((F.pad(localization, (0, DECODER_DIM)), F.pad(confidence, (DECODER_DIM, 0)))).T
+        return cls(maps, bias, prediction, torch.cat([head.linear_pred.bias for head in heads]))
+
+    def widened_rows(self, coarse_rows, width) -> tuple:
+        """c4, c3, c2 rows (r x w x C each) -> their 1024-channel maps (c4's with the bias),
+        upsampled along the columns to the 1/4 grid's `width`: 1 x r x width x 1024 each."""
+        c4_rows, c3_rows, c2_rows = coarse_rows
+        return tuple(_widened(mapped, width) for mapped in
+                     (c4_rows @ self.maps[3] + self.bias, c3_rows @ self.maps[2], c2_rows @ self.maps[1]))
+
+    def band_logits(self, c1_rows, widened, vertical) -> torch.Tensor:
+        """Logits (3 x R x W: localization's 2, then confidence's) of R 1/4-grid rows: `c1_rows`
+        R x W x 64; per coarse scale c4, c3, c2 the band's rows of widened_rows (r x W x 1024)
+        and its R x r row interpolation (bands.vertical_interpolation)."""
+        rows, width = c1_rows.shape[:2]
+        fused = (c1_rows @ self.maps[0]).reshape(rows, -1)
+        for scale_wide, matrix in zip(widened, vertical):
+            fused = torch.addmm(fused, matrix, scale_wide.reshape(matrix.shape[1], -1))
+        logits = F.relu(fused).reshape(rows, width, -1) @ self.prediction + self.prediction_bias
+        return logits.permute(2, 0, 1)
 
 
-def decode_in_bands(heads, features, band_rows: int) -> list:
-    """Each head's logits, `band_rows` rows of the 1/4 grid at a time (exact: bands.py): the
-    512-channel 1/4-grid maps exist one band at a time."""
-    c1, c2, c3, c4 = features
-    grid = tuple(c1.shape[-2:])
+def _widened(rows: torch.Tensor, width) -> torch.Tensor:
+    """r x w x C -> 1 x r x width x C, bilinear along the columns only (the rows keep their
+    positions: a 1-to-1 resampling)."""
+    return F.interpolate(rows[None], size=(width, rows.shape[-1]), mode="bilinear", align_corners=False)
+
+
+def split_logits(logits: torch.Tensor) -> tuple:
+    """DecoderPair.band_logits' 3 channels -> (localization, confidence)."""
+    return logits[:LOCALIZATION_CLASSES], logits[LOCALIZATION_CLASSES:]
+
+
+def decode_in_bands(heads, features, group_rows: int) -> list:
+    """Each head's logits by the CPU graphs' formulation (bands.decoder_groups): coarse maps
+    for `group_rows` rows of the 1/4 grid at a time, then bands of DECODER_BAND_ROWS rows;
+    the 1024-channel 1/4-grid maps exist one band at a time."""
+    pair = DecoderPair.of(heads)
+    c1, c2, c3, c4 = (scale.permute(0, 2, 3, 1) for scale in features)  # channels last
+    grid_height, grid_width = c1.shape[1:3]
+    outputs = [c1.new_empty((c1.shape[0], head.linear_pred.out_channels, grid_height, grid_width))
+               for head in heads]
     coarse = (c4, c3, c2)
-    outputs = [c1.new_empty((c1.shape[0], head.linear_pred.out_channels, *grid)) for head in heads]
-    for top, bottom in row_bands(grid[0], band_rows):
-        taps = decoder_band_taps([tuple(scale.shape[-2:]) for scale in coarse], grid, top, bottom)
-        inputs = [_band_inputs(scale, scale_taps) for scale, scale_taps in zip(coarse, taps)]
-        for head, output in zip(heads, outputs):
-            output[:, :, top:bottom] = head.band(c1[:, :, top:bottom], inputs)
+    plan = decoder_groups([scale.shape[1] for scale in coarse], grid_height, group_rows)
+    for image in range(c1.shape[0]):
+        for group in plan:
+            rows = [scale[image, first:last] for scale, (first, last) in zip(coarse, group.coarse_rows)]
+            widened = [scale[0] for scale in pair.widened_rows(rows, grid_width)]
+            for band in group.bands:
+                logits = pair.band_logits(
+                    c1[image, band.top:band.bottom],
+                    [scale[start:stop] for scale, (start, stop) in zip(widened, band.reads)],
+                    [torch.from_numpy(matrix).to(c1.dtype) for matrix in band.vertical])
+                for output, part in zip(outputs, split_logits(logits)):
+                    output[image, :, band.top:band.bottom] = part
     return outputs

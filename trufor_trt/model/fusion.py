@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import grid_to_tokens, merge_heads, split_heads, split_key_value, tokens_to_grid
+from .layers import (grid_to_tokens, linear, merge_heads, pointwise, split_heads, split_key_value,
+                     tokens_to_grid)
 
 RECTIFY_WEIGHT = 0.5  # the official lambda_c and lambda_s
 FUSION_NORM_EPS = 1e-5
@@ -29,6 +30,11 @@ class ChannelWeights(nn.Module):
         ).flatten(1)
         return self.mlp(pooled)[:, :, None, None]
 
+    def of_tokens(self, both: torch.Tensor) -> torch.Tensor:
+        """The same from B x N x 2C tokens: B x 1 x 2C."""
+        pooled = torch.cat((both.mean(dim=1), both.amax(dim=1)), dim=-1)
+        return self.mlp(pooled)[:, None, :]
+
 
 class SpatialWeights(nn.Module):
     """Two 1x1 convolutions -> one weight per pixel for each stream."""
@@ -42,6 +48,23 @@ class SpatialWeights(nn.Module):
     def forward(self, both: torch.Tensor) -> torch.Tensor:
         return self.mlp(both)
 
+    def of_tokens(self, both: torch.Tensor) -> torch.Tensor:
+        """The same from B x N x 2C tokens (the 1x1 convolutions as Linears): B x N x 2."""
+        first, _, second, _ = self.mlp
+        hidden = F.relu(pointwise(first, both))
+        return torch.sigmoid(pointwise(second, hidden))
+
+
+def _exchange(rgb, noise, channel_weights, spatial_weights, channel_axis: int):
+    """Each stream plus the other weighted per channel and per pixel (halves: noise's, rgb's)."""
+    channel_for_noise, channel_for_rgb = channel_weights.chunk(2, dim=channel_axis)
+    spatial_for_noise, spatial_for_rgb = spatial_weights.chunk(2, dim=channel_axis)
+    rgb_out = (rgb + RECTIFY_WEIGHT * channel_for_rgb * noise
+               + RECTIFY_WEIGHT * spatial_for_rgb * noise)
+    noise_out = (noise + RECTIFY_WEIGHT * channel_for_noise * rgb
+                 + RECTIFY_WEIGHT * spatial_for_noise * rgb)
+    return rgb_out, noise_out
+
 
 class FeatureRectify(nn.Module):
     def __init__(self, dim: int):
@@ -51,13 +74,13 @@ class FeatureRectify(nn.Module):
 
     def forward(self, rgb: torch.Tensor, noise: torch.Tensor):
         both = torch.cat((rgb, noise), dim=1)
-        channel_for_noise, channel_for_rgb = self.channel_weights(both).chunk(2, dim=1)
-        spatial_for_noise, spatial_for_rgb = self.spatial_weights(both).chunk(2, dim=1)
-        rgb_out = (rgb + RECTIFY_WEIGHT * channel_for_rgb * noise
-                   + RECTIFY_WEIGHT * spatial_for_rgb * noise)
-        noise_out = (noise + RECTIFY_WEIGHT * channel_for_noise * rgb
-                     + RECTIFY_WEIGHT * spatial_for_noise * rgb)
-        return rgb_out, noise_out
+        return _exchange(rgb, noise, self.channel_weights(both), self.spatial_weights(both), 1)
+
+    def on_tokens(self, rgb: torch.Tensor, noise: torch.Tensor):
+        """The same on B x N x C tokens (the ONNX Runtime layout: no grid in between)."""
+        both = torch.cat((rgb, noise), dim=-1)
+        return _exchange(rgb, noise, self.channel_weights.of_tokens(both),
+                         self.spatial_weights.of_tokens(both), -1)
 
 
 class CrossAttention(nn.Module):
@@ -98,11 +121,11 @@ class CrossPath(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=FUSION_NORM_EPS)
 
     def forward(self, first: torch.Tensor, second: torch.Tensor):
-        kept1, shared1 = F.relu(self.channel_proj1(first)).chunk(2, dim=-1)
-        kept2, shared2 = F.relu(self.channel_proj2(second)).chunk(2, dim=-1)
+        kept1, shared1 = F.relu(linear(self.channel_proj1, first)).chunk(2, dim=-1)
+        kept2, shared2 = F.relu(linear(self.channel_proj2, second)).chunk(2, dim=-1)
         crossed1, crossed2 = self.cross_attn(shared1, shared2)
-        first = self.norm1(first + self.end_proj1(torch.cat((kept1, crossed1), dim=-1)))
-        second = self.norm2(second + self.end_proj2(torch.cat((kept2, crossed2), dim=-1)))
+        first = self.norm1(first + linear(self.end_proj1, torch.cat((kept1, crossed1), dim=-1)))
+        second = self.norm2(second + linear(self.end_proj2, torch.cat((kept2, crossed2), dim=-1)))
         return first, second
 
 
@@ -133,6 +156,9 @@ class FeatureFusion(nn.Module):
 
     def forward(self, rgb: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         height, width = rgb.shape[-2:]
-        first, second = self.cross(grid_to_tokens(rgb), grid_to_tokens(noise))
+        return self.on_tokens(grid_to_tokens(rgb), grid_to_tokens(noise), height, width)
+
+    def on_tokens(self, rgb: torch.Tensor, noise: torch.Tensor, height, width) -> torch.Tensor:
+        first, second = self.cross(rgb, noise)
         merged = tokens_to_grid(torch.cat((first, second), dim=-1), height, width)
         return self.channel_emb(merged)

@@ -1,11 +1,13 @@
 """SegFormer MiT-B2 building blocks, named as the TruFor checkpoint names them."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..architecture import MLP_RATIO
 from .attention import multi_head_attention
-from .layers import grid_to_tokens, tokens_to_grid
+from .formulation import onnxruntime_layout
+from .layers import grid_to_tokens, linear, tokens_to_grid
 
 # The official code gives the blocks' and stages' LayerNorms eps 1e-6; the patch embedding's
 # and the attention's spatial-reduction LayerNorm keep PyTorch's default 1e-5.
@@ -45,12 +47,13 @@ class SpatialReductionAttention(nn.Module):
     def key_value_source(self, tokens: torch.Tensor, height, width) -> torch.Tensor:
         if self.sr_ratio == 1:
             return tokens
-        return self.norm(grid_to_tokens(self.sr(tokens_to_grid(tokens, height, width))))
+        return self.norm(grid_to_tokens(self.sr(tokens_to_grid(tokens, height, width)), like=tokens))
 
     def forward(self, tokens: torch.Tensor, height, width) -> torch.Tensor:
         # The kv Linear's output holds all keys, then all values (each head after head).
-        key, value = self.kv(self.key_value_source(tokens, height, width)).chunk(2, dim=-1)
-        return self.proj(multi_head_attention(self.q(tokens), key, value, self.heads, self.scale))
+        key, value = linear(self.kv, self.key_value_source(tokens, height, width)).chunk(2, dim=-1)
+        attended = multi_head_attention(linear(self.q, tokens), key, value, self.heads, self.scale)
+        return linear(self.proj, attended)
 
 
 class DepthwiseConv(nn.Module):
@@ -61,7 +64,7 @@ class DepthwiseConv(nn.Module):
         self.dwconv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
 
     def forward(self, tokens: torch.Tensor, height, width) -> torch.Tensor:
-        return grid_to_tokens(self.dwconv(tokens_to_grid(tokens, height, width)))
+        return grid_to_tokens(self.dwconv(tokens_to_grid(tokens, height, width)), like=tokens)
 
 
 class MixFFN(nn.Module):
@@ -73,7 +76,17 @@ class MixFFN(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, tokens: torch.Tensor, height, width) -> torch.Tensor:
+        if onnxruntime_layout():
+            return self._on_grid(tokens, height, width)
         return self.fc2(self.act(self.dwconv(self.fc1(tokens), height, width)))
+
+    def _on_grid(self, tokens: torch.Tensor, height, width) -> torch.Tensor:
+        """The same block with fc1 and fc2 as 1x1 convolutions: ONNX Runtime then keeps the
+        whole block in its convolution layout, converting the C-channel input and output once
+        instead of the 4C-channel hidden map twice around the depthwise convolution."""
+        grid = F.conv2d(tokens_to_grid(tokens, height, width), self.fc1.weight[:, :, None, None], self.fc1.bias)
+        grid = self.act(self.dwconv.dwconv(grid))
+        return grid_to_tokens(F.conv2d(grid, self.fc2.weight[:, :, None, None], self.fc2.bias), like=tokens)
 
 
 class TransformerBlock(nn.Module):
