@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from ..architecture import DECODER_DIM, EMBED_DIMS
+from ..architecture import CONFIDENCE_CLASSES, DECODER_DIM, EMBED_DIMS, LOCALIZATION_CLASSES
 from ..engine.runner import INPUT_NAME, OUTPUT_NAMES
 from ..graphsurgeon import quiet_graphsurgeon
 from ..model.attention import attention_form
@@ -145,6 +145,28 @@ def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     return cleaned
 
 
+def _fixed_axes(part: str) -> dict:
+    """Output axes of the CPU graphs that do not follow the image, by output name."""
+    if part == "features":
+        return {name: {3: channels} for name, channels in zip(FEATURES, EMBED_DIMS)}
+    if part == "decoder-maps":
+        return {name: {0: 1, 3: 2 * DECODER_DIM} for name in WIDENED}
+    if part == "decoder-band":
+        return {OUTPUT_NAMES[0]: {0: LOCALIZATION_CLASSES}, OUTPUT_NAMES[1]: {0: CONFIDENCE_CLASSES}}
+    return {}
+
+
+def _declare_fixed_axes(model: onnx.ModelProto, part: str) -> None:
+    """The exporter's shape inference stops at ONNX Runtime's contrib attention and at Resize
+    to a computed size, leaving channel counts unknown in the outputs: write them back."""
+    fixed = _fixed_axes(part)
+    for output in model.graph.output:
+        for axis, size in fixed.get(output.name, {}).items():
+            dim = output.type.tensor_type.shape.dim[axis]
+            dim.Clear()
+            dim.dim_value = size
+
+
 def _check(model: onnx.ModelProto, attention: str) -> None:
     """ONNX checker plus strict shape inference; ONNX itself has no schema for ORT's contrib
     ops, so graphs holding one are checked structurally only."""
@@ -163,6 +185,7 @@ def export_graph(network, path: Path, attention: str = "tensorrt", opset: int = 
         raw = Path(scratch) / "raw.onnx"
         _trace_to_onnx(network, raw, attention, opset, part)
         model = clean_graph(onnx.load(raw))
+    _declare_fixed_axes(model, part)
     _check(model, attention)
     onnx.save(model, path)
     return model
