@@ -9,6 +9,7 @@ import onnx
 import torch
 
 from ..architecture import CONFIDENCE_CLASSES, DECODER_DIM, EMBED_DIMS, LOCALIZATION_CLASSES
+from ..engine.onnxruntime_runner import COARSE, WIDENED
 from ..engine.runner import INPUT_NAME, OUTPUT_NAMES
 from ..graphsurgeon import quiet_graphsurgeon
 from ..model.attention import attention_form
@@ -35,9 +36,7 @@ DYNAMIC_AXES = {
 }
 
 
-COARSE = ("c4", "c3", "c2")  # the order the decoder graphs take the coarse scales in
 MAPS_INPUTS = ("c1_rows", *(f"{scale}_rows" for scale in COARSE))
-WIDENED = tuple(f"{scale}_wide" for scale in COARSE)
 BAND_INPUTS = ("c1_rows", *WIDENED, *(f"{scale}_vertical" for scale in COARSE))
 # Graph part -> (input names, output names); see GraphVariant.part. The CPU graphs' maps are
 # channels-last and without the batch axis (model/decoder.py, DecoderPair).
