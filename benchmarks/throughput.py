@@ -47,8 +47,9 @@ def make_folders(root: Path, shared: Path, small_count: int) -> dict:
 
 def run_sequential(images: Path, out: Path, model: str, backend: str) -> None:
     """The per-image job in a plain loop, one runner with its default threads."""
-    from ..batch.analyze import AnalyzeOptions, ResultsLog, run_job
+    from ..batch.analyze import AnalyzeOptions, run_job
     from ..batch.inputs import expand_inputs
+    from ..batch.results_log import ResultsLog
     from ..engine import create_runner
 
     options = AnalyzeOptions(out_dir=out)

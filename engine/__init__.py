@@ -33,7 +33,8 @@ def tensorrt_problem(model_dir, precision: str) -> str:
 
     try:
         from .cuda import cuda_layer
-        from .model_dir import ModelDir, sha256_file
+        from ..files import sha256_file
+        from .model_dir import ModelDir
         from .tensorrt_plan import survey_engines
         from .tensorrt_runner import import_tensorrt
 

@@ -93,11 +93,28 @@ def _jpeg_is_complete(data: bytes) -> bool:
 _STDERR_LOCK = threading.Lock()
 
 
+def separate_python_stderr() -> None:
+    """Point Python's sys.stderr at a duplicate of file descriptor 2, so that silencing the
+    codecs (which write to descriptor 2 itself: _quiet_decoders) never swallows a message of
+    this program's own, printed from another thread meanwhile. A command's process calls it
+    once, before anything is decoded; where sys.stderr is not descriptor 2 already (a test's
+    capture), nothing changes."""
+    try:
+        if sys.stderr is None or sys.stderr.fileno() != 2:
+            return
+    except (AttributeError, OSError, ValueError):  # not a file with a descriptor
+        return
+    sys.stderr.flush()
+    sys.stderr = os.fdopen(os.dup(2), "w", buffering=1, encoding=sys.stderr.encoding,
+                           errors=sys.stderr.errors)
+
+
 @contextmanager
 def _quiet_decoders():
     """A corrupt file is reported once, by us: OpenCV's log and the codec libraries' own
     warnings (libjpeg's "Corrupt JPEG data", libpng's), which they write straight to file
-    descriptor 2, are silenced while a file is decoded."""
+    descriptor 2, are silenced while a file is decoded (the process's descriptor 2: this
+    program's own messages go through separate_python_stderr's duplicate of it)."""
     previous = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     with _STDERR_LOCK:

@@ -2,11 +2,11 @@
 
 Reading and checking one needs neither torch nor onnx (a Jetson or CPU-only install loads it);
 `trufor_trt.export.bundle` writes it. A folder is refused, with the reason, when its format
-version is not ours, when it was exported from another checkpoint than the one asked for, or
-when any file is missing or differs from the hash the manifest recorded.
+version is not ours, when it was exported from another checkpoint than the one asked for, when
+a file it uses is not listed with its hash in the manifest, or when any listed file is missing
+or differs from its hash: nothing is ever loaded from it unchecked.
 """
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import TruforError
+from ..files import sha256_bytes, sha256_file
 from .postprocess import DetectionHead
 
 FORMAT = "trufor-trt-model"
@@ -62,12 +63,9 @@ class ModelDirError(TruforError):
     """A model folder that cannot be used as it is."""
 
 
-def sha256_file(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def files_sha256(hashes: dict) -> str:
+    """The SHA-256 of a set of files, from their names and each one's SHA-256."""
+    return sha256_bytes(json.dumps(hashes, sort_keys=True).encode())
 
 
 def _read_manifest(path: Path) -> dict:
@@ -86,7 +84,17 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
+def _used_files(manifest: dict) -> list:
+    """Every file of the folder a runner may load: the graphs and the detection head."""
+    return [variant["file"] for variant in manifest["variants"].values()] + [manifest["detection_head"]["file"]]
+
+
 def _check_files(path: Path, manifest: dict) -> None:
+    unlisted = sorted(set(_used_files(manifest)) - set(manifest["files"]))
+    if unlisted:
+        raise ModelDirError(f"model folder {path}: {', '.join(unlisted)} not listed with "
+                            f"{'its hash' if len(unlisted) == 1 else 'their hashes'} in {MANIFEST_FILE} "
+                            "(modified or incomplete): export it again")
     for name, expected in manifest["files"].items():
         file = path / name
         if not file.is_file():
@@ -126,6 +134,15 @@ class ModelDir:
                                 f"(it has: {', '.join(sorted(variants))})")
         return self.path / variants[name]["file"]
 
+    def files_sha256(self, files) -> str:
+        """One SHA-256 for the listed files a runner loaded (names and hashes): what the outputs'
+        provenance names as the model files, beside the checkpoint the manifest records."""
+        return files_sha256({name: self.manifest["files"][name] for name in files})
+
+    @property
+    def detection_head_file(self) -> str:
+        return self.manifest["detection_head"]["file"]
+
     def detection_head(self) -> DetectionHead:
-        with np.load(self.path / self.manifest["detection_head"]["file"]) as arrays:
+        with np.load(self.path / self.detection_head_file) as arrays:
             return DetectionHead(**{name: arrays[name] for name in arrays.files})

@@ -164,9 +164,12 @@ class OnnxRuntimeRunner(Runner):
             files = {name: model.variant_path(name) for name in CPU_VARIANTS}
             self.cpu_sessions = CpuSessions.from_files(files, self.threads)
         else:
+            files = {self.precision: model.variant_path(self.precision)}
             self.session = create_session(_reduced_precision_graph(model, self.precision), self.threads)
         self.detection_head = model.detection_head()
         self.model_sha256 = model.checkpoint_sha256
+        self.model_files_sha256 = model.files_sha256([path.name for path in files.values()]
+                                                     + [model.detection_head_file])
 
     def refusal(self, height: int, width: int):
         return MEMORY.refusal(height, width, self.max_memory_bytes) if self.cpu_sessions else None

@@ -39,8 +39,9 @@ class RawOutputs:
 class Runner(ABC):
     """load() -> infer() per image -> close(); also a context manager.
 
-    After load(), `detection_head` holds the detection MLP of the model this runner runs and
-    `model_sha256` the SHA-256 of the checkpoint it came from (the outputs' provenance).
+    After load(), `detection_head` holds the detection MLP of the model this runner runs,
+    `model_sha256` the SHA-256 of the checkpoint it came from and `model_files_sha256` one
+    SHA-256 over the files it loaded (model_dir.files_sha256): the outputs' provenance.
     Runners on a GPU also time their device stages: after infer(), `last_stage_ms` holds
     host_to_device, inference and device_to_host in milliseconds (CUDA events); CPU runners
     leave it empty, their inference being the infer() call itself. Runners that run the
@@ -54,6 +55,7 @@ class Runner(ABC):
     def __init__(self):
         self.detection_head = None
         self.model_sha256 = None
+        self.model_files_sha256 = None
         self.last_stage_ms = {}
         self.last_parts_ms = {}
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..errors import TruforError
-from ..files import write_atomically
+from ..files import sha256_bytes, write_atomically
 from .decode import MIN_SIDE
 from .runner import INPUT_NAME, OUTPUT_NAMES
 
@@ -184,6 +184,7 @@ class Sidecar:
     tf32: bool
     workspace_gib: float
     build_seconds: float
+    engine_sha256: str  # the engine file's: an engine that differs is never loaded
 
     def write(self, path: Path) -> None:
         write_atomically(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
@@ -202,6 +203,14 @@ class Sidecar:
             raise EngineError(f"engine {engine}: its sidecar was written by another trufor-trt "
                               "version (fields differ); build the engine again")
         return cls(**values)
+
+    def engine_bytes(self, engine: Path) -> bytes:
+        """The engine file's bytes, once they are checked against the SHA-256 recorded here."""
+        data = engine.read_bytes()
+        if sha256_bytes(data) != self.engine_sha256:
+            raise EngineError(f"engine {engine}: differs from the engine its sidecar describes "
+                              "(changed, or a build was interrupted): build it again")
+        return data
 
     def profile_object(self) -> Profile:
         return Profile(**{key: value if key == "max_batch" else tuple(value) for key, value in self.profile.items()})

@@ -16,7 +16,8 @@ import numpy as np
 
 from ..architecture import stage_grids
 from ..errors import ImageError, RunnerFailure, one_line
-from .model_dir import ModelDir, sha256_file
+from ..files import sha256_file
+from .model_dir import ModelDir
 from .runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs, Runner
 from .tensorrt_plan import EngineError, Sidecar, io_contract_problems, survey_engines
 
@@ -68,7 +69,7 @@ class _LoadedEngine:
 
     def __init__(self, trt, cuda, runtime, path: Path, sidecar: Sidecar):
         self.profile = sidecar.profile_object()
-        self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
+        self.engine = runtime.deserialize_cuda_engine(sidecar.engine_bytes(path))
         if self.engine is None:
             raise EngineError(f"TensorRT could not load {path}")
         problems = io_contract_problems(engine_io(trt, self.engine))
@@ -158,6 +159,10 @@ class TensorRTRunner(Runner):
             self._runtime = trt.Runtime(tensorrt_logger(trt))
         self.detection_head = model.detection_head()
         self.model_sha256 = model.checkpoint_sha256
+        # The engine is checked against its sidecar's SHA-256 when it is loaded; the sidecar
+        # names the graph it was built from, which is one of these.
+        self.model_files_sha256 = model.files_sha256([model.variant_path(self.precision).name,
+                                                      model.detection_head_file])
 
     def _engine_for(self, height: int, width: int) -> _LoadedEngine:
         """The loaded engine of the smallest profile that admits the image (call while current)."""

@@ -3,12 +3,14 @@ takes batches of same-size images."""
 
 import threading
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 
 import numpy as np
 
 from ..errors import RunnerFailure, one_line
+from ..files import sha256_file
 from .memory_budget import MemoryModel, physical_memory
-from .model_dir import sha256_file
+from .model_dir import files_sha256
 from .postprocess import DetectionHead
 from .runner import RawOutputs, Runner
 
@@ -77,6 +79,7 @@ class TorchRunner(Runner):
         network = load_trufor(self.checkpoint)
         self.detection_head = DetectionHead(**detection_head_arrays(network))
         self.model_sha256 = sha256_file(self.checkpoint)
+        self.model_files_sha256 = files_sha256({Path(self.checkpoint).name: self.model_sha256})
         self.network = network.to(device=self.device, dtype=dtype)
         self.dtype = dtype
 

@@ -17,10 +17,10 @@ import numpy as np
 
 from .. import __version__
 from ..engine.decode import MIN_SIDE
-from ..engine.model_dir import (DETECTION_HEAD_FILE, FORMAT, FORMAT_VERSION, MANIFEST_FILE,
-                                VARIANTS, sha256_file)
+from ..engine.model_dir import DETECTION_HEAD_FILE, FORMAT, FORMAT_VERSION, MANIFEST_FILE, VARIANTS
 from ..engine.preprocess import INPUT_SCALE
 from ..engine.runner import INPUT_NAME
+from ..files import sha256_file
 from ..installed import distribution_versions
 from ..model import detection_head_arrays, load_trufor
 from .graph_rules import tensorrt_shape_problems

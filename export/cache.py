@@ -9,15 +9,21 @@ Listing and cleaning the cache (`trufor-trt cache`) needs neither torch nor onnx
 import importlib.util
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
-from ..engine.model_dir import ModelDir, ModelDirError, sha256_file
-from ..files import remove_stale_staging
+from ..engine.model_dir import ModelDir, ModelDirError
+from ..errors import TruforError
+from ..files import remove_stale_staging, sha256_file
 
 MODELS = "models"
 CHECKPOINTS = "checkpoints"
 
 CACHE_ENV = "TRUFOR_TRT_CACHE"
+
+
+class CacheError(TruforError):
+    """The export cache cannot be used."""
 
 
 def cache_root() -> Path:
@@ -43,10 +49,22 @@ def cached_model_dir(checkpoint, on_step=print) -> ModelDir:
 
     # Only what this machine can run: the TensorRT graph (half the folder) where TensorRT is.
     with_tensorrt = importlib.util.find_spec("tensorrt") is not None
-    on_step(f"exporting {Path(checkpoint).name} once into {folder}")
-    export_model_dir(checkpoint, folder, checkpoint_sha256=checkpoint_sha256, on_step=on_step,
-                     with_tensorrt=with_tensorrt)
+    try:
+        _check_writable(folder.parent)  # before minutes of export, not after
+        on_step(f"exporting {Path(checkpoint).name} once into {folder}")
+        export_model_dir(checkpoint, folder, checkpoint_sha256=checkpoint_sha256, on_step=on_step,
+                         with_tensorrt=with_tensorrt)
+    except OSError as exc:
+        raise CacheError(f"the export cache {cache_root()} cannot be written ({exc.strerror or exc}): "
+                         f"set {CACHE_ENV} to a writable folder, or export with `trufor-trt export` "
+                         "and pass --model") from None
     return ModelDir.open(folder, checkpoint_sha256=checkpoint_sha256)
+
+
+def _check_writable(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+        pass
 
 
 def _size(path: Path) -> int:

@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 from ..engine.cuda import cuda_layer
-from ..engine.model_dir import ModelDir, sha256_file
+from ..engine.model_dir import ModelDir
 from ..engine.runner import INPUT_NAME
 from ..engine.tensorrt_plan import (BuildSettings, EngineError, Profile, Sidecar, build_settings,
                                     engine_path, profile_from_options, sidecar_path)
 from ..engine.tensorrt_runner import import_tensorrt, tensorrt_logger
-from ..files import write_atomically
+from ..files import sha256_bytes, sha256_file, write_atomically
 
 
 def _network_flags(trt) -> int:
@@ -110,13 +110,14 @@ def build_engine(model_dir, precision: str, profile: Profile = None, workspace_g
         serialized = _serialize(trt, settings, onnx_path, profile, workspace_gib,
                                 Path(timing_cache_path) if timing_cache_path else None, on_step)
     seconds = time.perf_counter() - started
-    # The sidecar first: an engine that exists always has one.
+    # The sidecar first: an engine that exists always has one, and the engine's SHA-256 in it
+    # keeps an interrupted rewrite's old engine from ever being loaded under the new sidecar.
     Sidecar(precision=precision, profile=profile.as_dict(),
             tensorrt_version=trt.__version__, device=gpu.name,
             compute_capability=list(gpu.compute_capability), onnx_file=onnx_path.name,
             onnx_sha256=sha256_file(onnx_path), strongly_typed=settings.strongly_typed,
             builder_flags=list(settings.precision_flags), cleared_flags=list(settings.cleared_flags),
             tf32=settings.tf32, workspace_gib=workspace_gib,
-            build_seconds=round(seconds, 1)).write(sidecar_path(target))
+            build_seconds=round(seconds, 1), engine_sha256=sha256_bytes(serialized)).write(sidecar_path(target))
     write_atomically(target, serialized)
     return target

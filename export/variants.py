@@ -12,9 +12,9 @@ from pathlib import Path
 import onnx
 
 from ..calibration.images import load_calibration_set
-from ..engine.model_dir import MANIFEST_FILE, GraphVariant, ModelDir, sha256_file
+from ..engine.model_dir import MANIFEST_FILE, GraphVariant, ModelDir
 from ..errors import TruforError
-from ..files import write_atomically
+from ..files import sha256_file, write_atomically
 from ..precision.flops import flops_by_precision
 from ..precision.typing_check import precision_problems
 from .fp16_plan import FLOP_SIZE

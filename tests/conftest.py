@@ -26,6 +26,18 @@ GOLDEN_VALUE_KEYS = {"map": "localization_map", "conf": "confidence_map",
                      "score": "score", "np++": "noiseprint"}
 
 
+# Debian's Chromium, headless, for the report's browser tests (skipped where it is not installed).
+CHROMIUM = shutil.which("chromium")
+BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+def rendered_dom(page: Path, profile: Path) -> str:
+    """The page's DOM after Chromium ran its script."""
+    return subprocess.run([CHROMIUM, *BROWSER_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.as_uri()],
+                          capture_output=True, text=True, timeout=120).stdout
+
+
 # Fixtures that take minutes: every test using one is `slow` (pytest -m "not slow" skips them).
 SLOW_FIXTURES = {"reduced_model", "bench_report"}
 
@@ -60,6 +72,17 @@ def run_onnx(model, **feeds):
 def require_shared() -> None:
     if not MAKE_CHECKPOINT.is_file():
         pytest.skip(f"reference data not found at {SHARED} (set TRUFOR_SHARED)")
+
+
+def shared_crop(path: Path, index: int, size=(48, 64)) -> Path:
+    """A small PNG at `path`: the top-left corner of the index-th CocoGlide image (real ones, then fake)."""
+    from PIL import Image
+
+    source = sorted((IMAGES_DIR / "cocoglide_sample").rglob("*.png"))[index]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(source) as image:
+        Image.fromarray(np.array(image.convert("RGB"))[:size[0], :size[1]]).save(path)
+    return path
 
 
 def golden_files() -> list:
@@ -220,6 +243,7 @@ class BreaksAfter(Runner):
     def load(self) -> None:
         self.runner.load()
         self.detection_head, self.model_sha256 = self.runner.detection_head, self.runner.model_sha256
+        self.model_files_sha256 = self.runner.model_files_sha256
 
     def infer(self, prepared):
         if self.left == 0:

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from trufor_trt.architecture import EMBED_DIMS
 from trufor_trt.cli import app
-from trufor_trt.engine.model_dir import MANIFEST_FILE, VARIANTS, ModelDir, ModelDirError, sha256_file
+from trufor_trt.engine.model_dir import MANIFEST_FILE, VARIANTS, ModelDir, ModelDirError
+from trufor_trt.files import sha256_file
 from trufor_trt.export import verify
 from trufor_trt.export.bundle import export_model_dir
 from trufor_trt.export.graph_rules import TENSORRT_ONNX_OPERATORS, operator_types, tensorrt_shape_problems

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from trufor_trt import selftest
 from trufor_trt.cli import app
-from trufor_trt.engine.model_dir import VARIANTS, ModelDir, sha256_file
+from trufor_trt.engine.model_dir import VARIANTS, ModelDir
+from trufor_trt.files import sha256_file
 from trufor_trt.engine.onnxruntime_runner import OnnxRuntimeRunner
 from trufor_trt.engine.preprocess import prepare_input
 from trufor_trt.engine.runner import RawOutputs

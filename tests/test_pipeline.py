@@ -23,7 +23,7 @@ from conftest import BreaksAfter, cli_process, stop_process
 # Every test here stands on the 54 shared images analysed once (minutes on 2 cores).
 pytestmark = pytest.mark.slow
 
-OUTPUT_SUFFIXES = (".npz", ".heatmap.png", ".conf.png", ".overlay.png")
+OUTPUT_SUFFIXES = (".npz", ".heatmap.png", ".conf.png", ".overlay.png", ".thumb.jpg")
 SAME_IN_EVERY_RUN = ("status", "reason", "score", "height", "width", "backend", "precision", "provenance")
 FEW = ("pristine1.jpg", "tampered2.png", "cocoglide_sample/real/airplane_383621.png",
        "cocoglide_sample/real/airplane_525322.png", "cocoglide_sample/fake/glide_inpainting_val2017_11813_up.png",
@@ -31,12 +31,14 @@ FEW = ("pristine1.jpg", "tampered2.png", "cocoglide_sample/real/airplane_383621.
 
 
 def _records(out: Path, images: Path) -> dict:
-    """Input path relative to `images` -> its records (oldest first), paths made relative."""
+    """Input path relative to `images` -> its records (oldest first); lines about other inputs
+    (a copied earlier run's) are left out."""
     records = {}
     for line in (out / "results.jsonl").read_text().splitlines():
         record = json.loads(line)
+        if not Path(record["input"]).is_relative_to(images):
+            continue
         name = Path(record["input"]).relative_to(images).as_posix()
-        record["outputs"] = [Path(path).relative_to(out).as_posix() for path in record["outputs"]]
         records.setdefault(name, []).append(record)
     return records
 
@@ -64,11 +66,15 @@ def _analyze(images, out, model, *extra):
 
 
 def _copy_outputs(reference: Path, out: Path, names) -> None:
+    """What a batch that stopped after `names` left: their outputs, and their lines in the log."""
     for name in names:
         for suffix in OUTPUT_SUFFIXES:
             target = out / f"{name}{suffix}"
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(reference / f"{name}{suffix}", target)
+    lines = [line for line in (reference / "results.jsonl").read_text().splitlines()
+             if json.loads(line)["outputs"]["npz"]["file"] in {f"{name}.npz" for name in names}]
+    (out / "results.jsonl").write_text("".join(line + "\n" for line in lines))
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,12 @@ from typer.testing import CliRunner
 
 from trufor_trt.cli import app
 
+from conftest import BROWSER_FLAGS, CHROMIUM, rendered_dom
+
 # Every test here stands on the 54 shared images analysed once (minutes on 2 cores).
 pytestmark = pytest.mark.slow
 
-CHROMIUM = shutil.which("chromium")
 HOSTILE_NAME = "<script>alert(1)</script>.png"
-BROWSER_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync")
 
 
 def _text(result) -> str:
@@ -93,8 +92,7 @@ def test_report_of_a_folder_without_results_is_refused(tmp_path):
 def test_chromium_renders_the_page_sorts_it_and_shows_the_hostile_name_as_text(reported, tmp_path):
     out, records, _ = reported
     profile = tmp_path / "profile"
-    dom = subprocess.run([CHROMIUM, *BROWSER_FLAGS, f"--user-data-dir={profile}", "--dump-dom",
-                          (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    dom = rendered_dom(out / "report.html", profile)
     assert "56 of 56 shown" in dom  # the page's script ran
     assert html.escape(HOSTILE_NAME, quote=False) in dom and HOSTILE_NAME not in dom
     scores = [float(score) for score in re.findall(r'data-score="([^"]*)"', dom)]

@@ -15,6 +15,7 @@ from trufor_trt.engine.tensorrt_plan import (DEFAULT_PROFILES, IO_CONTRACT, Engi
                                              find_engines, io_contract_problems, parse_shape,
                                              profile_from_options, sidecar_path, survey_engines)
 from trufor_trt.engine.tensorrt_runner import output_shape
+from trufor_trt.files import sha256_bytes
 
 H100 = Gpu(name="NVIDIA H100 80GB HBM3", compute_capability=(9, 0), integrated=False)
 ORIN = Gpu(name="Orin", compute_capability=(8, 7), integrated=True)
@@ -91,7 +92,7 @@ def _sidecar(**changes):
                   tensorrt_version="10.3.0", device=ORIN.name, compute_capability=[8, 7],
                   onnx_file="trufor_fp16.onnx", onnx_sha256="abc", strongly_typed=True,
                   builder_flags=[], cleared_flags=["TF32"], tf32=False, workspace_gib=4.0,
-                  build_seconds=12.5)
+                  build_seconds=12.5, engine_sha256=sha256_bytes(b""))
     values.update(changes)
     return Sidecar(**values)
 
@@ -109,6 +110,16 @@ def test_sidecar_round_trips_and_says_why_an_engine_cannot_run(tmp_path):
         assert "weakly typed or with TF32" in weak.mismatch(ORIN, "10.3.0", "abc")
     with pytest.raises(EngineError, match="sidecar"):
         Sidecar.read(tmp_path / "missing.json")
+
+
+def test_an_engine_that_is_not_the_one_its_sidecar_describes_is_never_loaded(tmp_path):
+    engine = tmp_path / "fp16-x.engine"
+    engine.write_bytes(b"serialized engine")
+    sidecar = _sidecar(engine_sha256=sha256_bytes(b"serialized engine"))
+    assert sidecar.engine_bytes(engine) == b"serialized engine"
+    engine.write_bytes(b"an older engine, left by an interrupted rebuild")
+    with pytest.raises(EngineError, match="differs from the engine its sidecar describes"):
+        sidecar.engine_bytes(engine)
 
 
 def test_a_sidecar_from_an_older_version_asks_for_a_rebuild(tmp_path):

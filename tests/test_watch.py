@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from trufor_trt.service.inbox import Inbox, file_away
+from trufor_trt.files import sha256_bytes
+from trufor_trt.service.inbox import Inbox, OriginalChanged, file_away
 
 from conftest import cli_process, stop_process
 
@@ -35,15 +36,19 @@ def test_a_file_is_ready_only_once_unchanged_for_the_settle_time(tmp_path):
     assert [job.relative for job, _ in ready] == ["a.png"] and not inbox.settling()
 
 
-def test_filing_away_keeps_the_relative_name_and_never_overwrites(tmp_path):
+def test_filing_away_keeps_the_relative_name_never_overwrites_and_moves_only_the_analysed_bytes(tmp_path):
+    source = tmp_path / "in" / "day1" / "IMG_1.jpg"
+    source.parent.mkdir(parents=True)
     for content in (b"one", b"two"):
-        source = tmp_path / "in" / "day1" / "IMG_1.jpg"
-        source.parent.mkdir(parents=True, exist_ok=True)
         source.write_bytes(content)
-        file_away(source, "day1/IMG_1.jpg", tmp_path / "done")
-        assert not source.exists()
+        place = file_away(source, tmp_path / "done" / "day1" / "IMG_1.jpg", sha256_bytes(content))
+        assert not source.exists() and place.read_bytes() == content
     assert (tmp_path / "done" / "day1" / "IMG_1.jpg").read_bytes() == b"one"
     assert (tmp_path / "done" / "day1" / "IMG_1-2.jpg").read_bytes() == b"two"
+    source.write_bytes(b"three")
+    with pytest.raises(OriginalChanged):
+        file_away(source, tmp_path / "done" / "day1" / "IMG_1.jpg", sha256_bytes(b"what was analysed"))
+    assert source.read_bytes() == b"three" and len(list((tmp_path / "done" / "day1").iterdir())) == 2
 
 
 def _records(out: Path) -> list:

@@ -1,3 +1,3 @@
 """trufor-trt: TruFor image forgery detection and localization, exported and run fast and faithfully."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

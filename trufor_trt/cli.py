@@ -1,12 +1,14 @@
 """`trufor-trt`: the command line. Thin: each command parses, calls the package, sets the exit code.
 
-Exit codes: 0 all good, 1 some images failed (the others were done) or a self-test failed,
-2 usage or setup error, 3 the runner itself failed (the batch stopped), 128 + N stopped by
-signal N (Ctrl-C: 130). Progress and messages go to stderr; stdout stays free for results.
+Exit codes: 0 all good, 1 some images failed (the others were done), results.csv could not be
+rewritten, or a self-test failed; 2 usage or setup error; 3 the batch stopped: the runner itself
+failed, or results.jsonl could not be written; 128 + N stopped by signal N (Ctrl-C: 130).
+Progress and messages go to stderr; stdout stays free for results.
 """
 
 import signal
 import threading
+from collections import Counter
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -20,17 +22,21 @@ from rich.table import Table
 
 from . import __version__
 from .batch.analyze import AnalyzeOptions
-from .batch.inputs import expand_inputs
-from .batch.summary import RESULTS_FILE, SUMMARY_FILE
+from .batch.inputs import expand_inputs, output_folder_problem
+from .batch.provenance import not_official_warning
+from .batch.records import RESULTS_FILE
+from .batch.results_log import OutputFolderBusy, ResultsLogError, SummaryError, check_not_busy
+from .batch.summary import SUMMARY_FILE
 from .engine import create_runner, pick_backend
-from .engine.decode import DEFAULT_MAX_PIXELS
+from .engine.decode import DEFAULT_MAX_PIXELS, separate_python_stderr
 from .errors import RunnerFailure, TruforError
+from .files import sha256_file
 from .installed import install_command
 from .signals import halt_on_signals, stop_on_signals
 
 EXIT_FAILED = 1
 EXIT_SETUP = 2
-EXIT_RUNNER_FAILED = 3
+EXIT_STOPPED = 3
 
 # Plain help: typer's rich help shows every flag as taking a value ("--fp16 <bool>").
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -66,6 +72,16 @@ def fail_setup(message: str) -> None:
 
 def say(message: str) -> None:
     console.print(f"[dim]{escape(message)}[/]", soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    console.print(f"[bold yellow]{escape(message)}[/]", soft_wrap=True)
+
+
+def run() -> None:
+    """The `trufor-trt` command."""
+    separate_python_stderr()
+    app(prog_name="trufor-trt")
 
 
 def _missing_package(exc: ModuleNotFoundError) -> str:
@@ -104,7 +120,7 @@ def export(
         fail_setup(f"--precision {precision.value} needs --calib-images DIR (real images)")
     _check_checkpoint(checkpoint)
     try:
-        from .engine.model_dir import ModelDir, ModelDirError, sha256_file
+        from .engine.model_dir import ModelDir, ModelDirError
         from .export.bundle import export_model_dir
 
         try:
@@ -163,9 +179,18 @@ def _check_output_folder(out: Path, option: str = "--out") -> None:
         fail_setup(f"{option} {out}: cannot be written ({exc.strerror or exc})")
 
 
+def _check_results_folder(out: Path) -> None:
+    """An output folder that takes results: writable, and no other run writing into it."""
+    _check_output_folder(out)
+    try:
+        check_not_busy(out)
+    except OutputFolderBusy as exc:
+        fail_setup(str(exc))
+
+
 def _open_model(model: Optional[Path], checkpoint: Optional[Path]):
     """The checked model folder for the ONNX backends: --model, else the cache for --checkpoint."""
-    from .engine.model_dir import ModelDir, sha256_file
+    from .engine.model_dir import ModelDir
 
     if model is not None:
         return ModelDir.open(model, checkpoint_sha256=sha256_file(checkpoint) if checkpoint else None)
@@ -209,7 +234,14 @@ def _load_runners(backend: str, model: Optional[Path], checkpoint: Optional[Path
     except ModuleNotFoundError as exc:
         _close_all(runners)
         fail_setup(_missing_package(exc))
+    _warn_unless_official(runners[0].model_sha256)
     return runners
+
+
+def _warn_unless_official(model_sha256: Optional[str]) -> None:
+    warning = not_official_warning(model_sha256)
+    if warning:
+        warn(warning)
 
 
 def _close_all(runners: list) -> None:
@@ -248,10 +280,12 @@ def _ray_runner_spec(backend: str, model: Optional[Path], checkpoint: Optional[P
         if backend == "torch":
             if checkpoint is None:
                 fail_setup("the torch backend runs from --checkpoint FILE")
+            _warn_unless_official(sha256_file(checkpoint))
             return RunnerSpec(backend, precision, checkpoint=str(checkpoint), device=device, cpus=cpus,
                               max_memory=budget, folder=os.getcwd(), batch=batch)
         opened = _open_model(model, checkpoint)
         backend = pick_backend(backend, opened.path, precision, on_notice=say)
+        _warn_unless_official(opened.checkpoint_sha256)
     except TruforError as exc:
         fail_setup(str(exc))
     return RunnerSpec(backend, precision, model=str(opened.path), cpus=cpus, max_memory=budget, folder=os.getcwd(),
@@ -359,7 +393,10 @@ def analyze(
         fail_setup(str(exc))
     if not jobs:
         fail_setup("no input images found in: " + " ".join(inputs))
-    _check_output_folder(out)
+    problem = output_folder_problem(out, inputs, jobs)
+    if problem:
+        fail_setup(problem)
+    _check_results_folder(out)
     _check_checkpoint(checkpoint)
     if ray_address is not None and streams:
         fail_setup("--streams sets runners in this process; with --ray, --ray-workers sets the actors")
@@ -378,36 +415,51 @@ def analyze(
                                 batch)
         what = f"{spec.backend} {spec.precision} on Ray"
         analyse = _on_ray(jobs, ray_address, spec, options, ray_workers)
-    # In a terminal a progress bar, and a line for each failure or redone image; in a log a
-    # line for every image; with --quiet failures only.
-    in_terminal = console.is_terminal and not quiet
-    halt, stopped = threading.Event(), []
-    try:
-        with _progress(in_terminal) as progress, halt_on_signals(halt, stopped.append):
-            task = progress.add_task(f"analysing ({what})", total=len(jobs))
-
-            def show(record: dict) -> None:
-                noteworthy = record["status"] == "error" or (record["status"] == "ok" and record["reason"])
-                if record["status"] == "error" or (not quiet and (noteworthy or not in_terminal)):
-                    progress.console.print(_record_line(record), soft_wrap=True)
-                progress.advance(task)
-
-            summary = analyse(show, halt)
-    except RunnerFailure as exc:
-        console.print(f"[red]stopped[/]: {escape(str(exc))}; the images done so far are in "
-                      f"{escape(str(out / RESULTS_FILE))}, run again to resume", soft_wrap=True)
-        raise typer.Exit(EXIT_RUNNER_FAILED)
-    done = f"{summary['ok']} analysed, {summary['skipped']} skipped (outputs exist), {summary['error']} failed"
+    counts, stopped, summary_problem = _run_batch(analyse, len(jobs), what, quiet, out)
+    done = f"{counts['ok']} analysed, {counts['skipped']} skipped (outputs exist), {counts['error']} failed"
     if report or report_to is not None:
         _write_report(out, report_to)
+    if summary_problem:
+        console.print(f"[red]error:[/] {escape(summary_problem)}", soft_wrap=True)
     if stopped:
-        left = len(jobs) - sum(summary.values())
+        left = len(jobs) - sum(counts.values())
         console.print(f"stopped by {signal.Signals(stopped[0]).name}: {done}, {left} not started "
                       "(run again to resume)", soft_wrap=True)
         raise typer.Exit(128 + stopped[0])
     console.print(f"{done}; details in {escape(str(out / RESULTS_FILE))} and {escape(str(out / SUMMARY_FILE))}",
                   soft_wrap=True)
-    raise typer.Exit(EXIT_FAILED if summary["error"] else 0)
+    raise typer.Exit(EXIT_FAILED if counts["error"] or summary_problem else 0)
+
+
+def _run_batch(analyse, total: int, what: str, quiet: bool, out: Path):
+    """The batch with its progress: (records per status, the signals that stopped it, why
+    results.csv was not rewritten or None). Exits 3 when the batch stopped: the runner failed,
+    or results.jsonl could not be written."""
+    # In a terminal a progress bar, and a line for each failure or redone image; in a log a
+    # line for every image; with --quiet failures only.
+    in_terminal = console.is_terminal and not quiet
+    halt, stopped, counts = threading.Event(), [], Counter()
+    try:
+        with _progress(in_terminal) as progress, halt_on_signals(halt, stopped.append):
+            task = progress.add_task(f"analysing ({what})", total=total)
+
+            def show(record: dict) -> None:
+                counts[record["status"]] += 1
+                noteworthy = record["status"] == "error" or (record["status"] == "ok" and record["reason"])
+                if record["status"] == "error" or (not quiet and (noteworthy or not in_terminal)):
+                    progress.console.print(_record_line(record), soft_wrap=True)
+                progress.advance(task)
+
+            analyse(show, halt)
+    except SummaryError as exc:
+        return counts, stopped, str(exc)
+    except OutputFolderBusy as exc:  # another run took the folder since the check
+        fail_setup(str(exc))
+    except (RunnerFailure, ResultsLogError) as exc:
+        console.print(f"[red]stopped[/]: {escape(str(exc))}; the images done so far are in "
+                      f"{escape(str(out / RESULTS_FILE))}, run again to resume", soft_wrap=True)
+        raise typer.Exit(EXIT_STOPPED)
+    return counts, stopped, None
 
 
 def _write_report(out: Path, page: Optional[Path]) -> None:
@@ -444,6 +496,7 @@ def _check_watch_folders(inbox: Path, folders: dict) -> None:
         fail_setup("--out, --done and --failed must be different folders")
     for option, folder in folders.items():
         _check_output_folder(folder, option)
+    _check_results_folder(folders["--out"])
 
 
 @app.command()
@@ -481,20 +534,28 @@ def watch(
                                           max_pixels=max_pixels),
                            done_dir=done, failed_dir=failed, poll=poll, settle=settle)
 
+    counts = Counter()
+
     def report(record: dict) -> None:
+        counts[record["status"]] += 1
         if record["status"] == "error" or not quiet:
             console.print(_record_line(record), soft_wrap=True)
 
     say(f"watching {inbox} ({runner.backend} {runner.precision}); SIGTERM or Ctrl-C stops after the image in hand")
     try:
         with stop_on_signals(threading.Event()) as stop:
-            summary = Watch(inbox, runner, options, stop, on_record=report, on_notice=say).run()
-    except RunnerFailure as exc:  # a supervisor (systemd: Restart=on-failure) starts it again
+            Watch(inbox, runner, options, stop, on_record=report, on_notice=say).run()
+    except OutputFolderBusy as exc:
+        fail_setup(str(exc))
+    except (RunnerFailure, ResultsLogError) as exc:  # a supervisor (systemd: Restart=on-failure) starts it again
         console.print(f"[red]stopped[/]: {escape(str(exc))}", soft_wrap=True)
-        raise typer.Exit(EXIT_RUNNER_FAILED)
+        raise typer.Exit(EXIT_STOPPED)
+    except SummaryError as exc:
+        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        raise typer.Exit(EXIT_FAILED)
     finally:
         runner.close()
-    console.print(f"stopped: {summary['ok']} analysed, {summary['error']} failed in this run; details in "
+    console.print(f"stopped: {counts['ok']} analysed, {counts['error']} failed in this run; details in "
                   f"{escape(str(out / RESULTS_FILE))}", soft_wrap=True)
 
 
@@ -538,7 +599,7 @@ def serve(
     except (TruforError, ValueError) as exc:
         fail_setup(f"--max-body {max_body}: {exc}")
     if out is not None:
-        _check_output_folder(out)
+        _check_results_folder(out)
     _check_checkpoint(checkpoint)
     runner = _load_runner(backend.value, model, checkpoint, device, precision.value, max_memory)
     say(f"serving {runner.backend} {runner.precision} on http://{host}:{port}; SIGTERM or Ctrl-C "
@@ -552,7 +613,7 @@ def serve(
         fail_setup(f"the server did not start on {host}:{port} (see the message above)")
     if app.state.service.failure is not None:
         console.print(f"[red]stopped[/]: {escape(app.state.service.failure)}", soft_wrap=True)
-        raise typer.Exit(EXIT_RUNNER_FAILED)
+        raise typer.Exit(EXIT_STOPPED)
 
 
 def _selftest_table(report) -> Table:
@@ -743,8 +804,10 @@ def _map_budgets() -> dict:
 def validate(
     model: Path = typer.Option(..., "--model", help="Model folder from `trufor-trt export`."),
     backend: Backend = typer.Option(Backend.auto, "--backend", help="Backend to validate."),
-    precisions: List[Precision] = typer.Option([Precision.fp16], "--precision",
-                                               help="Variant to validate (repeat for several)."),
+    precisions: Optional[List[Precision]] = typer.Option(
+        None, "--precision", help="Variant to validate (repeat for several; default fp16, with --backend torch fp32)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint",
+                                              help="The model folder's checkpoint: what --backend torch runs."),
     images: Optional[Path] = typer.Option(None, "--images", help="Real images (default: synthetic)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report here (one "
                                              "variant: its report; several: {\"variants\": {precision: report}})."),
@@ -754,14 +817,20 @@ def validate(
     import json
 
     from .files import write_atomically
-    from .engine.model_dir import ModelDir
     from .validate import plot_deviation, validate as run_validation
 
+    chosen = list(dict.fromkeys(precision.value for precision in precisions or []))
+    _check_checkpoint(checkpoint)
+    if backend == Backend.torch:
+        if checkpoint is None:
+            fail_setup("--backend torch runs the PyTorch network from --checkpoint FILE (the model folder's checkpoint)")
+        if set(chosen) - {"fp32"}:
+            fail_setup("--backend torch runs the network in fp32 only: --precision fp32")
     try:
-        opened = ModelDir.open(model)
-        candidates = [(pick_backend(backend.value, opened.path, precision.value, on_notice=say), precision.value)
-                      for precision in dict.fromkeys(precisions)]
-        reports = run_validation(opened, candidates, images)
+        opened = _open_model(model, checkpoint)
+        candidates = [(pick_backend(backend.value, opened.path, precision, on_notice=say), precision)
+                      for precision in chosen or (["fp32"] if backend == Backend.torch else ["fp16"])]
+        reports = run_validation(opened, candidates, images, checkpoint=checkpoint)
         for report in reports:
             _print_validation(report)
         if plot is not None:

@@ -87,7 +87,8 @@ def _backends(cuda: dict, tensorrt: dict) -> dict:
 
 def _engine_entries(model_dir: Path, here: tuple) -> list:
     """Every engine in the folder, and whether it can run on this GPU and TensorRT."""
-    from .engine.model_dir import ModelDir, sha256_file
+    from .engine.model_dir import ModelDir
+    from .files import sha256_file
     from .engine.tensorrt_plan import ENGINES_FOLDER, EngineError, Sidecar, sidecar_path
 
     model = ModelDir.open(model_dir)

@@ -1,5 +1,6 @@
-"""Writing files so that no reader ever sees a half-written one."""
+"""Writing files so that no reader ever sees a half-written one; hashing them."""
 
+import hashlib
 import os
 import re
 import shutil
@@ -9,6 +10,18 @@ from pathlib import Path
 # the process that made them, so what a killed process left behind can be told apart.
 _TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp$")
 _STAGING = re.compile(r"^\..+\.partial-(\d+)$")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_atomically(path, data: bytes) -> None:

@@ -101,17 +101,17 @@ def compare(name: str, ours, reference) -> ImageReport:
                        score=ours.score, reference_score=reference.score, flipped=flipped)
 
 
-def validate(model, candidates: list, images=None, on_image=None) -> list:
+def validate(model, candidates: list, images=None, on_image=None, checkpoint=None) -> list:
     """One ValidationReport per (backend, precision) of `candidates`, all against one FP32
     reference run per image. `model`: a checked ModelDir. `images`: a folder (default:
-    synthetic images)."""
+    synthetic images). `checkpoint`: the model folder's checkpoint, for the torch backend."""
     variants = model.manifest["variants"]
     reports = [ValidationReport(backend=backend, precision=precision,
                                 flops_by_precision=variants.get(precision, {}).get("flops_by_precision", []))
                for backend, precision in candidates]
     with ExitStack() as stack:
         reference = stack.enter_context(create_runner("onnxruntime", model=model, precision="fp32"))
-        runners = [stack.enter_context(create_runner(backend, model=model, precision=precision))
+        runners = [stack.enter_context(create_runner(backend, model=model, precision=precision, checkpoint=checkpoint))
                    for backend, precision in candidates]
         for name, rgb in _images(images):
             prepared = prepare_input(rgb)

@@ -1,14 +1,14 @@
 """The per-image job behind every way in (`analyze`, `watch`, `serve`), in stages that
-`run_job` chains in one thread and batch/pipeline.py overlaps across threads; and the results log.
+`run_job` chains in one thread and batch/pipeline.py overlaps across threads.
 
-Per image: decode -> prepare -> infer (any runner) -> postprocess -> write, each stage timed;
-one JSON line per image in `results.jsonl`. A bad image gets a one-line reason and the batch
-goes on; existing outputs are skipped unless overwrite is asked for, so a batch can resume.
+Per image: decode -> prepare -> infer (any runner) -> postprocess -> write its unit of outputs,
+each stage timed; one record per image (results_log.py keeps them). A bad image gets a one-line
+reason and the batch goes on. An existing unit is reused (the image skipped) only when it stands
+for this image, so a batch can resume; one holding another input's evidence is never replaced
+unless overwrite is asked for.
 """
 
-import json
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -21,11 +21,11 @@ from ..engine.preprocess import prepare_input
 from ..engine.runner import RawOutputs, Runner
 from ..engine.timing import StageClock
 from ..errors import RunnerFailure, TruforError, one_line
-from ..files import remove_stale_temporaries, write_atomically
+from ..files import sha256_file
 from .inputs import ImageJob
-from .outputs import OutputPaths, heatmap_png, npz_bytes, overlay_png
+from .outputs import OutputNameError, OutputPaths, write_unit
 from .provenance import input_sha256, provenance, read_saved, why_redo
-from .summary import RESULTS_FILE, write_summary_csv
+from .records import utc_now
 
 
 @dataclass(frozen=True)
@@ -100,45 +100,78 @@ def analyse_file(path, runner: Runner, clock: StageClock, max_pixels: int = DEFA
     return flight.rgb, flight.analysis
 
 
-def _write_outputs(paths: OutputPaths, rgb, analysis: Analysis, options: AnalyzeOptions,
-                   made_by: dict) -> None:
-    write_atomically(paths.npz, npz_bytes(analysis, options.save_noiseprint, made_by))
-    if options.write_png:
-        write_atomically(paths.heatmap, heatmap_png(analysis.localization_map))
-        write_atomically(paths.confidence, heatmap_png(analysis.confidence_map))
-        write_atomically(paths.overlay, overlay_png(rgb, analysis.localization_map))
+def _holds_another_input(paths: OutputPaths, made_by: dict, holder: Optional[dict], name: str) -> bool:
+    """Whether the unit holds the evidence of another input: the log's record of it names
+    another input, and the .npz was made from other bytes than this input's."""
+    if holder is None or holder["input"] == name or not paths.npz.is_file():
+        return False
+    saved = read_saved(paths.npz)
+    return saved is None or not isinstance(saved[0], dict) or saved[0].get("input_sha256") != made_by["input_sha256"]
 
 
-def _reusable(expected: list, made_by: dict):
-    """(the existing outputs' record fields, or None to analyse, and why they are redone)."""
-    if not all(path.is_file() for path in expected):
+def _reused(paths: OutputPaths, kinds: tuple, made_by: dict, holder: Optional[dict]):
+    """(the record fields of the existing unit, or None to analyse, and why it is redone). A
+    unit is reused only when its provenance matches this run's and every file is the one the
+    results log's latest record of it names (a unit another run or a kill left mixed is not)."""
+    if not all(paths.path(kind).is_file() for kind in kinds):
         return None, None
-    saved = read_saved(expected[0])
+    saved = read_saved(paths.npz)
     why = why_redo(saved[0] if saved else None, made_by)
     if why is not None:
         return None, why
-    _, score, (height, width) = saved
+    outputs = {kind: {"file": paths.file(kind), "sha256": sha256_file(paths.path(kind))} for kind in kinds}
+    if holder is None or any(holder["outputs"].get(kind) != entry for kind, entry in outputs.items()):
+        return None, "redone: the outputs are not those the results log records"
+    found, score, (height, width) = saved
     return {"status": "skipped", "reason": "outputs exist from the same input, model, backend "
             "and precision (use --overwrite to redo)", "score": score, "height": height,
-            "width": width}, None
+            "width": width, "outputs": outputs, "provenance": found}, None
 
 
-def open_job(job: ImageJob, runner: Runner, options: AnalyzeOptions) -> ImageInFlight:
-    """The image's record, before any stage; done already when its outputs can be reused
-    (existing outputs are reused only when their provenance matches this run's)."""
-    paths = OutputPaths.below(options.out_dir, job.relative) if options.out_dir is not None else None
-    expected = paths.expected(options.write_png) if paths is not None else []
-    made_by = provenance(input_sha256(job.path, job.data), runner)
-    record = {"input": str(job.path), "outputs": [str(path) for path in expected],
-              "status": "ok", "reason": None, "score": None, "height": None, "width": None,
-              "backend": runner.backend, "precision": runner.precision, "times_ms": {},
-              "provenance": made_by}
-    flight = ImageInFlight(job, StageClock(), JobResult(record), paths)
-    if paths is not None and not options.overwrite:
-        reused, record["reason"] = _reusable(expected, made_by)
-        if reused is not None:
-            record.update(reused)
+def _check_existing_unit(flight: ImageInFlight, options: AnalyzeOptions, holder: Optional[dict]) -> None:
+    """Refuse the image if its output name holds another input's evidence (unless overwrite),
+    or reuse the unit when it stands for this image already."""
+    record, paths = flight.result.record, flight.paths
+    if _holds_another_input(paths, record["provenance"], holder, record["input"]):
+        if not options.overwrite:
+            record.update(status="error", reason=f"output name {paths.name!r} holds the evidence of "
+                          f"{holder['input']} (another input): --overwrite replaces it, or choose another --out")
             flight.done = True
+            return
+        record["reason"] = f"redone: replaced the evidence of {holder['input']}"
+    if options.overwrite:
+        return
+    reused, why = _reused(paths, paths.kinds(options.write_png), record["provenance"], holder)
+    record["reason"] = record["reason"] or why
+    if reused is not None:
+        record.update(reused)
+        flight.done = True
+
+
+def reused_unit(job: ImageJob, runner: Runner, options: AnalyzeOptions, holder: Optional[dict]) -> Optional[dict]:
+    """The record fields of the image's existing unit when it stands for this image, else None."""
+    return _reused(OutputPaths.below(options.out_dir, job.relative), OutputPaths.kinds(options.write_png),
+                   provenance(input_sha256(job.path, job.data), runner), holder)[0]
+
+
+def open_job(job: ImageJob, runner: Runner, options: AnalyzeOptions,
+             holder: Optional[dict] = None) -> ImageInFlight:
+    """The image's record, before any stage; done already when its outputs can be reused, or
+    when its output name is refused. `holder`: the results log's latest record naming the
+    image's output name, which vouches for what its unit holds."""
+    made_by = provenance(input_sha256(job.path, job.data), runner)
+    record = {"input": str(job.path), "outputs": {}, "status": "ok", "reason": None, "score": None,
+              "height": None, "width": None, "backend": runner.backend, "precision": runner.precision,
+              "times_ms": {}, "analysed_at": None, "provenance": made_by}
+    flight = ImageInFlight(job, StageClock(), JobResult(record))
+    if options.out_dir is None:
+        return flight
+    try:
+        flight.paths = OutputPaths.below(options.out_dir, job.relative)
+    except OutputNameError as exc:
+        _failed(flight, exc)
+        return flight
+    _check_existing_unit(flight, options, holder)
     return flight
 
 
@@ -156,7 +189,7 @@ def _contained(flight: ImageInFlight, stage, *args) -> None:
 
 
 def _failed(flight: ImageInFlight, exc: Exception) -> None:
-    flight.result.record.update(status="error", reason=_one_line(exc), outputs=[])
+    flight.result.record.update(status="error", reason=_one_line(exc), outputs={})
     flight.result.error, flight.done = exc, True
     flight.rgb = flight.prepared = flight.raw = None
 
@@ -198,7 +231,8 @@ def _postprocess_and_write(flight: ImageInFlight, detection_head, options: Analy
     record = flight.result.record
     if flight.paths is not None:
         with flight.clock.stage("write"):
-            _write_outputs(flight.paths, flight.rgb, flight.analysis, options, record["provenance"])
+            record["outputs"] = write_unit(flight.paths, flight.rgb, flight.analysis, record["provenance"],
+                                           options.save_noiseprint, options.write_png)
     height, width = flight.rgb.shape[:2]
     record.update(score=flight.analysis.score, height=height, width=width)
     flight.result.analysis = flight.analysis
@@ -209,6 +243,7 @@ def finish_job(flight: ImageInFlight, detection_head, options: AnalyzeOptions) -
     total being the image's own work (time spent waiting between stages is not its)."""
     _contained(flight, _postprocess_and_write, detection_head, options)
     flight.rgb = None
+    flight.result.record["analysed_at"] = utc_now()
     if flight.clock.times_ms:  # some stage ran
         times = dict(flight.clock.times_ms)
         times["total"] = round(sum(times.values()), 3)
@@ -216,50 +251,10 @@ def finish_job(flight: ImageInFlight, detection_head, options: AnalyzeOptions) -
     return flight.result
 
 
-def run_job(job: ImageJob, runner: Runner, options: AnalyzeOptions) -> JobResult:
+def run_job(job: ImageJob, runner: Runner, options: AnalyzeOptions, holder: Optional[dict] = None) -> JobResult:
     """One image through every stage in this thread; never raises for a bad image (the record
-    says what happened), only RunnerFailure when the runner itself broke."""
-    flight = open_job(job, runner, options)
+    says what happened), only RunnerFailure when the runner itself broke. `holder`: as open_job."""
+    flight = open_job(job, runner, options, holder)
     decode_job(flight, runner, options)
     infer_job(flight, runner)
     return finish_job(flight, runner.detection_head, options)
-
-
-def _ends_mid_line(path: Path) -> bool:
-    if not path.is_file() or path.stat().st_size == 0:
-        return False
-    with open(path, "rb") as existing:
-        existing.seek(-1, 2)
-        return existing.read(1) != b"\n"
-
-
-class ResultsLog:
-    """An output folder's results.jsonl, open for appending: one flushed line per record, so a
-    killed run loses nothing it finished; results.csv is rewritten when the log closes."""
-
-    def __init__(self, out_dir: Path):
-        self.out_dir = Path(out_dir)
-        self.summary = Counter()  # records per status: ok, error, skipped
-        self._file = None
-
-    def __enter__(self) -> "ResultsLog":
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(self.out_dir)
-        path = self.out_dir / RESULTS_FILE
-        unterminated = _ends_mid_line(path)
-        self._file = open(path, "a", encoding="utf-8")
-        if unterminated:  # a run killed while writing a line: the next record starts its own
-            self._file.write("\n")
-        return self
-
-    def add(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
-        self.summary[record["status"]] += 1
-
-    def write_summary(self) -> None:
-        write_summary_csv(self.out_dir)
-
-    def __exit__(self, *exc_info) -> None:
-        self._file.close()
-        self.write_summary()

@@ -49,10 +49,17 @@ def _glob_root(pattern: str) -> Path:
     return root
 
 
+def _glob_relative(match: Path, root: Path) -> str:
+    """A match's output name: its path below the glob's root, or its file name where the pattern
+    climbed out of the root ('d*/../../x.png'): never a name that leaves the output folder."""
+    relative = os.path.relpath(os.path.normpath(match), os.path.normpath(root))
+    return match.name if relative.split(os.sep)[0] == ".." else Path(relative).as_posix()
+
+
 def _glob_jobs(pattern: str):
     root = _glob_root(pattern)
     matches = sorted(Path(match) for match in glob.glob(pattern, recursive=True))
-    return [ImageJob(match, match.relative_to(root).as_posix()) for match in matches if match.is_file()]
+    return [ImageJob(match, _glob_relative(match, root)) for match in matches if match.is_file()]
 
 
 def _identity(path: Path):
@@ -114,3 +121,29 @@ def expand_inputs(specs) -> list:
                 seen.add(key)
                 jobs.append(ImageJob(job.path, prefix + job.relative))
     return jobs
+
+
+def _searched_folders(specs) -> list:
+    """The folders whose whole depth is read for images: INPUT folders, and the roots of
+    recursive globs ('**')."""
+    folders = []
+    for spec in specs:
+        if Path(spec).is_dir():
+            folders.append(Path(spec))
+        elif not Path(spec).exists() and glob.has_magic(spec) and "**" in spec:
+            folders.append(_glob_root(spec))
+    return folders
+
+
+def output_folder_problem(out: Path, specs, jobs) -> Optional[str]:
+    """Why `out` cannot take the outputs of these INPUTs and their images, or None: outputs never
+    go inside a folder searched for images (the next run would read them as images) nor into a
+    folder holding an image (an original named like an output would be overwritten)."""
+    target = _identity(Path(out))
+    for folder in map(_identity, _searched_folders(specs)):
+        if target == folder or folder in target.parents:
+            return f"--out {out}: inside the input folder {folder}; put the outputs beside it, not among the originals"
+    for folder in dict.fromkeys(Path(job.path).parent for job in jobs):
+        if _identity(folder) == target:
+            return f"--out {out}: holds input images ({folder}); put the outputs beside the originals, not among them"
+    return None

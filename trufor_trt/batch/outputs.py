@@ -1,6 +1,15 @@
-"""What `analyze` writes per image, always atomically (temporary name, then rename)."""
+"""What `analyze` writes per image: one unit of outputs, named after the image, written together.
+
+A unit is the .npz (the official keys and the provenance) and, unless --no-png, the pictures:
+the localization and confidence heatmaps, the overlay and a small thumbnail of the image (what
+the report shows, so that it never has to read the original). Every file is written under a
+temporary name and renamed into place; the record in results.jsonl, written after the last
+rename, names each file with its SHA-256: that record is what vouches for the unit.
+"""
 
 import io
+import os
+import posixpath
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,29 +18,58 @@ import cv2
 import numpy as np
 
 from ..engine.postprocess import Analysis
+from ..files import sha256_bytes, write_atomically
 from .provenance import PROVENANCE_KEY, provenance_array
 
 OVERLAY_OPACITY = 0.6  # opacity of the heatmap where the map is 1
 NPZ_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip member can carry
+THUMBNAIL_SIDE = 192  # px, the longer side of a thumbnail
+JPEG_QUALITY = 85
+
+# Each output of a unit: its kind and the suffix added to the image's name.
+SUFFIXES = {"npz": ".npz", "heatmap": ".heatmap.png", "conf": ".conf.png", "overlay": ".overlay.png",
+            "thumbnail": ".thumb.jpg"}
+PICTURES = ("heatmap", "conf", "overlay", "thumbnail")
+
+
+class OutputNameError(ValueError):
+    """An output name that would not stay inside the output folder."""
+
+
+def safe_relative_name(name: str) -> str:
+    """`name` as a normalized relative POSIX path that stays inside the folder it is joined to;
+    OutputNameError for an absolute name, an empty one, or one that climbs out with '..'."""
+    normal = posixpath.normpath(str(name).replace(os.sep, "/"))
+    if not name or normal.startswith("/") or normal == "." or normal.split("/")[0] == "..":
+        raise OutputNameError(f"output name {name!r} would fall outside the output folder")
+    return normal
 
 
 @dataclass(frozen=True)
 class OutputPaths:
-    npz: Path
-    heatmap: Path  # the localization map
-    confidence: Path  # the confidence map, on the same colour scale
-    overlay: Path
+    """The files of one image's unit below an output folder."""
+
+    out_dir: Path
+    name: str  # the image's output name, relative to out_dir (safe_relative_name)
 
     @classmethod
     def below(cls, out_dir: Path, relative: str) -> "OutputPaths":
-        base = Path(out_dir) / relative
-        return cls(npz=base.with_name(base.name + ".npz"),
-                   heatmap=base.with_name(base.name + ".heatmap.png"),
-                   confidence=base.with_name(base.name + ".conf.png"),
-                   overlay=base.with_name(base.name + ".overlay.png"))
+        return cls(Path(out_dir), safe_relative_name(relative))
 
-    def expected(self, with_png: bool) -> list:
-        return [self.npz, self.heatmap, self.confidence, self.overlay] if with_png else [self.npz]
+    def file(self, kind: str) -> str:
+        """The output's name relative to the output folder (what records keep)."""
+        return self.name + SUFFIXES[kind]
+
+    def path(self, kind: str) -> Path:
+        return self.out_dir / self.file(kind)
+
+    @property
+    def npz(self) -> Path:
+        return self.path("npz")
+
+    @staticmethod
+    def kinds(with_pictures: bool) -> tuple:
+        return ("npz", *PICTURES) if with_pictures else ("npz",)
 
 
 def npz_bytes(analysis: Analysis, save_noiseprint: bool, made_by: dict) -> bytes:
@@ -89,3 +127,38 @@ def overlay_png(rgb: np.ndarray, localization_map: np.ndarray) -> bytes:
     opacity = (OVERLAY_OPACITY * np.clip(localization_map, 0.0, 1.0))[:, :, None]
     blended = rgb[:, :, ::-1] * (1.0 - opacity) + heatmap_bgr(localization_map) * opacity
     return _png(np.rint(blended).astype(np.uint8))
+
+
+def thumbnail_bgr(bgr: np.ndarray) -> np.ndarray:
+    """At most THUMBNAIL_SIDE px a side, area-averaged."""
+    height, width = bgr.shape[:2]
+    scale = min(1.0, THUMBNAIL_SIDE / max(height, width))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return cv2.resize(bgr, size, interpolation=cv2.INTER_AREA) if scale < 1.0 else bgr
+
+
+def thumbnail_jpeg(bgr: np.ndarray) -> bytes:
+    return encoded(".jpg", thumbnail_bgr(bgr), cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY)
+
+
+def _pictures(rgb: np.ndarray, analysis: Analysis) -> dict:
+    return {"heatmap": heatmap_png(analysis.localization_map),
+            "conf": heatmap_png(analysis.confidence_map),
+            "overlay": overlay_png(rgb, analysis.localization_map),
+            "thumbnail": thumbnail_jpeg(np.ascontiguousarray(rgb[:, :, ::-1]))}
+
+
+def write_unit(paths: OutputPaths, rgb: np.ndarray, analysis: Analysis, made_by: dict,
+               save_noiseprint: bool, with_pictures: bool) -> dict:
+    """Write the image's unit, the .npz last; pictures an earlier analysis left under this name
+    are removed when this one has none (they are not this analysis'). Returns the record's
+    outputs: kind -> {"file": name relative to the output folder, "sha256": ...}."""
+    contents = _pictures(rgb, analysis) if with_pictures else {}
+    contents["npz"] = npz_bytes(analysis, save_noiseprint, made_by)
+    if not with_pictures:
+        for kind in PICTURES:
+            paths.path(kind).unlink(missing_ok=True)
+    for kind in (*PICTURES, "npz") if with_pictures else ("npz",):
+        write_atomically(paths.path(kind), contents[kind])
+    return {kind: {"file": paths.file(kind), "sha256": sha256_bytes(contents[kind])}
+            for kind in OutputPaths.kinds(with_pictures)}

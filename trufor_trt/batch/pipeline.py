@@ -19,9 +19,10 @@ from typing import Callable, Iterable, Optional
 
 from ..engine.runner import Runner
 from ..engine.timing import StageClock
-from .analyze import (AnalyzeOptions, ImageInFlight, JobResult, ResultsLog, decode_job, finish_job, infer_jobs,
-                      open_job)
+from .analyze import AnalyzeOptions, ImageInFlight, JobResult, decode_job, finish_job, infer_jobs, open_job
 from .inputs import ImageJob
+from .records import utc_now
+from .results_log import ResultsLog
 
 POLL_S = 0.1
 QUEUE_DEPTH_PER_RUNNER = 2
@@ -149,17 +150,18 @@ def claim_output_names(jobs: Iterable):
 
 
 def name_taken_record(job: ImageJob, owner, backend: str, precision: str) -> dict:
-    return {"input": str(job.path), "outputs": [], "status": "error",
+    return {"input": str(job.path), "outputs": {}, "status": "error",
             "reason": f"output name {job.relative!r} already used by {owner}",
-            "backend": backend, "precision": precision}
+            "backend": backend, "precision": precision, "analysed_at": utc_now()}
 
 
-def open_jobs(jobs: Iterable, runner: Runner, options: AnalyzeOptions):
+def open_jobs(jobs: Iterable, runner: Runner, options: AnalyzeOptions, log: ResultsLog):
     """The flights for `jobs`, opened lazily (the reuse check reads files) as the pipeline asks;
-    a job whose output name another input took already is refused here."""
+    a job whose output name another input took already is refused here. The log says whose
+    evidence each existing output name holds."""
     for job, owner in claim_output_names(jobs):
         if owner is None:
-            yield open_job(job, runner, options)
+            yield open_job(job, runner, options, log.index.holder(job.relative))
         else:
             record = name_taken_record(job, owner, runner.backend, runner.precision)
             yield ImageInFlight(job, StageClock(), JobResult(record), done=True)
@@ -169,12 +171,14 @@ def analyze_batch(jobs, runners: list, options: AnalyzeOptions, on_record=None,
                   halt: Optional[threading.Event] = None, batch: int = 1) -> Counter:
     """Every job through the pipeline, one line each appended to results.jsonl as it finishes,
     then results.csv rewritten. Returns how many records had each status (ok, error, skipped);
-    fewer than the jobs when `halt` was set. RunnerFailure passes through, the log closed."""
+    fewer than the jobs when `halt` was set. RunnerFailure passes through, the log closed;
+    OutputFolderBusy when another run holds the output folder, ResultsLogError when the log
+    cannot be written."""
     with ResultsLog(options.out_dir) as log:
         def keep(result: JobResult) -> None:
             log.add(result.record)
             if on_record is not None:
                 on_record(result.record)
 
-        Pipeline(runners, options, halt, batch).run(open_jobs(jobs, runners[0], options), keep)
+        Pipeline(runners, options, halt, batch).run(open_jobs(jobs, runners[0], options, log), keep)
     return log.summary

@@ -1,17 +1,22 @@
 """The batch report: one HTML page over an output folder (`analyze --report`, `trufor-trt report`).
 
 Built only from what the folder holds, never by running the model: results.jsonl (each image's
-latest record) and each image's outputs (the .npz maps; the input image where it still exists).
-Thumbnails (at most THUMBNAIL_SIDE px a side, JPEG) are written into OUT/report_files/ and
-linked relatively with lazy loading, so a page over thousands of images opens at once and loads
-what is scrolled to; nothing is fetched from elsewhere, the page's own script sorts and filters.
-The same folder gives the same page, byte for byte (its date is results.jsonl's).
+latest record, and every record still holding a unit of outputs) and the files those records
+name, each hashed against its record first: a row whose outputs no longer hold its evidence
+(superseded by another input's, missing, changed) shows why, and no picture. Nothing outside
+the output folder is read into the page: the image's thumbnail is the one `analyze` wrote beside
+its outputs; the original is only linked, where a file with the analysed SHA-256 is still at
+the recorded place (or where `watch --done` filed it).
+
+Thumbnails (JPEG, at most THUMBNAIL_SIDE px a side) are written into OUT/report_files/, named
+after the .npz's SHA-256, linked relatively and loaded lazily, so a page over thousands of
+images opens at once; each links to its full-size file. The same folder gives the same page,
+byte for byte (its date is that of the latest record).
 """
 
 import base64
-import datetime
-import hashlib
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -22,13 +27,16 @@ import numpy as np
 from .. import __version__
 from ..engine.postprocess import DECISION_THRESHOLD
 from ..files import write_atomically
-from .outputs import OutputPaths, encoded, heatmap_bgr
-from .summary import RESULTS_FILE, latest_records
+from .outputs import encoded, heatmap_bgr, thumbnail_jpeg
+from .provenance import input_sha256
+from .records import RESULTS_FILE, RecordIndex, output_path, read_records
+from .summary import ImageRow, image_rows
 
 REPORT_FILE = "report.html"
 THUMBNAILS = "report_files"
-THUMBNAIL_SIDE = 192
-JPEG_QUALITY = 85
+# The thumbnails of a row, and the full-size output each links to (the first the record has).
+PICTURE_LINKS = {"image": ("thumbnail",), "map": ("heatmap", "npz"), "conf": ("conf", "npz"),
+                 "overlay": ("overlay",)}
 
 
 @dataclass
@@ -36,88 +44,76 @@ class ReportRow:
     """One image as the page shows it."""
 
     name: str
-    status: str
+    status: str  # ok, skipped, error, superseded, missing, changed
     reason: Optional[str] = None
     score: Optional[float] = None
     size: str = ""
+    analysed_at: str = ""
     times_ms: dict = field(default_factory=dict)
     thumbnails: dict = field(default_factory=dict)  # image / map / conf / overlay -> relative link
+    links: dict = field(default_factory=dict)  # the same kinds, and npz -> the full-size file
+    original: Optional[str] = None  # a link to the analysed original, where it still is
+
+    @property
+    def holds_evidence(self) -> bool:
+        return self.status in ("ok", "skipped")
 
 
-def _thumbnail(bgr: np.ndarray) -> np.ndarray:
-    height, width = bgr.shape[:2]
-    scale = min(1.0, THUMBNAIL_SIDE / max(height, width))
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(bgr, size, interpolation=cv2.INTER_AREA) if scale < 1.0 else bgr
+def _link(path: Path, report_dir: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), report_dir.resolve())).as_posix()
 
 
-def _write_jpeg(path: Path, bgr: np.ndarray) -> None:
-    write_atomically(path, encoded(".jpg", _thumbnail(bgr), cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY))
-
-
-def _input_bgr(record: dict, out_dir: Path) -> Optional[np.ndarray]:
-    """The analysed image, decoded as `analyze` decodes it, where a file with its bytes (its
-    SHA-256 in the record's provenance) is still at the recorded path, read from the current
-    folder or beside the output folder (a relative path was the run's)."""
-    from ..engine.decode import decode_bytes
-    from .provenance import input_sha256
-
-    recorded = Path(record["input"])
+def _original(record: dict, out_dir: Path) -> Optional[str]:
+    """A link to the analysed original where a file with its SHA-256 still is: where watch
+    filed it, or at the recorded path (from the current folder, or beside the output folder
+    for a relative one). The file is only hashed, never read into the page."""
     expected = (record.get("provenance") or {}).get("input_sha256")
-    for candidate in dict.fromkeys([recorded, out_dir.parent / recorded]):
-        try:
-            data = candidate.read_bytes() if candidate.is_file() else None
-            if data is not None and input_sha256(candidate, data) == expected:
-                return decode_bytes(data, candidate)[:, :, ::-1]
-        except Exception:  # unreadable now: the page says there is no image
-            continue
+    recorded = [record[key] for key in ("filed_to", "input") if record.get(key)]
+    candidates = [Path(name) for name in recorded] + [out_dir.parent / name for name in recorded
+                                                      if not Path(name).is_absolute()]
+    for candidate in dict.fromkeys(candidates):
+        if expected and candidate.is_file() and input_sha256(candidate) == expected:
+            return candidate.resolve().as_uri()
     return None
 
 
-def _in_folder(recorded: str, out_dir: Path) -> Optional[Path]:
-    """A recorded output path, found in the output folder: records keep paths as the run named
-    them (relative to its working folder, perhaps), so the first one that exists with leading
-    parts dropped is it."""
-    parts = Path(recorded).parts
-    for first in range(1 if Path(recorded).is_absolute() else 0, len(parts)):
-        candidate = out_dir.joinpath(*parts[first:])  # inside out_dir: a copied folder's own files
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _thumbnails(record: dict, npz: Path, out_dir: Path, report_dir: Path) -> dict:
-    """Write the record's thumbnails into OUT/report_files; their links relative to the page."""
-    relative = npz.relative_to(out_dir).as_posix()
-    stem = hashlib.sha256(relative.encode()).hexdigest()[:16]
-    with np.load(npz) as saved:
+def _pictures(files: dict) -> dict:
+    """kind -> BGR picture of each map the row has, from its checked outputs."""
+    with np.load(files["npz"], allow_pickle=False) as saved:
         pictures = {"map": heatmap_bgr(saved["map"]), "conf": heatmap_bgr(saved["conf"])}
-    overlay = OutputPaths.below(out_dir, relative.removesuffix(".npz")).overlay
-    if overlay.is_file():
-        pictures["overlay"] = cv2.imread(str(overlay), cv2.IMREAD_COLOR)
-    image = _input_bgr(record, out_dir)
-    if image is not None:
-        pictures["image"] = image
-    links = {}
-    for kind, bgr in pictures.items():
-        path = out_dir / THUMBNAILS / f"{stem}-{kind}.jpg"
-        _write_jpeg(path, bgr)
-        links[kind] = Path(os.path.relpath(path, report_dir)).as_posix()
-    return links
+    if "overlay" in files:
+        pictures["overlay"] = cv2.imread(str(files["overlay"]), cv2.IMREAD_COLOR)
+    return pictures
 
 
-def _row(record: dict, out_dir: Path, report_dir: Path) -> ReportRow:
-    row = ReportRow(name=record["input"], status=record["status"], reason=record.get("reason"),
-                    score=record.get("score"), times_ms=record.get("times_ms") or {})
+def _thumbnails(row: ReportRow, record: dict, out_dir: Path, report_dir: Path) -> None:
+    """Write the row's thumbnails into OUT/report_files, and link each to its full-size file."""
+    files = {kind: output_path(out_dir, entry["file"]) for kind, entry in record["outputs"].items()}
+    stem = record["outputs"]["npz"]["sha256"][:16]
+    folder = out_dir / THUMBNAILS
+    for kind, bgr in _pictures(files).items():
+        write_atomically(folder / f"{stem}-{kind}.jpg", thumbnail_jpeg(bgr))
+    if "thumbnail" in files:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(files["thumbnail"], folder / f"{stem}-image.jpg")
+    for kind, sources in PICTURE_LINKS.items():
+        thumbnail = folder / f"{stem}-{kind}.jpg"
+        source = next((files[name] for name in sources if name in files), None)
+        if source is not None and thumbnail.is_file():
+            row.thumbnails[kind] = _link(thumbnail, report_dir)
+            row.links[kind] = _link(source, report_dir)
+    row.links["npz"] = _link(files["npz"], report_dir)
+
+
+def _row(image: ImageRow, out_dir: Path, report_dir: Path) -> ReportRow:
+    record, made = image.record, image.made
+    row = ReportRow(name=record["input"], status=image.status, reason=image.reason, score=record.get("score"),
+                    analysed_at=made.get("analysed_at") or "", times_ms=made.get("times_ms") or {})
     if record.get("height"):
         row.size = f"{record['width']} x {record['height']}"
-    if record["status"] == "error":
-        return row
-    npz = _in_folder(record["outputs"][0], out_dir) if record.get("outputs") else None
-    if npz is None:
-        row.status, row.reason = "error", "its outputs are gone from the output folder"
-    else:
-        row.thumbnails = _thumbnails(record, npz, out_dir, report_dir)
+    if row.holds_evidence:
+        _thumbnails(row, record, out_dir, report_dir)
+        row.original = _original(record, out_dir)
     return row
 
 
@@ -126,19 +122,30 @@ def _legend_png_base64() -> str:
     return base64.b64encode(encoded(".png", bar)).decode("ascii")
 
 
-def _summary(records: list, rows: list, results: Path) -> dict:
-    made_by = [record.get("provenance") or {} for record in records]
-    scored = [row.score for row in rows if row.score is not None]
+def _models(records: list) -> list:
+    """'SHA-256 (official)' or '... (not the official checkpoint)' for each model in the records."""
+    made_by = {(entry.get("model_sha256"), entry.get("official")) for entry in
+               (record.get("provenance") or {} for record in records) if entry.get("model_sha256")}
+    return [f"{sha} ({'the official checkpoint' if official else 'not the official checkpoint'})"
+            for sha, official in sorted(made_by, key=str)]
+
+
+def _summary(records: list, rows: list, passed_over: int) -> dict:
+    holding = [row for row in rows if row.holds_evidence]
     return {
         "images": len(rows),
-        "flagged": sum(score >= DECISION_THRESHOLD for score in scored),
+        "flagged": sum(row.score >= DECISION_THRESHOLD for row in holding if row.score is not None),
         "threshold": DECISION_THRESHOLD,
         "failed": [row for row in rows if row.status == "error"],
+        "stale": [row for row in rows if row.status not in ("ok", "skipped", "error")],
         "backends": sorted({f"{record.get('backend')} {record.get('precision')}" for record in records}),
-        "models": sorted({entry["model_sha256"] for entry in made_by if entry.get("model_sha256")}),
-        "versions": sorted({entry["trufor_trt"] for entry in made_by if entry.get("trufor_trt")}),
-        "when": datetime.datetime.fromtimestamp(results.stat().st_mtime, datetime.timezone.utc)
-                .strftime("%Y-%m-%d %H:%M UTC"),
+        "models": _models(records),
+        "official": all((record.get("provenance") or {}).get("official") for record in records
+                        if record["status"] != "error"),
+        "versions": sorted({entry["trufor_trt"] for entry in (record.get("provenance") or {} for record in records)
+                            if entry.get("trufor_trt")}),
+        "when": max((record.get("analysed_at") or "" for record in records), default="") or "unknown",
+        "passed_over": passed_over,
         "report_version": __version__,
     }
 
@@ -150,7 +157,7 @@ def render(rows: list, summary: dict, title: str) -> str:
     environment = Environment(loader=PackageLoader("trufor_trt.batch", "templates"), autoescape=True,
                               keep_trailing_newline=True)
     template = environment.get_template("report.html")
-    ordered = sorted(rows, key=lambda row: (row.score is None, -(row.score or 0.0), row.name))
+    ordered = sorted(rows, key=lambda row: (not row.holds_evidence, -(row.score or 0.0), row.name))
     return template.render(rows=ordered, summary=summary, title=title, legend=_legend_png_base64(),
                            stages=("decode", "preprocess", "inference", "postprocess", "write", "total"))
 
@@ -158,12 +165,13 @@ def render(rows: list, summary: dict, title: str) -> str:
 def build_report(out_dir, report_path=None) -> Path:
     """Write the page for the output folder `out_dir` (default OUT/report.html); its path."""
     out_dir = Path(out_dir)
-    results = out_dir / RESULTS_FILE
-    if not results.is_file():
+    if not (out_dir / RESULTS_FILE).is_file():
         raise FileNotFoundError(f"{out_dir} has no {RESULTS_FILE}: analyse into it first")
     report_path = Path(report_path) if report_path else out_dir / REPORT_FILE
-    records = list(latest_records(out_dir).values())
-    rows = [_row(record, out_dir, report_path.parent) for record in records]
-    html = render(rows, _summary(records, rows, results), title=f"TruFor analysis of {out_dir.name}")
+    records, passed_over = read_records(out_dir)
+    images = image_rows(RecordIndex.of(records), out_dir, verify=True)
+    rows = [_row(image, out_dir, report_path.parent) for image in images]
+    html = render(rows, _summary([image.record for image in images], rows, passed_over),
+                  title=f"TruFor analysis of {out_dir.name}")
     write_atomically(report_path, html.encode("utf-8"))
     return report_path

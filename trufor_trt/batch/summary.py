@@ -1,47 +1,89 @@
-"""results.jsonl is the log of every run; results.csv, rewritten at the end of each run, is
-what most users open: one row per image, its latest state."""
+"""Each image's latest state, as results.csv (what most users open) and the report show it.
+
+A row is an input's latest record (or an earlier one of the input that still holds a unit of
+outputs), unless its outputs no longer hold that record's evidence:
+`superseded` when a later record of another input wrote the same output name (the reason says
+whose evidence it holds now), `missing` when an output is gone. With `verify` (the report),
+every output is also hashed: `changed` when one differs from the SHA-256 its record gives.
+A row whose outputs were reused from an earlier run shows that run's time and stage times.
+"""
 
 import csv
 import io
-import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
-from ..files import write_atomically
+from ..files import sha256_file, write_atomically
+from .records import RecordIndex, npz_file, output_path
 
-RESULTS_FILE = "results.jsonl"
 SUMMARY_FILE = "results.csv"
-COLUMNS = ("input", "status", "reason", "score", "height", "width", "backend", "precision",
-           "npz", "input_sha256", "model_sha256", "trufor_trt", "total_ms")
+COLUMNS = ("input", "status", "reason", "score", "height", "width", "backend", "precision", "official",
+           "analysed_at", "npz", "npz_sha256", "input_sha256", "model_sha256", "model_files_sha256",
+           "trufor_trt", "total_ms")
 
 
-def _row(record: dict) -> dict:
+@dataclass(frozen=True)
+class ImageRow:
+    record: dict  # the input's latest record
+    status: str  # the record's, or superseded / missing / changed
+    reason: Optional[str]
+    made: dict  # the record that wrote its outputs (the record itself unless they were reused)
+
+    @property
+    def holds_evidence(self) -> bool:
+        return self.status in ("ok", "skipped")
+
+
+def _superseded_by(record: dict, index: RecordIndex) -> Optional[dict]:
+    holder = index.holders.get(npz_file(record))
+    if holder is None or holder is record or holder["outputs"]["npz"] == record["outputs"]["npz"]:
+        return None
+    return holder
+
+
+def _problem(record: dict, index: RecordIndex, out_dir: Path, verify: bool):
+    """(status, reason) when the record's outputs no longer hold its evidence, else None."""
+    holder = _superseded_by(record, index)
+    if holder is not None:
+        return "superseded", (f"its outputs now hold the evidence of {holder['input']} "
+                              f"(analysed {holder.get('analysed_at') or 'later'})")
+    for entry in record["outputs"].values():
+        path = output_path(out_dir, entry["file"])
+        if path is None:
+            return "missing", f"{entry['file']} is gone from the output folder"
+        if verify and sha256_file(path) != entry["sha256"]:
+            return "changed", f"{entry['file']} was changed after the analysis (its SHA-256 is not the record's)"
+    return None
+
+
+def image_row(record: dict, index: RecordIndex, out_dir, verify: bool = False) -> ImageRow:
+    if record["status"] == "error" or not record.get("outputs"):
+        return ImageRow(record, record["status"], record.get("reason"), record)
+    problem = _problem(record, index, Path(out_dir), verify)
+    status, reason = problem or (record["status"], record.get("reason"))
+    return ImageRow(record, status, reason, index.maker(record) or record)
+
+
+def image_rows(index: RecordIndex, out_dir, verify: bool = False) -> list:
+    return [image_row(record, index, out_dir, verify) for record in index.standing()]
+
+
+def _csv_row(row: ImageRow) -> dict:
+    record, made = row.record, row.made
     made_by = record.get("provenance") or {}
-    outputs = record.get("outputs") or []
-    return {**{key: record.get(key) for key in COLUMNS[:8]},
-            "npz": outputs[0] if outputs else None,
-            **{key: made_by.get(key) for key in ("input_sha256", "model_sha256", "trufor_trt")},
-            "total_ms": (record.get("times_ms") or {}).get("total")}
+    npz = (record.get("outputs") or {}).get("npz") or {}
+    return {**{key: record.get(key) for key in ("input", "score", "height", "width", "backend", "precision")},
+            "status": row.status, "reason": row.reason, "official": made_by.get("official"),
+            "analysed_at": made.get("analysed_at"), "npz": npz.get("file"), "npz_sha256": npz.get("sha256"),
+            **{key: made_by.get(key) for key in ("input_sha256", "model_sha256", "model_files_sha256", "trufor_trt")},
+            "total_ms": (made.get("times_ms") or {}).get("total")}
 
 
-def latest_records(out_dir) -> dict:
-    """input -> its latest record in results.jsonl (lines that cannot be read are passed over)."""
-    latest = {}
-    path = Path(out_dir) / RESULTS_FILE
-    if not path.is_file():
-        return latest
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        latest[record["input"]] = record
-    return latest
-
-
-def write_summary_csv(out_dir) -> None:
+def write_summary_csv(out_dir, index: RecordIndex) -> None:
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS, lineterminator="\n")
     writer.writeheader()
-    for record in latest_records(out_dir).values():
-        writer.writerow(_row(record))
+    for row in image_rows(index, out_dir):
+        writer.writerow(_csv_row(row))
     write_atomically(Path(out_dir) / SUMMARY_FILE, text.getvalue().encode("utf-8"))

@@ -1,7 +1,8 @@
 """`analyze --ray`: the per-image job on a Ray cluster, through Ray Data.
 
 This process (the driver) lists the inputs, refuses clashing output names, and keeps the one
-results.jsonl. The remaining inputs become a dataset whose rows `map_batches` hands to a pool of
+results.jsonl (and hands each image the log's record of its output name, which vouches for
+what the name holds). The remaining inputs become a dataset whose rows `map_batches` hands to a pool of
 actors; each actor holds one loaded runner on its node and runs the pipeline `analyze` runs
 (batch/pipeline.py) over the images it is given, writing their outputs into the output folder
 itself (a file system every node shares), exactly as `analyze` does, and returning their records.
@@ -19,9 +20,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..batch.analyze import AnalyzeOptions, ResultsLog, open_job
+from ..batch.analyze import AnalyzeOptions, open_job
 from ..batch.inputs import ImageJob
 from ..batch.pipeline import Pipeline, claim_output_names, name_taken_record
+from ..batch.results_log import ResultsLog
 from ..errors import RunnerFailure, TruforError
 from ..files import remove_stale_temporaries
 
@@ -71,10 +73,10 @@ class AnalyzeImages:
         self.runner.load()
 
     def __call__(self, batch: dict) -> dict:
-        """Rows (path, relative) -> their records as JSON lines; if the runner broke, a last row
-        with the reason instead (an exception would reach the driver only as text)."""
-        flights = (open_job(_job(path, relative), self.runner, self.options)
-                   for path, relative in zip(batch["path"], batch["relative"]))
+        """Rows (path, relative, holder) -> their records as JSON lines; if the runner broke, a
+        last row with the reason instead (an exception would reach the driver only as text)."""
+        flights = (open_job(_job(path, relative), self.runner, self.options, json.loads(holder) if holder else None)
+                   for path, relative, holder in zip(batch["path"], batch["relative"], batch["holder"]))
         records, failures = [], []
         try:
             Pipeline([self.runner], self.options, batch=self.batch).run(
@@ -135,7 +137,9 @@ def analyze_on_ray(jobs, address: str, spec: RunnerSpec, options: AnalyzeOptions
             rows = []
             for job, owner in claim_output_names(jobs):
                 if owner is None:
-                    rows.append({"path": str(job.path), "relative": job.relative})
+                    holder = log.index.holder(job.relative)
+                    rows.append({"path": str(job.path), "relative": job.relative,
+                                 "holder": json.dumps(holder) if holder else ""})
                 else:
                     keep(name_taken_record(job, owner, spec.backend, spec.precision))
             if rows and _run_dataset(ray, rows, spec, options, workers, keep, halt, on_start):

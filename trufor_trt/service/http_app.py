@@ -28,7 +28,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..batch.analyze import AnalyzeOptions, ResultsLog, run_job
+from ..batch.analyze import AnalyzeOptions, run_job
+from ..batch.results_log import ResultsLog
 from ..batch.inputs import ImageJob
 from ..batch.outputs import npz_bytes
 from ..engine.preprocess import prepare_input

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from ..batch.inputs import IMAGE_SUFFIXES, ImageJob
+from ..batch.provenance import input_sha256
 
 SETTLE_SECONDS = 2.0
 
@@ -68,19 +69,27 @@ class Inbox:
         return any(now - since < self.settle for _, since in self._seen.values())
 
 
-def _free_name(target: Path) -> Path:
+def free_place(target: Path) -> Path:
     """`target`, or name-2.ext, name-3.ext... where it is taken: an original is never overwritten."""
     candidate, count = target, 1
-    while candidate.exists():
+    while candidate.exists() or candidate.is_symlink():
         count += 1
         candidate = target.with_name(f"{target.stem}-{count}{target.suffix}")
     return candidate
 
 
-def file_away(path: Path, relative: str, folder: Path) -> Path:
-    """Move an original below `folder` under its relative name: one rename on the same file
-    system; elsewhere a copy under a temporary name, a rename, then the original's removal."""
-    target = _free_name(Path(folder) / relative)
+class OriginalChanged(Exception):
+    """The original's bytes are no longer those that were analysed."""
+
+
+def file_away(path: Path, target: Path, analysed_sha256) -> Path:
+    """Move an original to `target` (the next free name if it is taken by now), once its bytes
+    are checked to be those analysed (OriginalChanged if not): one rename on the same file
+    system; elsewhere a copy under a temporary name, checked again, a rename, then the
+    original's removal. Returns where it went."""
+    if input_sha256(path) != analysed_sha256:
+        raise OriginalChanged(path)
+    target = free_place(Path(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.rename(path, target)
@@ -88,7 +97,12 @@ def file_away(path: Path, relative: str, folder: Path) -> Path:
         if exc.errno != errno.EXDEV:  # not a move to another file system
             raise
         temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        shutil.copy2(path, temporary)
-        os.replace(temporary, target)
+        try:
+            shutil.copy2(path, temporary)
+            if input_sha256(temporary) != analysed_sha256:
+                raise OriginalChanged(path) from None
+            os.replace(temporary, target)
+        finally:
+            temporary.unlink(missing_ok=True)
         path.unlink()
     return target

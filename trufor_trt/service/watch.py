@@ -1,23 +1,27 @@
 """`trufor-trt watch`: analyse every image that lands in a folder, with one runner kept loaded.
 
 The outputs on disk and results.jsonl are the record: an image whose latest record says it was
-analysed (same input bytes, model, backend, precision, version) and whose outputs exist is not
-analysed again, so a restart after a crash or `kill -9` neither loses nor repeats an image.
-Originals move to --done / --failed only after their record is written.
+analysed (same input bytes, model, backend, precision, version) and whose outputs are still the
+ones recorded is not analysed again, so a restart after a crash or `kill -9` neither loses nor
+repeats an image. Originals move to --done / --failed only after their record is written, and
+only if their bytes are still those analysed; the record says where they went (`filed_to`).
+With --done, an image's outputs are named as its original will be there, so a camera that
+reuses a file name after the first one was filed away never replaces the first one's evidence.
 """
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..batch.analyze import AnalyzeOptions, ResultsLog, run_job
-from ..batch.provenance import input_sha256, provenance, why_redo
-from ..batch.summary import latest_records
+from ..batch.analyze import AnalyzeOptions, reused_unit, run_job
+from ..batch.inputs import ImageJob
+from ..batch.provenance import input_sha256
+from ..batch.results_log import ResultsLog, SummaryError
 from ..engine.runner import Runner
 from ..errors import one_line
-from .inbox import SETTLE_SECONDS, Inbox, file_away
+from .inbox import SETTLE_SECONDS, Inbox, OriginalChanged, file_away, free_place
 
 POLL_SECONDS = 5.0
 WAIT_SLICE = 0.2  # how often a wait looks at the stop flag
@@ -66,14 +70,8 @@ class WakeUps:
         self._changed.clear()
 
 
-def _done_before(earlier: Optional[dict], path: Path, runner: Runner) -> bool:
-    """Whether the latest record of this input stands for it now: analysed from the same bytes by
-    the same model, backend, precision and version, its outputs still there."""
-    if earlier is None or earlier.get("status") not in ("ok", "skipped") or not earlier.get("provenance"):
-        return False
-    if why_redo(earlier["provenance"], provenance(input_sha256(path), runner)) is not None:
-        return False
-    return all(Path(output).is_file() for output in earlier["outputs"])
+def _analysed_sha256(record: dict) -> Optional[str]:
+    return (record.get("provenance") or {}).get("input_sha256")
 
 
 class Watch:
@@ -87,7 +85,6 @@ class Watch:
         out_dir = options.analyze.out_dir
         self.inbox = Inbox(inbox, options.settle,
                            exclude=[folder for folder in (out_dir, options.done_dir, options.failed_dir) if folder])
-        self.earlier = latest_records(out_dir)  # input -> its latest record, from earlier runs
         self.handled = {}  # path -> (size, mtime_ns) when this run handled it
 
     def run(self) -> dict:
@@ -96,9 +93,15 @@ class Watch:
             wake_ups = WakeUps(self.inbox.folder, self.stop, self.on_notice)
             while not self.stop.is_set():
                 if self._pass(log):
-                    log.write_summary()
+                    self._rewrite_summary(log)
                 wake_ups.wait(self.options.settle / 2 if self.inbox.settling() else self.options.poll)
         return log.summary
+
+    def _rewrite_summary(self, log: ResultsLog) -> None:
+        try:
+            log.write_summary()
+        except SummaryError as exc:  # a full disk: the watch goes on, results.jsonl has it all
+            self.on_notice(str(exc))
 
     def _pass(self, log: ResultsLog) -> bool:
         """Handle every settled image not handled yet; whether any record was written."""
@@ -112,21 +115,59 @@ class Watch:
             wrote |= self._handle(job, log)
         return wrote
 
-    def _handle(self, job, log: ResultsLog) -> bool:
-        record = self.earlier.get(str(job.path))
-        analysed = not _done_before(record, job.path, self.runner)
+    def _named_as_filed(self, job: ImageJob, earlier: Optional[dict]) -> ImageJob:
+        """With --done: the job, its output name that of the place its original will take."""
+        if self.options.done_dir is None:
+            return job
+        place = self._place(self.options.done_dir, job.relative, earlier)
+        return replace(job, relative=place.relative_to(self.options.done_dir).as_posix())
+
+    @staticmethod
+    def _place(folder: Path, relative: str, earlier: Optional[dict]) -> Path:
+        """Where the original goes in `folder`: where its record says, after a restart that came
+        between the record and the move; else the first free name."""
+        recorded = Path(earlier["filed_to"]) if earlier and earlier.get("filed_to") else None
+        if recorded is not None and recorded.parent.is_relative_to(folder) and not recorded.exists():
+            return recorded
+        return free_place(Path(folder) / relative)
+
+    def _handle(self, job: ImageJob, log: ResultsLog) -> bool:
+        """Analyse the image unless its record stands already; file its original away. Whether
+        a record was written."""
+        earlier = log.index.latest.get(str(job.path))
+        inbox_name, job = job.relative, self._named_as_filed(job, earlier)
+        holder = log.index.holder(job.relative)
+        analysed = not (earlier is not None and earlier is holder
+                        and reused_unit(job, self.runner, self.options.analyze, holder) is not None)
+        record = run_job(job, self.runner, self.options.analyze, holder).record if analysed else earlier
+        place = self._destination(inbox_name if record["status"] == "error" else job.relative, record)
+        if place is not None and input_sha256(job.path) != _analysed_sha256(record):
+            self._changed_since(job)
+            place = None
         if analysed:
-            record = run_job(job, self.runner, self.options.analyze).record
+            record["filed_to"] = str(place) if place is not None else None
             log.add(record)
             self.on_record(record)
-        self._file_away(job, record["status"])
+        if place is not None:
+            self._file_away(job, record, place)
         return analysed
 
-    def _file_away(self, job, status: str) -> None:
-        folder = self.options.failed_dir if status == "error" else self.options.done_dir
-        if folder is None:
-            return
+    def _changed_since(self, job: ImageJob) -> None:
+        self.handled.pop(job.path, None)  # its new bytes are analysed on a later pass
+        self.on_notice(f"{job.path} changed after it was analysed: left in place, to be analysed again")
+
+    def _destination(self, relative: str, record: dict) -> Optional[Path]:
+        folder = self.options.failed_dir if record["status"] == "error" else self.options.done_dir
+        return None if folder is None else self._place(folder, relative, record)
+
+    def _file_away(self, job: ImageJob, record: dict, place: Path) -> None:
         try:
-            file_away(job.path, job.relative, folder)
+            filed = file_away(job.path, place, _analysed_sha256(record))
+        except OriginalChanged:  # in the instant since it was checked
+            self._changed_since(job)
+            return
         except OSError as exc:
-            self.on_notice(f"could not move {job.path} to {folder}: {one_line(exc)}")
+            self.on_notice(f"could not move {job.path} to {place}: {one_line(exc)}")
+            return
+        if filed != place:
+            self.on_notice(f"{job.path} filed as {filed}: {place} was taken meanwhile")

@@ -1,0 +1,132 @@
+"""The records of results.jsonl, read defensively, and what they say about each output.
+
+Each record names the files it made (or found and reused) with their SHA-256, so the latest
+record naming a unit's .npz says whose evidence the unit should hold. A line that is not a record
+of this shape (hand-edited, truncated, from another version) is passed over and counted, never
+trusted; an output name in a record is used only if it stays inside the output folder.
+"""
+
+import datetime
+import json
+import numbers
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .outputs import OutputNameError, safe_relative_name
+
+RESULTS_FILE = "results.jsonl"
+STATUSES = ("ok", "skipped", "error")
+
+
+def utc_now() -> str:
+    """Now, as a record's `analysed_at`: UTC, ISO 8601, milliseconds."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _optional(value, kind) -> bool:
+    return value is None or (isinstance(value, kind) and not isinstance(value, bool))
+
+
+def _outputs_ok(outputs) -> bool:
+    if not isinstance(outputs, dict):
+        return False
+    for entry in outputs.values():
+        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
+                and isinstance(entry.get("sha256"), str)):
+            return False
+        try:
+            if safe_relative_name(entry["file"]) != entry["file"]:
+                return False
+        except OutputNameError:
+            return False
+    return True
+
+
+def is_record(value) -> bool:
+    """Whether a parsed line has the shape of a record this version writes."""
+    return (isinstance(value, dict) and isinstance(value.get("input"), str) and value.get("status") in STATUSES
+            and _optional(value.get("reason"), str) and _optional(value.get("score"), numbers.Real)
+            and _optional(value.get("height"), int) and _optional(value.get("width"), int)
+            and _optional(value.get("analysed_at"), str) and _optional(value.get("filed_to"), str)
+            and isinstance(value.get("times_ms", {}), dict) and _optional(value.get("provenance"), dict)
+            and _outputs_ok(value.get("outputs", {})))
+
+
+def read_records(out_dir) -> tuple:
+    """(the records of results.jsonl in order, how many lines were passed over)."""
+    path = Path(out_dir) / RESULTS_FILE
+    if not path.is_file():
+        return [], 0
+    records, passed_over = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except ValueError:
+            value = None
+        if is_record(value):
+            records.append(value)
+        else:
+            passed_over += 1
+    return records, passed_over
+
+
+def npz_file(record: dict) -> Optional[str]:
+    """The .npz a record names (relative to the output folder), or None."""
+    return ((record.get("outputs") or {}).get("npz") or {}).get("file")
+
+
+def output_path(out_dir, name: str) -> Optional[Path]:
+    """The output `name` of a record as a file inside `out_dir`, or None where there is no such
+    regular file, or where it (or a link on the way) leads out of the folder."""
+    folder = Path(out_dir).resolve()
+    try:
+        path = (folder / safe_relative_name(name)).resolve(strict=True)
+    except (OutputNameError, OSError, RuntimeError):
+        return None
+    return path if folder in path.parents and path.is_file() else None
+
+
+@dataclass
+class RecordIndex:
+    """What a log says, record by record: each input's latest record, and for each output name
+    the latest record naming it (the one whose evidence the unit should hold)."""
+
+    records: list = field(default_factory=list)  # all of them, in the log's order
+    latest: dict = field(default_factory=dict)  # input -> its latest record
+    holders: dict = field(default_factory=dict)  # .npz name -> the latest record naming it
+    makers: dict = field(default_factory=dict)  # (.npz name, sha256) -> the latest record that wrote it
+
+    @classmethod
+    def of(cls, records) -> "RecordIndex":
+        index = cls()
+        for record in records:
+            index.add(record)
+        return index
+
+    def add(self, record: dict) -> None:
+        self.records.append(record)
+        self.latest[record["input"]] = record
+        name = npz_file(record)
+        if name is not None:
+            self.holders[name] = record
+            if record["status"] == "ok":
+                self.makers[(name, record["outputs"]["npz"]["sha256"])] = record
+
+    def standing(self) -> list:
+        """The records that say an image's state now, in the log's order: each input's latest,
+        and every earlier one still holding its unit (an input can have several units: `watch
+        --done` names a file that reuses a filed-away name afresh)."""
+        return [record for record in self.records if self.latest[record["input"]] is record
+                or self.holders.get(npz_file(record)) is record]
+
+    def holder(self, relative: str) -> Optional[dict]:
+        """The latest record naming the unit of this output name (the image's, without suffix)."""
+        return self.holders.get(relative + ".npz")
+
+    def maker(self, record: dict) -> Optional[dict]:
+        """The record that wrote the outputs `record` names (itself when it wrote them)."""
+        name = npz_file(record)
+        return self.makers.get((name, record["outputs"]["npz"]["sha256"])) if name else None
