@@ -218,8 +218,9 @@ def shared_images_analyzed(shared_images, model_seed0, tmp_path_factory) -> Path
     """The output folder of the per-image job on every shared image, one after the other in one
     thread, no pipeline, one ONNX Runtime session with its default threads (what `analyze`
     loads): the reference the batch ways in are held to, and the report's material."""
-    from trufor_trt.batch.analyze import AnalyzeOptions, ResultsLog, run_job
+    from trufor_trt.batch.analyze import AnalyzeOptions, run_job
     from trufor_trt.batch.inputs import expand_inputs
+    from trufor_trt.batch.results_log import ResultsLog
     from trufor_trt.engine.onnxruntime_runner import OnnxRuntimeRunner
 
     out = tmp_path_factory.mktemp("sequential")

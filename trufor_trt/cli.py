@@ -182,6 +182,10 @@ def _check_output_folder(out: Path, option: str = "--out") -> None:
 def _check_results_folder(out: Path) -> None:
     """An output folder that takes results: writable, and no other run writing into it."""
     _check_output_folder(out)
+    _check_not_busy(out)
+
+
+def _check_not_busy(out: Path) -> None:
     try:
         check_not_busy(out)
     except OutputFolderBusy as exc:
@@ -496,7 +500,7 @@ def _check_watch_folders(inbox: Path, folders: dict) -> None:
         fail_setup("--out, --done and --failed must be different folders")
     for option, folder in folders.items():
         _check_output_folder(folder, option)
-    _check_results_folder(folders["--out"])
+    _check_not_busy(folders["--out"])
 
 
 @app.command()

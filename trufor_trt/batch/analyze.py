@@ -119,9 +119,12 @@ def _reused(paths: OutputPaths, kinds: tuple, made_by: dict, holder: Optional[di
     why = why_redo(saved[0] if saved else None, made_by)
     if why is not None:
         return None, why
+    unrecorded = "redone: the outputs are not those the results log records"
+    if holder is None:
+        return None, unrecorded
     outputs = {kind: {"file": paths.file(kind), "sha256": sha256_file(paths.path(kind))} for kind in kinds}
-    if holder is None or any(holder["outputs"].get(kind) != entry for kind, entry in outputs.items()):
-        return None, "redone: the outputs are not those the results log records"
+    if any(holder["outputs"].get(kind) != entry for kind, entry in outputs.items()):
+        return None, unrecorded
     found, score, (height, width) = saved
     return {"status": "skipped", "reason": "outputs exist from the same input, model, backend "
             "and precision (use --overwrite to redo)", "score": score, "height": height,

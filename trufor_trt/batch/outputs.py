@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from ..engine.postprocess import Analysis
+from ..errors import TruforError
 from ..files import sha256_bytes, write_atomically
 from .provenance import PROVENANCE_KEY, provenance_array
 
@@ -32,8 +33,12 @@ SUFFIXES = {"npz": ".npz", "heatmap": ".heatmap.png", "conf": ".conf.png", "over
 PICTURES = ("heatmap", "conf", "overlay", "thumbnail")
 
 
-class OutputNameError(ValueError):
+class OutputNameError(TruforError):
     """An output name that would not stay inside the output folder."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 def safe_relative_name(name: str) -> str:

@@ -21,7 +21,7 @@ from ..engine.runner import Runner
 from ..engine.timing import StageClock
 from .analyze import AnalyzeOptions, ImageInFlight, JobResult, decode_job, finish_job, infer_jobs, open_job
 from .inputs import ImageJob
-from .records import utc_now
+from .records import RecordIndex, utc_now
 from .results_log import ResultsLog
 
 POLL_S = 0.1
@@ -155,13 +155,13 @@ def name_taken_record(job: ImageJob, owner, backend: str, precision: str) -> dic
             "backend": backend, "precision": precision, "analysed_at": utc_now()}
 
 
-def open_jobs(jobs: Iterable, runner: Runner, options: AnalyzeOptions, log: ResultsLog):
+def open_jobs(jobs: Iterable, runner: Runner, options: AnalyzeOptions, index: Optional[RecordIndex] = None):
     """The flights for `jobs`, opened lazily (the reuse check reads files) as the pipeline asks;
-    a job whose output name another input took already is refused here. The log says whose
-    evidence each existing output name holds."""
+    a job whose output name another input took already is refused here. `index`: the output
+    folder's records, which say whose evidence each existing output name holds."""
     for job, owner in claim_output_names(jobs):
         if owner is None:
-            yield open_job(job, runner, options, log.index.holder(job.relative))
+            yield open_job(job, runner, options, index.holder(job.relative) if index is not None else None)
         else:
             record = name_taken_record(job, owner, runner.backend, runner.precision)
             yield ImageInFlight(job, StageClock(), JobResult(record), done=True)
@@ -180,5 +180,5 @@ def analyze_batch(jobs, runners: list, options: AnalyzeOptions, on_record=None,
             if on_record is not None:
                 on_record(result.record)
 
-        Pipeline(runners, options, halt, batch).run(open_jobs(jobs, runners[0], options, log), keep)
+        Pipeline(runners, options, halt, batch).run(open_jobs(jobs, runners[0], options, log.index), keep)
     return log.summary

@@ -29,7 +29,8 @@ def _optional(value, kind) -> bool:
 
 
 def _outputs_ok(outputs) -> bool:
-    if not isinstance(outputs, dict):
+    """A unit's files, each inside the output folder, the .npz among them (or no files)."""
+    if not isinstance(outputs, dict) or (outputs and "npz" not in outputs):
         return False
     for entry in outputs.values():
         if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
@@ -44,7 +45,11 @@ def _outputs_ok(outputs) -> bool:
 
 
 def is_record(value) -> bool:
-    """Whether a parsed line has the shape of a record this version writes."""
+    """Whether a parsed line has the shape of a record this version writes (an image done, or
+    skipped, has a score and a unit of outputs)."""
+    if isinstance(value, dict) and value.get("status") in ("ok", "skipped") and not (
+            isinstance(value.get("score"), numbers.Real) and value.get("outputs")):
+        return False
     return (isinstance(value, dict) and isinstance(value.get("input"), str) and value.get("status") in STATUSES
             and _optional(value.get("reason"), str) and _optional(value.get("score"), numbers.Real)
             and _optional(value.get("height"), int) and _optional(value.get("width"), int)

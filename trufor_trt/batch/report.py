@@ -52,6 +52,7 @@ class ReportRow:
     times_ms: dict = field(default_factory=dict)
     thumbnails: dict = field(default_factory=dict)  # image / map / conf / overlay -> relative link
     links: dict = field(default_factory=dict)  # the same kinds, and npz -> the full-size file
+    hashes: dict = field(default_factory=dict)  # the same kinds -> the SHA-256 its record gives
     original: Optional[str] = None  # a link to the analysed original, where it still is
 
     @property
@@ -98,11 +99,13 @@ def _thumbnails(row: ReportRow, record: dict, out_dir: Path, report_dir: Path) -
         shutil.copyfile(files["thumbnail"], folder / f"{stem}-image.jpg")
     for kind, sources in PICTURE_LINKS.items():
         thumbnail = folder / f"{stem}-{kind}.jpg"
-        source = next((files[name] for name in sources if name in files), None)
+        source = next((name for name in sources if name in files), None)
         if source is not None and thumbnail.is_file():
             row.thumbnails[kind] = _link(thumbnail, report_dir)
-            row.links[kind] = _link(source, report_dir)
+            row.links[kind] = _link(files[source], report_dir)
+            row.hashes[kind] = record["outputs"][source]["sha256"]
     row.links["npz"] = _link(files["npz"], report_dir)
+    row.hashes["npz"] = record["outputs"]["npz"]["sha256"]
 
 
 def _row(image: ImageRow, out_dir: Path, report_dir: Path) -> ReportRow:

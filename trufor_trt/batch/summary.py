@@ -10,6 +10,7 @@ A row whose outputs were reused from an earlier run shows that run's time and st
 
 import csv
 import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,7 +21,7 @@ from .records import RecordIndex, npz_file, output_path
 SUMMARY_FILE = "results.csv"
 COLUMNS = ("input", "status", "reason", "score", "height", "width", "backend", "precision", "official",
            "analysed_at", "npz", "npz_sha256", "input_sha256", "model_sha256", "model_files_sha256",
-           "trufor_trt", "total_ms")
+           "trufor_trt", "total_ms", "outputs_sha256")
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,6 @@ class ImageRow:
     status: str  # the record's, or superseded / missing / changed
     reason: Optional[str]
     made: dict  # the record that wrote its outputs (the record itself unless they were reused)
-
-    @property
-    def holds_evidence(self) -> bool:
-        return self.status in ("ok", "skipped")
 
 
 def _superseded_by(record: dict, index: RecordIndex) -> Optional[dict]:
@@ -77,7 +74,8 @@ def _csv_row(row: ImageRow) -> dict:
             "status": row.status, "reason": row.reason, "official": made_by.get("official"),
             "analysed_at": made.get("analysed_at"), "npz": npz.get("file"), "npz_sha256": npz.get("sha256"),
             **{key: made_by.get(key) for key in ("input_sha256", "model_sha256", "model_files_sha256", "trufor_trt")},
-            "total_ms": (made.get("times_ms") or {}).get("total")}
+            "total_ms": (made.get("times_ms") or {}).get("total"),
+            "outputs_sha256": json.dumps({entry["file"]: entry["sha256"] for entry in (record.get("outputs") or {}).values()})}
 
 
 def write_summary_csv(out_dir, index: RecordIndex) -> None:
