@@ -232,6 +232,13 @@ def shared_images_analyzed(shared_images, model_seed0, tmp_path_factory) -> Path
     return out
 
 
+def take_model_of(double: Runner, runner: Runner) -> None:
+    """A test double around a real, loaded runner answers for its model: the detection head and
+    what the outputs' provenance names."""
+    double.detection_head, double.model_sha256 = runner.detection_head, runner.model_sha256
+    double.model_files_sha256 = runner.model_files_sha256
+
+
 class BreaksAfter(Runner):
     """A real runner that stops working after `images` images, as a GPU that falls off the bus:
     what `analyze`, `serve` and Ray do then is the subject, not how a device fails."""
@@ -243,8 +250,7 @@ class BreaksAfter(Runner):
 
     def load(self) -> None:
         self.runner.load()
-        self.detection_head, self.model_sha256 = self.runner.detection_head, self.runner.model_sha256
-        self.model_files_sha256 = self.runner.model_files_sha256
+        take_model_of(self, self.runner)
 
     def infer(self, prepared):
         if self.left == 0:

@@ -33,7 +33,7 @@ from trufor_trt.engine.runner import Runner
 from trufor_trt.files import sha256_bytes, sha256_file
 from trufor_trt.service.watch import Watch, WatchOptions
 
-from conftest import CHROMIUM, REPO, cli_process, rendered_dom, shared_crop, stop_process
+from conftest import CHROMIUM, REPO, cli_process, rendered_dom, shared_crop, stop_process, take_model_of
 
 pytestmark = pytest.mark.shared
 
@@ -216,8 +216,7 @@ class _ReplacesItsInput(Runner):
         super().__init__()
         self.runner, self.path, self.new_bytes, self.calls = runner, path, new_bytes, 0
         self.backend, self.precision = runner.backend, runner.precision
-        self.detection_head, self.model_sha256 = runner.detection_head, runner.model_sha256
-        self.model_files_sha256 = runner.model_files_sha256
+        take_model_of(self, runner)
 
     def load(self) -> None:
         pass

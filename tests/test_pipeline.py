@@ -18,7 +18,7 @@ from trufor_trt.cli import app
 from trufor_trt.engine.onnxruntime_runner import OnnxRuntimeRunner
 from trufor_trt.engine.runner import Runner
 
-from conftest import BreaksAfter, cli_process, stop_process
+from conftest import BreaksAfter, cli_process, stop_process, take_model_of
 
 # Every test here stands on the 54 shared images analysed once (minutes on 2 cores).
 pytestmark = pytest.mark.slow
@@ -237,7 +237,7 @@ def test_a_runner_that_breaks_in_a_ray_actor_stops_the_job_with_its_reason(tmp_p
         def __init__(self, spec, options):
             super().__init__(spec, options)
             broken = BreaksAfter(self.runner, images=2)
-            broken.detection_head, broken.model_sha256 = self.runner.detection_head, self.runner.model_sha256
+            take_model_of(broken, self.runner)
             self.runner = broken
 
     for module in (sys.modules[__name__], sys.modules[BreaksAfter.__module__]):
@@ -263,7 +263,7 @@ class TakesBatches(Runner):
 
     def load(self) -> None:
         self.runner.load()
-        self.detection_head, self.model_sha256 = self.runner.detection_head, self.runner.model_sha256
+        take_model_of(self, self.runner)
 
     def takes_batches(self) -> bool:
         return True
