@@ -449,5 +449,5 @@ def test_the_report_keeps_pictures_and_times_after_watch_files_away_and_after_a_
     first, second = _records(tmp_path / "again")
     assert second["status"] == "skipped" and second["times_ms"] == {}
     page = build_report(tmp_path / "again").read_text()
-    assert f"{first['analysed_at']}<br>" in page and re.search(r"inference \d+", page)
+    assert f"{first['analysed_at']}</span><br>" in page and re.search(r"inference \d+", page)
     assert _csv_rows(tmp_path / "again")[str(images / "x.png")]["total_ms"] == str(first["times_ms"]["total"])
