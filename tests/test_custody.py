@@ -398,12 +398,16 @@ def test_lines_of_results_jsonl_that_are_not_records_are_passed_over(tmp_path, c
     out = tmp_path / "out"
     out.mkdir()
     strangers = ["[]", '"text"', "{}", '{"input": 5, "status": "ok"}', '{"input": "y.png", "status": "done"}',
-                 json.dumps({"input": "z.png", "status": "ok", "outputs": {"npz": {"file": "../z.npz", "sha256": "0"}}})]
+                 json.dumps({"input": "z.png", "status": "ok", "score": 0.5,
+                             "outputs": {"npz": {"file": "../z.npz", "sha256": "0"}}}),
+                 json.dumps({"input": "w.png", "status": "ok", "score": None,
+                             "outputs": {"npz": {"file": "w.png.npz", "sha256": "0"}}}),
+                 json.dumps({"input": "v.png", "status": "error", "times_ms": {"total": "<b>"}})]
     (out / "results.jsonl").write_text("\n".join(strangers) + "\n")
     assert _analyze(image, "--out", out, "--checkpoint", checkpoint_seed0, *TORCH).exit_code == 0
     result = CliRunner().invoke(app, ["report", str(out)])
     assert result.exit_code == 0, result.output
-    assert "6 lines of results.jsonl that are not records" in (out / "report.html").read_text()
+    assert "8 lines of results.jsonl that are not records" in (out / "report.html").read_text()
     assert list(_csv_rows(out)) == [str(image)]
 
 

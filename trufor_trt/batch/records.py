@@ -28,6 +28,10 @@ def _optional(value, kind) -> bool:
     return value is None or (isinstance(value, kind) and not isinstance(value, bool))
 
 
+def _number(value) -> bool:
+    return value is not None and _optional(value, numbers.Real)
+
+
 def _outputs_ok(outputs) -> bool:
     """A unit's files, each inside the output folder, the .npz among them (or no files)."""
     if not isinstance(outputs, dict) or (outputs and "npz" not in outputs):
@@ -44,17 +48,21 @@ def _outputs_ok(outputs) -> bool:
     return True
 
 
+def _times_ok(times) -> bool:
+    return isinstance(times, dict) and all(_number(value) for value in times.values())
+
+
 def is_record(value) -> bool:
     """Whether a parsed line has the shape of a record this version writes (an image done, or
     skipped, has a score and a unit of outputs)."""
-    if isinstance(value, dict) and value.get("status") in ("ok", "skipped") and not (
-            isinstance(value.get("score"), numbers.Real) and value.get("outputs")):
+    if not (isinstance(value, dict) and isinstance(value.get("input"), str) and value.get("status") in STATUSES):
         return False
-    return (isinstance(value, dict) and isinstance(value.get("input"), str) and value.get("status") in STATUSES
-            and _optional(value.get("reason"), str) and _optional(value.get("score"), numbers.Real)
+    if value["status"] != "error" and not (_number(value.get("score")) and value.get("outputs")):
+        return False
+    return (_optional(value.get("reason"), str) and _optional(value.get("score"), numbers.Real)
             and _optional(value.get("height"), int) and _optional(value.get("width"), int)
             and _optional(value.get("analysed_at"), str) and _optional(value.get("filed_to"), str)
-            and isinstance(value.get("times_ms", {}), dict) and _optional(value.get("provenance"), dict)
+            and _times_ok(value.get("times_ms", {})) and _optional(value.get("provenance"), dict)
             and _outputs_ok(value.get("outputs", {})))
 
 
