@@ -126,7 +126,7 @@ def _legend_png_base64() -> str:
 
 
 def _models(records: list) -> list:
-    """'SHA-256 (official)' or '... (not the official checkpoint)' for each model in the records."""
+    """Each checkpoint SHA-256 the records name, with whether it is the official checkpoint."""
     made_by = {(entry.get("model_sha256"), entry.get("official")) for entry in
                (record.get("provenance") or {} for record in records) if entry.get("model_sha256")}
     return [f"{sha} ({'the official checkpoint' if official else 'not the official checkpoint'})"
