@@ -100,22 +100,21 @@ def analyse_file(path, runner: Runner, clock: StageClock, max_pixels: int = DEFA
     return flight.rgb, flight.analysis
 
 
-def _holds_another_input(paths: OutputPaths, made_by: dict, holder: Optional[dict], name: str) -> bool:
+def _holds_another_input(paths: OutputPaths, saved, made_by: dict, holder: Optional[dict], name: str) -> bool:
     """Whether the unit holds the evidence of another input: the log's record of it names
-    another input, and the .npz was made from other bytes than this input's."""
+    another input, and the .npz (`saved`: read_saved's) was made from other bytes than this
+    input's."""
     if holder is None or holder["input"] == name or not paths.npz.is_file():
         return False
-    saved = read_saved(paths.npz)
     return saved is None or not isinstance(saved[0], dict) or saved[0].get("input_sha256") != made_by["input_sha256"]
 
 
-def _reused(paths: OutputPaths, kinds: tuple, made_by: dict, holder: Optional[dict]):
+def _reused(paths: OutputPaths, kinds: tuple, saved, made_by: dict, holder: Optional[dict]):
     """(the record fields of the existing unit, or None to analyse, and why it is redone). A
     unit is reused only when its provenance matches this run's and every file is the one the
     results log's latest record of it names (a unit another run or a kill left mixed is not)."""
     if not all(paths.path(kind).is_file() for kind in kinds):
         return None, None
-    saved = read_saved(paths.npz)
     why = why_redo(saved[0] if saved else None, made_by)
     if why is not None:
         return None, why
@@ -135,7 +134,8 @@ def _check_existing_unit(flight: ImageInFlight, options: AnalyzeOptions, holder:
     """Refuse the image if its output name holds another input's evidence (unless overwrite),
     or reuse the unit when it stands for this image already."""
     record, paths = flight.result.record, flight.paths
-    if _holds_another_input(paths, record["provenance"], holder, record["input"]):
+    saved = read_saved(paths.npz) if paths.npz.is_file() else None
+    if _holds_another_input(paths, saved, record["provenance"], holder, record["input"]):
         if not options.overwrite:
             record.update(status="error", reason=f"output name {paths.name!r} holds the evidence of "
                           f"{holder['input']} (another input): --overwrite replaces it, or choose another --out")
@@ -144,17 +144,11 @@ def _check_existing_unit(flight: ImageInFlight, options: AnalyzeOptions, holder:
         record["reason"] = f"redone: replaced the evidence of {holder['input']}"
     if options.overwrite:
         return
-    reused, why = _reused(paths, paths.kinds(options.write_png), record["provenance"], holder)
+    reused, why = _reused(paths, paths.kinds(options.write_png), saved, record["provenance"], holder)
     record["reason"] = record["reason"] or why
     if reused is not None:
         record.update(reused)
         flight.done = True
-
-
-def reused_unit(job: ImageJob, runner: Runner, options: AnalyzeOptions, holder: Optional[dict]) -> Optional[dict]:
-    """The record fields of the image's existing unit when it stands for this image, else None."""
-    return _reused(OutputPaths.below(options.out_dir, job.relative), OutputPaths.kinds(options.write_png),
-                   provenance(input_sha256(job.path, job.data), runner), holder)[0]
 
 
 def open_job(job: ImageJob, runner: Runner, options: AnalyzeOptions,
@@ -257,7 +251,11 @@ def finish_job(flight: ImageInFlight, detection_head, options: AnalyzeOptions) -
 def run_job(job: ImageJob, runner: Runner, options: AnalyzeOptions, holder: Optional[dict] = None) -> JobResult:
     """One image through every stage in this thread; never raises for a bad image (the record
     says what happened), only RunnerFailure when the runner itself broke. `holder`: as open_job."""
-    flight = open_job(job, runner, options, holder)
+    return complete_job(open_job(job, runner, options, holder), runner, options)
+
+
+def complete_job(flight: ImageInFlight, runner: Runner, options: AnalyzeOptions) -> JobResult:
+    """The stages after open_job, in this thread (a done flight only gets its record finished)."""
     decode_job(flight, runner, options)
     infer_job(flight, runner)
     return finish_job(flight, runner.detection_head, options)

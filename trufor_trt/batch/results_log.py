@@ -107,13 +107,10 @@ class ResultsLog:
 
     def __exit__(self, exc_type, *exc_info) -> None:
         try:
-            if exc_type is None:
-                self.write_summary()
-            else:  # the run failed: the summary is still worth having, its failure is not news
-                try:
-                    self.write_summary()
-                except SummaryError:
-                    pass
+            self.write_summary()
+        except SummaryError:
+            if exc_type is None:  # after a failed run the summary's own failure is not news
+                raise
         finally:
             try:
                 self._file.close()

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..batch.analyze import AnalyzeOptions, reused_unit, run_job
+from ..batch.analyze import AnalyzeOptions, complete_job, open_job
 from ..batch.inputs import ImageJob
 from ..batch.provenance import input_sha256
 from ..batch.results_log import ResultsLog, SummaryError
@@ -137,9 +137,9 @@ class Watch:
         earlier = log.index.latest.get(str(job.path))
         inbox_name, job = job.relative, self._named_as_filed(job, earlier)
         holder = log.index.holder(job.relative)
-        analysed = not (earlier is not None and earlier is holder
-                        and reused_unit(job, self.runner, self.options.analyze, holder) is not None)
-        record = run_job(job, self.runner, self.options.analyze, holder).record if analysed else earlier
+        flight = open_job(job, self.runner, self.options.analyze, holder)
+        analysed = not (earlier is not None and earlier is holder and flight.result.record["status"] == "skipped")
+        record = complete_job(flight, self.runner, self.options.analyze).record if analysed else earlier
         place = self._destination(inbox_name if record["status"] == "error" else job.relative, record)
         if place is not None and input_sha256(job.path) != _analysed_sha256(record):
             self._changed_since(job)
