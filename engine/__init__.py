@@ -6,6 +6,7 @@ imports its own backend when it is loaded.
 
 import importlib.util
 
+from ..precision.kernel_models import SIMULATED_KERNEL_MODEL
 from .runner import RawOutputs, Runner
 
 BACKENDS = ("tensorrt", "onnxruntime", "torch")
@@ -68,11 +69,14 @@ def pick_backend(requested: str, model_dir=None, precision: str = "fp32", on_not
 
 
 def create_runner(backend: str, *, checkpoint=None, model=None, device: str = "auto",
-                  precision: str = "fp32", threads: int = 0, max_memory_bytes=None) -> Runner:
+                  precision: str = "fp32", threads: int = 0, max_memory_bytes=None,
+                  kernel_model: str = SIMULATED_KERNEL_MODEL) -> Runner:
     """The runner for a backend name, not yet loaded. `model` is a model folder (or ModelDir)
     for the ONNX and TensorRT backends; `checkpoint` feeds the torch backend. `threads`: CPU
     threads per runner for the CPU backends (0: one per core), for runners side by side.
-    `max_memory_bytes`: host budget per image for the CPU backends (default: physical memory)."""
+    `max_memory_bytes`: host budget per image for the CPU backends (default: physical memory).
+    `kernel_model`: how ONNX Runtime simulates the float16 convolutions of an FP16 / INT8
+    variant (precision/fp16.py's KERNEL_MODELS)."""
     if backend == "torch":
         from .torch_runner import TorchRunner
 
@@ -82,7 +86,7 @@ def create_runner(backend: str, *, checkpoint=None, model=None, device: str = "a
         from .onnxruntime_runner import OnnxRuntimeRunner
 
         return OnnxRuntimeRunner(model, precision=precision, threads=threads,
-                                 max_memory_bytes=max_memory_bytes)
+                                 max_memory_bytes=max_memory_bytes, kernel_model=kernel_model)
     if backend == "tensorrt":
         from .tensorrt_runner import TensorRTRunner
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..bands import decoder_groups, noiseprint_row_bands
+from ..precision.kernel_models import SIMULATED_KERNEL_MODEL
 from .memory_budget import MemoryModel, physical_memory
 from .model_dir import CPU_VARIANTS, ModelDir
 from .runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs, Runner
@@ -133,26 +134,30 @@ class CpuSessions:
         return RawOutputs.from_batch_of_one(*logits, noiseprint)
 
 
-def _reduced_precision_graph(model: ModelDir, precision: str) -> bytes:
+def _reduced_precision_graph(model: ModelDir, precision: str, kernel_model: str) -> bytes:
     """The TensorRT FP16 / INT8 variant with its float16 storage simulated in float32 (ORT has
-    almost no CPU float16 kernels); whole-image, for measurement; needs the `export` extra."""
+    almost no CPU float16 kernels), its float16 convolutions rounding as `kernel_model` says;
+    whole-image, for measurement; needs the `export` extra."""
     import onnx
 
     from ..precision.fp16 import upcast_fp16
 
-    return upcast_fp16(onnx.load(model.variant_path(precision))).SerializeToString()
+    return upcast_fp16(onnx.load(model.variant_path(precision)), kernel_model).SerializeToString()
 
 
 class OnnxRuntimeRunner(Runner):
     backend = "onnxruntime"
 
-    def __init__(self, model, precision: str = "fp32", threads: int = 0, max_memory_bytes=None):
+    def __init__(self, model, precision: str = "fp32", threads: int = 0, max_memory_bytes=None,
+                 kernel_model: str = SIMULATED_KERNEL_MODEL):
         """`model`: a model folder's path, or a ModelDir already opened (and checked).
         `max_memory_bytes`: the budget the row bands are sized from (default: the machine's
-        physical memory)."""
+        physical memory). `kernel_model`: FP16 / INT8 only, how the float16 convolutions are
+        simulated (precision/fp16.py)."""
         super().__init__()
         self.model = model
         self.precision = precision
+        self.kernel_model = kernel_model
         self.threads = threads
         self.max_memory_bytes = max_memory_bytes or physical_memory()
         self.session = None  # FP16 / INT8: one whole-network session
@@ -165,7 +170,8 @@ class OnnxRuntimeRunner(Runner):
             self.cpu_sessions = CpuSessions.from_files(files, self.threads)
         else:
             files = {self.precision: model.variant_path(self.precision)}
-            self.session = create_session(_reduced_precision_graph(model, self.precision), self.threads)
+            self.session = create_session(_reduced_precision_graph(model, self.precision, self.kernel_model),
+                                          self.threads)
         self.detection_head = model.detection_head()
         self.model_sha256 = model.checkpoint_sha256
         self.model_files_sha256 = model.files_sha256([path.name for path in files.values()]

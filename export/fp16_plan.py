@@ -1,19 +1,21 @@
 """Which parts of the network compute in FP16: earned per unit, measured, not assumed.
 
 Units: each of Noiseprint++'s 17 convolutions alone (75% of the network's FLOPs at 512 px, and
-its most rounding-sensitive part), and elsewhere one unit per block (each stream's stage, each
-fusion stage, each decoder, the input normalisation). A unit earns FP16 when
+its most rounding-sensitive part), lowered in the centered form (precision/conv16.py); elsewhere
+one unit per block (each stream's stage, each fusion stage, each decoder, the input
+normalisation), a block's self-attention products a unit apart. A unit earns FP16 when
 1. its activations' largest magnitude on the calibration images stays below FP16_RANGE_LIMIT
    (float16 overflows at 65504; the margin covers unseen images);
 2. alone in FP16 (simulated on the CPU, see precision/fp16.py) it moves the published outputs
-   by at most UNIT_SHARE of the FP16 budget. A Noiseprint++ convolution is tried in both forms
-   of precision/conv16.py, plain and compensated, and keeps the one that moves less (plain
-   when within PLAIN_PREFERENCE of it: it executes a third of the products);
+   by at most UNIT_SHARE of the FP16 budget under every kernel model (KERNEL_MODELS: a fused
+   float32 epilogue, and the float16 output rounded before the bias as cuDNN does);
 3. the earned units together stay within PLAN_MARGIN of the budget on the calibration crops and
-   within the budget on every full-size image of the every-size check: while they do not, the
-   unit that costs the most budget per FLOP it brings is given back to FP32.
+   within the budget on every full-size image of the every-size check, under every kernel
+   model: while they do not, the unit that costs the most budget per FLOP it brings is given
+   back to FP32.
 Sums over all pixels (the fusion's cross-attention context) always stay FP32: their range
-grows with the image size. LayerNormalization and Softmax always stay FP32.
+grows with the image size. LayerNormalization and Softmax always stay FP32. The finished plan
+is also measured, not judged, under float16 accumulation (STRESS_MODEL).
 """
 
 import math
@@ -24,10 +26,10 @@ import onnx
 
 from ..engine.preprocess import size_label
 from ..engine.runner import INPUT_NAME, OUTPUT_NAMES
-from ..precision.blocks import block_of, pixel_sum_chains
-from ..precision.conv16 import lower_convolutions
+from ..precision.blocks import attention_chains, block_of, pixel_sum_chains
+from ..precision.conv16 import channel_centers, lower_convolutions
 from ..precision.flops import node_flops
-from ..precision.fp16 import lower_to_fp16, tensor_types, upcast_fp16
+from ..precision.fp16 import KERNEL_MODELS, STRESS_MODEL, lower_to_fp16, tensor_types, upcast_fp16
 from .measure import OUTPUTS, create_session_from_model, deviation, reference_analyses, worst_by_output
 
 ALWAYS_FP32 = frozenset({"LayerNormalization", "Softmax", "Cast", "Constant"})
@@ -37,11 +39,12 @@ FP16_RANGE_LIMIT = 2.0 ** 14
 # the core floor itself for Noiseprint++, the network's evidence.
 FP16_BUDGET = {"map": 5e-3, "conf": 2.5e-3, "score": 1.5e-3, "np++": 4e-3}
 UNIT_SHARE = 0.5
+CENTERED_SHARE = 0.1
 PLAN_MARGIN = 0.8  # of the budget on the crops: full-size images deviate more (more pixels)
-PLAIN_PREFERENCE = 1.5
 NOISEPRINT = "noiseprint++"
 NOISEPRINT_OUTPUT = OUTPUT_NAMES[2]  # the graph output Noiseprint++'s last convolution writes
 FLOP_SIZE = (512, 512)  # the size unit FLOPs are weighed at
+SOLO_INPUTS = 2
 
 
 @dataclass(frozen=True)
@@ -54,49 +57,63 @@ class Unit:
 @dataclass
 class Fp16Plan:
     half_nodes: set = field(default_factory=set)  # every node computing in float16
-    conv_forms: dict = field(default_factory=dict)  # Noiseprint++ conv -> "fp16" | "compensated"
+    conv_forms: dict = field(default_factory=dict)  # Noiseprint++ conv -> "centered" | "centered_split"
+    centers: dict = field(default_factory=dict)  # Noiseprint++ conv -> its input's channel centers
     units: dict = field(default_factory=dict)  # unit -> {range, solo deviation, form, decision}
     deviation_by_size: dict = field(default_factory=dict)  # "HxW" (or "crops") -> deviation
     sizes_measured: list = field(default_factory=list)
+    stress: dict = field(default_factory=dict)  # deviation on the crops under STRESS_MODEL
 
     def report(self) -> dict:
         return {"budget_max_abs": FP16_BUDGET, "unit_share": UNIT_SHARE, "plan_margin": PLAN_MARGIN,
-                "range_limit": FP16_RANGE_LIMIT, "units": self.units,
-                "noiseprint_conv_forms": self.conv_forms, "deviation_vs_fp32": worst_by_output(self.deviation_by_size),
-                "deviation_by_size": self.deviation_by_size, "sizes_measured": self.sizes_measured}
+                "range_limit": FP16_RANGE_LIMIT, "kernel_models": list(KERNEL_MODELS), "units": self.units,
+                "noiseprint_conv_forms": self.conv_forms,
+                "noiseprint_centers": {conv: [float(value) for value in center]
+                                       for conv, center in self.centers.items()},
+                "deviation_vs_fp32": worst_by_output(self.deviation_by_size),
+                "deviation_by_size": self.deviation_by_size, "sizes_measured": self.sizes_measured,
+                f"stress_{STRESS_MODEL}": self.stress}
+
+
+ATTENTION = "attention scores"
 
 
 def candidate_units(model: onnx.ModelProto) -> list:
     """Every unit that may be lowered. Besides the sensitive operators, the sums over all
     pixels stay FP32: their range grows with the image, so no calibration set bounds it (at
-    1536x2048 the fusion context overflows float16)."""
+    1536x2048 the fusion context overflows float16). A block's self-attention products (the
+    scaled query, the scores and the context) are a unit of their own: they grow with the
+    number of tokens, the rest of the block does not."""
     size_dependent = {name for chain in pixel_sum_chains(model) for name in chain}
+    attention = {name for chain in attention_chains(model) for name in chain}
     blocks, units = {}, []
     for node in model.graph.node:
         if node.op_type in ALWAYS_FP32 or node.name in size_dependent:
             continue
         block = block_of(node.name)
         if block != NOISEPRINT:
-            blocks.setdefault(block, set()).add(node.name)
+            unit = f"{block}, {ATTENTION}" if node.name in attention else block
+            blocks.setdefault(unit, set()).add(node.name)
         elif node.op_type == "Conv":
             units.append(Unit(f"{NOISEPRINT} layer {len(units) + 1}", frozenset(), node.name))
     return units + [Unit(block, frozenset(nodes)) for block, nodes in sorted(blocks.items())]
 
 
-def lower_plan(model: onnx.ModelProto, half_nodes: set, conv_forms: dict) -> tuple:
+def lower_plan(model: onnx.ModelProto, half_nodes: set, conv_forms: dict, centers: dict) -> tuple:
     """(the graph with the plan's nodes in float16, names of all its float16 nodes)."""
-    lowered, conv_half = lower_convolutions(model, conv_forms) if conv_forms else (model, set())
+    lowered, conv_half = lower_convolutions(model, conv_forms, centers) if conv_forms else (model, set())
     # Each pass copies the graph: skipped where it has nothing to lower (a trial of one unit).
     lowered = lower_to_fp16(lowered, half_nodes) if half_nodes else lowered
     return lowered, set(half_nodes) | conv_half
 
 
 def recorded_plan(model: onnx.ModelProto, report: dict) -> dict:
-    """A manifest's FP16 plan as the nodes it lowers: {"units", "half_nodes", "conv_forms"}."""
+    """A manifest's FP16 plan as the nodes it lowers: {"units", "half_nodes", "conv_forms", "centers"}."""
     earned = [unit for unit in candidate_units(model)
               if report["units"].get(unit.name, {}).get("decision") == "fp16" and not unit.conv]
     return {"units": report["units"], "half_nodes": set().union(*(unit.nodes for unit in earned)),
-            "conv_forms": dict(report["noiseprint_conv_forms"])}
+            "conv_forms": dict(report["noiseprint_conv_forms"]),
+            "centers": {conv: np.asarray(center, np.float32) for conv, center in report["noiseprint_centers"].items()}}
 
 
 def _unit_outputs(model: onnx.ModelProto, units: list) -> dict:
@@ -107,14 +124,19 @@ def _unit_outputs(model: onnx.ModelProto, units: list) -> dict:
             for output in node.output if types.get(output) == onnx.TensorProto.FLOAT}
 
 
+def _probed(model: onnx.ModelProto, tensors) -> onnx.ModelProto:
+    """A copy of `model` that also outputs `tensors` (float32)."""
+    probed = onnx.ModelProto.FromString(model.SerializeToString())
+    known = {output.name for output in probed.graph.output} | {value.name for value in probed.graph.input}
+    probed.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+                               for name in tensors if name not in known)
+    return probed
+
+
 def activation_ranges(model: onnx.ModelProto, inputs: list, units: list) -> dict:
     """unit -> the largest |activation| its nodes wrote on the calibration inputs."""
     owner = _unit_outputs(model, units)
-    probed = onnx.ModelProto.FromString(model.SerializeToString())
-    known = {output.name for output in probed.graph.output}
-    probed.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-                               for name in owner if name not in known)
-    session = create_session_from_model(probed)
+    session = create_session_from_model(_probed(model, owner))
     names = [output.name for output in session.get_outputs()]
     ranges = {unit.name: 0.0 for unit in units}
     for prepared in inputs:
@@ -131,18 +153,64 @@ def budget_share(errors: dict) -> float:
     return max(errors[name] / FP16_BUDGET[name] for name in OUTPUTS if name in errors)
 
 
-class Measure:
-    """Deviation of candidate graphs from FP32 on a fixed set of inputs (references kept)."""
+def has_float16_convolution(graph: onnx.ModelProto) -> bool:
+    """Whether a Conv reads float16 weights: where none does, the kernel models coincide."""
+    half = {init.name for init in graph.graph.initializer if init.data_type == onnx.TensorProto.FLOAT16}
+    return any(node.op_type == "Conv" and node.input[1] in half for node in graph.graph.node)
 
-    def __init__(self, model, inputs, head):
-        self.model, self.inputs, self.head = model, inputs, head
+
+def under_kernel_models(measure_one, kernels=KERNEL_MODELS, stop_above: float = math.inf,
+                        differ: bool = True, share=budget_share) -> dict:
+    """The worst deviation over the kernel models, each model's own under "by_kernel_model".
+    `measure_one(kernel)` -> deviation. Past `stop_above` of the budget the rest are not run:
+    the candidate fails either way (`share`: errors -> the share of the budget they use).
+    `differ` False: the simulated graphs are the same under every model (no float16
+    convolution), measured once and recorded for each."""
+    by_kernel = {}
+    for kernel in kernels:
+        by_kernel[kernel] = measure_one(kernel) if differ or not by_kernel else next(iter(by_kernel.values()))
+        if share(by_kernel[kernel]) > stop_above:
+            break
+    worst = {name: max(errors[name] for errors in by_kernel.values()) for name in by_kernel[kernels[0]]}
+    return {**worst, "by_kernel_model": by_kernel}
+
+
+class Measure:
+    """Deviation of candidate graphs from FP32 on a fixed set of inputs (references kept), the
+    worst under each kernel model (precision/fp16.py)."""
+
+    def __init__(self, model, inputs, head, centers: dict, share=budget_share):
+        """`share`: errors -> the share of the budget they use (what `stop_above` is in)."""
+        self.model, self.inputs, self.head, self.centers, self.share = model, inputs, head, centers, share
         self.reference = reference_analyses(model, inputs, head)
 
-    def graph(self, graph: onnx.ModelProto) -> dict:
-        return deviation(upcast_fp16(graph), self.reference, self.inputs, self.head)
+    def graph(self, graph: onnx.ModelProto, stop_above: float = math.inf, kernels=KERNEL_MODELS) -> dict:
+        return under_kernel_models(
+            lambda kernel: deviation(upcast_fp16(graph, kernel), self.reference, self.inputs, self.head),
+            kernels, stop_above, differ=has_float16_convolution(graph), share=self.share)
 
-    def __call__(self, half_nodes: set, conv_forms: dict) -> dict:
-        return self.graph(lower_plan(self.model, half_nodes, conv_forms)[0])
+    def __call__(self, half_nodes: set, conv_forms: dict, stop_above: float = math.inf) -> dict:
+        return self.graph(lower_plan(self.model, half_nodes, conv_forms, self.centers)[0], stop_above)
+
+
+def noiseprint_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    from onnx.utils import Extractor
+
+    return Extractor(model).extract_model([INPUT_NAME], [NOISEPRINT_OUTPUT])
+
+
+def noiseprint_centers(graph: onnx.ModelProto, inputs: list) -> dict:
+    """Conv name -> the mean of each channel of its input over `inputs`, float16-exact.
+    `graph`: Noiseprint++ alone."""
+    convs = {node.name: node.input[0] for node in graph.graph.node if node.op_type == "Conv"}
+    session = create_session_from_model(_probed(graph, set(convs.values())))
+    names = [output.name for output in session.get_outputs()]
+    sums = {}
+    for prepared in inputs:
+        values = {INPUT_NAME: prepared, **dict(zip(names, session.run(names, {INPUT_NAME: prepared})))}
+        for name in convs.values():
+            sums[name] = sums.get(name, 0.0) + values[name].astype(np.float64).mean(axis=(0, 2, 3))
+    return {conv: channel_centers(sums[name] / len(inputs)) for conv, name in convs.items()}
 
 
 class NoiseprintMeasure:
@@ -150,35 +218,37 @@ class NoiseprintMeasure:
     convolutions lowered: what a layer moves first is Noiseprint++ itself, and this trial costs
     a fraction of a whole-network one (the joint trials then measure every output)."""
 
-    def __init__(self, model, inputs):
-        from onnx.utils import Extractor
-
-        self.graph = Extractor(model).extract_model([INPUT_NAME], [NOISEPRINT_OUTPUT])
-        self.inputs = inputs
+    def __init__(self, graph, inputs, centers: dict):
+        self.graph, self.inputs, self.centers = graph, inputs, centers
         self.reference = self._run(self.graph)
 
     def _run(self, graph):
         session = create_session_from_model(graph)
         return [session.run(None, {INPUT_NAME: prepared})[0] for prepared in self.inputs]
 
-    def __call__(self, half_nodes: set, conv_forms: dict) -> dict:
-        lowered = upcast_fp16(lower_convolutions(self.graph, conv_forms)[0])
+    def _deviation(self, conv_forms: dict, kernel: str) -> dict:
+        lowered = upcast_fp16(lower_convolutions(self.graph, conv_forms, self.centers)[0], kernel)
         worst = max(float(np.max(np.abs(ours - truth))) for ours, truth in zip(self._run(lowered), self.reference))
         return {"np++": worst if np.isfinite(worst) else float("inf")}
 
+    def __call__(self, half_nodes: set, conv_forms: dict, stop_above: float = math.inf) -> dict:
+        return under_kernel_models(lambda kernel: self._deviation(conv_forms, kernel), stop_above=stop_above)
 
-def _solo(unit: Unit, measure: Measure, entry: dict, on_step) -> str:
-    """The unit's best form alone ("" if none earns FP16), its deviation noted in `entry`."""
-    forms = ("fp16", "compensated") if unit.conv else ("fp16",)
+
+def _solo(unit: Unit, measure, entry: dict, on_step) -> str:
+    """The unit's form alone ("" if it does not earn FP16), its deviation noted in `entry`. A
+    Noiseprint++ layer keeps the centered form where it moves the outputs by at most
+    CENTERED_SHARE of the budget (many such layers add up), else the split form if that earns."""
+    forms = ("centered", "centered_split") if unit.conv else ("fp16",)
     shares = {}
     for form in forms:
         on_step(f"trying {unit.name} in FP16" + (f" ({form})" if unit.conv else ""))
-        errors = measure(set(unit.nodes), {unit.conv: form} if unit.conv else {})
+        errors = measure(set(unit.nodes), {unit.conv: form} if unit.conv else {}, stop_above=UNIT_SHARE)
         entry.setdefault("solo_deviation", {})[form] = errors
         shares[form] = budget_share(errors)
+        if form == "centered" and shares[form] <= CENTERED_SHARE:
+            break
     best = min(shares, key=shares.get)
-    if shares.get("fp16", np.inf) <= PLAIN_PREFERENCE * shares[best]:
-        best = "fp16"
     if shares[best] > UNIT_SHARE:
         entry["decision"] = f"fp32: alone it uses {shares[best]:.0%} of the FP16 budget"
         return ""
@@ -197,26 +267,40 @@ def _assemble(units: dict) -> tuple:
 def grows_with_the_image(unit_name: str) -> bool:
     """Units whose deviation grows with the image size: the attention of the streams and of the
     fusion (more tokens per softmax). Measured on the seed-0 checkpoint at 1536x2048: the
-    encoder blocks in FP16 moved the map by 1.8e-2 (half the budget on 256 px crops), Noiseprint++'s
-    FP16 layers by 4.5e-3."""
+    encoder blocks in FP16 moved the map by 1.8e-2 (half the budget on 256 px crops)."""
     return unit_name.startswith(("rgb stream", "noiseprint stream", "fusion"))
+
+
+def binding_output(errors: dict) -> str:
+    """The output that uses the largest share of its FP16 budget."""
+    return max((name for name in OUTPUTS if name in errors), key=lambda name: errors[name] / FP16_BUDGET[name])
+
+
+def moves_the_output(unit_name: str, output: str) -> bool:
+    """Whether giving `unit_name` back can lower the deviation of `output`: Noiseprint++ is the
+    network's first part, so nothing after it moves np++."""
+    return output != "np++" or unit_name.startswith(NOISEPRINT)
 
 
 def give_back_until_within(earned: dict, cost: dict, share_of, limit: float, decisions: dict, reason: str,
                            on_step, full_size: bool = False) -> None:
     """Give back (noted in `decisions[name]["decision"]`) the earned units with the highest
-    budget cost per FLOP until `share_of(earned)`, the share of the budget they use together,
-    is at most `limit`. `earned`: unit name -> what `share_of` needs. On a full-size image (a
-    trial costs minutes) the units whose deviation grows with the image go first, as many at
-    once as the excess suggests."""
+    budget cost per FLOP until `share_of(earned, limit)` -> (the share of the budget they use
+    together, the output using the most of it, or "") is at most `limit`; only units that can
+    move that output are candidates. `earned`: unit name -> what `share_of` needs. On a
+    full-size image (a trial costs minutes) the units whose deviation grows with the image go
+    first, attention first, as many at once as the excess suggests."""
     while earned:
         on_step(f"measuring {len(earned)} units together ({reason})")
-        share = share_of(earned)
+        share, output = share_of(earned, limit)
+        on_step(f"  {share:.0%} of the budget" + (f" ({output})" if output else ""))
         if share <= limit:
             return
-        growing = [name for name in earned if full_size and grows_with_the_image(name)]
+        pool = [name for name in earned if moves_the_output(name, output)] or list(earned)
+        growing = [name for name in pool if full_size and grows_with_the_image(name)]
         count = max(1, math.ceil(len(growing) * (1 - limit / share))) if growing else 1
-        for name in sorted(earned, key=lambda name: (name not in growing, -cost[name]))[:count]:
+        order = sorted(pool, key=lambda name: (name not in growing, not name.endswith(ATTENTION), -cost[name]))
+        for name in order[:count]:
             decisions[name]["decision"] = (f"given back: the units together used {share:.0%} of the budget "
                                            f"{reason}")
             del earned[name]
@@ -224,7 +308,15 @@ def give_back_until_within(earned: dict, cost: dict, share_of, limit: float, dec
 
 def plan_fp16(model: onnx.ModelProto, inputs: list, head, large_inputs=(), on_step=print) -> Fp16Plan:
     """The plan from calibration crops `inputs`, checked on `large_inputs` at full size."""
-    measure, noiseprint_measure = Measure(model, inputs, head), NoiseprintMeasure(model, inputs)
+    noiseprint = noiseprint_graph(model)
+    centers = noiseprint_centers(noiseprint, inputs)
+    measure = Measure(model, inputs, head, centers)
+    # Alone, a block is tried on the first SOLO_INPUTS crops only (whole-network trials are
+    # most of the planning time; the joint trials on every crop and at full size decide). A
+    # Noiseprint++ layer is tried on every crop: its trials are cheap, and on the seed-0
+    # checkpoint the first layer moved Noiseprint++ 10x more on the 8th crop than on the first two.
+    solo = {"conv": NoiseprintMeasure(noiseprint, inputs, centers),
+            "block": Measure(model, inputs[:SOLO_INPUTS], head, centers)}
     units = candidate_units(model)
     on_step(f"measuring activation ranges of {len(units)} units")
     ranges = activation_ranges(model, inputs, units)
@@ -237,14 +329,14 @@ def plan_fp16(model: onnx.ModelProto, inputs: list, head, large_inputs=(), on_st
         if ranges[unit.name] > FP16_RANGE_LIMIT:
             entry["decision"] = "fp32: activations beyond the float16-safe range"
             continue
-        form = _solo(unit, noiseprint_measure if unit.conv else measure, entry, on_step)
+        form = _solo(unit, solo["conv" if unit.conv else "block"], entry, on_step)
         if form:
             earned[unit.name] = (unit, form)
             cost[unit.name] = entry["budget_share"] / max(unit_flops, 1)
 
-    def on_crops(units):
-        plan.deviation_by_size["crops"] = measure(*_assemble(units))
-        return budget_share(plan.deviation_by_size["crops"])
+    def on_crops(units, limit):
+        errors = plan.deviation_by_size["crops"] = measure(*_assemble(units), stop_above=limit)
+        return budget_share(errors), binding_output(errors)
 
     give_back_until_within(earned, cost, on_crops, PLAN_MARGIN, plan.units, "on the calibration crops", on_step)
     plan.sizes_measured = sorted({size_label(x) for x in inputs})
@@ -252,15 +344,19 @@ def plan_fp16(model: onnx.ModelProto, inputs: list, head, large_inputs=(), on_st
     # Largest first: a unit given back there is given back for the smaller ones too.
     for large in sorted(large_inputs, key=lambda x: -x.shape[2] * x.shape[3]):
         size = size_label(large)
-        at_size = Measure(model, [large], head)
+        at_size = Measure(model, [large], head, centers)
 
-        def on_large(units, at_size=at_size, size=size):
-            plan.deviation_by_size[size] = at_size(*_assemble(units))
-            return budget_share(plan.deviation_by_size[size])
+        def on_large(units, limit, at_size=at_size, size=size):
+            errors = plan.deviation_by_size[size] = at_size(*_assemble(units), stop_above=limit)
+            return budget_share(errors), binding_output(errors)
 
         give_back_until_within(earned, cost, on_large, 1.0, plan.units, f"at {size}", on_step, full_size=True)
         plan.sizes_measured.append(size)
     plan.half_nodes, plan.conv_forms = _assemble(earned)
+    plan.centers = {conv: centers[conv] for conv in plan.conv_forms}
+    final = lower_plan(model, plan.half_nodes, plan.conv_forms, centers)[0]
     if len(earned) != checked_on_crops:
-        plan.deviation_by_size["crops"] = measure(plan.half_nodes, plan.conv_forms)
+        plan.deviation_by_size["crops"] = measure.graph(final)
+    on_step(f"measuring the plan under the {STRESS_MODEL} stress model")
+    plan.stress = measure.graph(final, kernels=(STRESS_MODEL,))
     return plan

@@ -10,8 +10,9 @@ calibration/int8.py) only where that keeps the published outputs near FP32:
 3. the earned units together stay within PLAN_MARGIN of the target on the calibration crops
    and within it on every full-size image; else the unit that costs the most per FLOP it
    brings is given back to its FP16-plan precision.
-Candidates: the units that earned FP16, except compensated Noiseprint++ layers (they need more
-than float16's 11 bits, let alone 8). The self-attention and pixel-sum products stay out
+Candidates: the units that earned FP16, but Noiseprint++'s layers: measured on the seed-0
+checkpoint, each alone in INT8 even centered (per-channel weights, the centered input's range
+per tensor) used 51-381% of the INT8 target (README), where half earns. The self-attention and pixel-sum products stay out
 of INT8: both operands are activations, and their ranges follow the image.
 """
 
@@ -66,6 +67,7 @@ class _Int8Graphs:
                  scratch: Path):
         self.fp32_path, self.fp32, self.inputs, self.scratch = fp32_path, fp32, inputs, scratch
         self.half_nodes, self.conv_forms, self.candidates = fp16["half_nodes"], fp16["conv_forms"], candidates
+        self.centers = fp16["centers"]
         self._quantized = {}
 
     def _all_quantized(self, method: str, per_channel: bool) -> onnx.ModelProto:
@@ -80,7 +82,7 @@ class _Int8Graphs:
         quantized = keep_int8_only(self._all_quantized(method, per_channel), self.fp32, int8_nodes)
         quantized.ir_version = self.fp32.ir_version
         forms = {conv: form for conv, form in self.conv_forms.items() if conv not in int8_nodes}
-        return lower_plan(quantized, self.half_nodes - int8_nodes, forms)
+        return lower_plan(quantized, self.half_nodes - int8_nodes, forms, self.centers)
 
 
 def _candidates(fp32: onnx.ModelProto, fp16_units: dict) -> dict:
@@ -90,7 +92,7 @@ def _candidates(fp32: onnx.ModelProto, fp16_units: dict) -> dict:
     candidates = {}
     for unit in candidate_units(fp32):
         entry = fp16_units.get(unit.name, {})
-        if entry.get("decision") != "fp16" or entry.get("form") == "compensated":
+        if entry.get("decision") != "fp16" or unit.conv:
             continue
         nodes = (set(unit.nodes) | {unit.conv}) & operators - activations_only
         if nodes:
@@ -121,7 +123,7 @@ def plan_int8(fp32_path: Path, fp32: onnx.ModelProto, inputs: list, head, fp16: 
               on_step=print) -> tuple:
     """(plan, graph, names of its float16 nodes). `fp16`: {"units": the FP16 plan's unit
     decisions, "half_nodes", "conv_forms"} of the folder's FP16 variant."""
-    measure = Measure(fp32, inputs, head)
+    measure = Measure(fp32, inputs, head, fp16["centers"], share=int8_share)
     candidates = _candidates(fp32, fp16["units"])
     flops = node_flops(fp32, *FLOP_SIZE)
     plan = Int8Plan()
@@ -132,7 +134,7 @@ def plan_int8(fp32_path: Path, fp32: onnx.ModelProto, inputs: list, head, fp16: 
         earned, cost = {}, {}
         for name, nodes in candidates.items():
             on_step(f"trying {name} in INT8")
-            errors = measure.graph(graphs.build(nodes, plan.method, plan.per_channel)[0])
+            errors = measure.graph(graphs.build(nodes, plan.method, plan.per_channel)[0], stop_above=UNIT_SHARE)
             share = int8_share(errors)
             entry = plan.units[name] = {"solo_deviation": errors, "target_share": round(share, 4),
                                         "gflop_at_512": round(sum(flops[n] for n in nodes) / 1e9, 3)}
@@ -143,20 +145,21 @@ def plan_int8(fp32_path: Path, fp32: onnx.ModelProto, inputs: list, head, fp16: 
                 earned[name], cost[name] = nodes, share / max(sum(flops[n] for n in nodes), 1)
         for name in set(fp16["units"]) - set(candidates):
             if fp16["units"][name].get("decision") == "fp16":
-                reason = "compensated float16 is its limit" if name.startswith(NOISEPRINT) else "nothing to quantize"
+                reason = "Noiseprint++ stays centered FP16" if name.startswith(NOISEPRINT) else "nothing to quantize"
                 plan.units[name] = {"decision": f"fp16: {reason}"}
 
-        def share_of(units, at=measure, size="crops"):
+        def share_of(units, limit, at=measure, size="crops"):
             nodes = set().union(*units.values())
-            plan.deviation_by_size[size] = at.graph(graphs.build(nodes, plan.method, plan.per_channel)[0])
-            return int8_share(plan.deviation_by_size[size])
+            plan.deviation_by_size[size] = at.graph(graphs.build(nodes, plan.method, plan.per_channel)[0],
+                                                    stop_above=limit)
+            return int8_share(plan.deviation_by_size[size]), ""
 
         give_back_until_within(earned, cost, share_of, PLAN_MARGIN, plan.units, "on the calibration crops", on_step)
         plan.sizes_measured = sorted({size_label(x) for x in inputs})
         for large in sorted(large_inputs, key=lambda x: -x.shape[2] * x.shape[3]):
             size = size_label(large)
-            at_size = Measure(fp32, [large], head)
-            give_back_until_within(earned, cost, lambda units, at=at_size, size=size: share_of(units, at, size),
+            at_size = Measure(fp32, [large], head, fp16["centers"], share=int8_share)
+            give_back_until_within(earned, cost, lambda units, limit, at=at_size, size=size: share_of(units, limit, at, size),
                                    1.0, plan.units, f"at {size}", on_step, full_size=True)
             plan.sizes_measured.append(size)
         plan.int8_nodes = set().union(*earned.values()) if earned else set()

@@ -37,7 +37,7 @@ def _build(model: ModelDir, precision: str, fp32_path: Path, fp32: onnx.ModelPro
         from .fp16_plan import lower_plan, plan_fp16
 
         plan = plan_fp16(fp32, inputs, head, large_inputs=large, on_step=on_step)
-        graph, half_nodes = lower_plan(fp32, plan.half_nodes, plan.conv_forms)
+        graph, half_nodes = lower_plan(fp32, plan.half_nodes, plan.conv_forms, plan.centers)
         return graph, half_nodes, {"fp16_plan": plan.report()}, plan.deviation_by_size
     from .fp16_plan import recorded_plan
     from .int8_plan import plan_int8

@@ -1,5 +1,6 @@
-"""The finer FP16 plan's parts: Noiseprint++ convolutions lowered plain or compensated, the
-typing check's round trips, FLOPs counted per precision, and the size-coverage warning."""
+"""The finer FP16 plan's parts: Noiseprint++ convolutions lowered centered, the kernel models
+of the CPU simulation, the typing check's round trips, FLOPs counted per precision, and the
+size-coverage warning."""
 
 import numpy as np
 import onnx
@@ -9,6 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from trufor_trt.precision.conv16 import lower_convolutions
 from trufor_trt.precision.flops import flops_by_precision, node_flops, node_precisions
 from trufor_trt.precision.fp16 import lower_to_fp16, upcast_fp16
+from trufor_trt.precision.kernel_models import KERNEL_MODELS, STRESS_MODEL
 from trufor_trt.precision.typing_check import precision_problems
 
 from conftest import run_onnx, small_onnx_model
@@ -41,51 +43,136 @@ def cancelling_layer():
     return model, x, _run(model, x)
 
 
-def test_compensated_convolution_keeps_float32_accuracy_where_plain_float16_does_not(cancelling_layer):
+def _centers_of(x):
+    return {"conv": x.mean(axis=(0, 2, 3)).astype(np.float16).astype(np.float32)}
+
+
+def test_centered_convolution_holds_under_both_kernel_models_where_plain_float16_does_not(cancelling_layer):
     model, x, fp32 = cancelling_layer
+    lowered, half = lower_convolutions(model, {"conv": "centered"}, _centers_of(x))
+    assert precision_problems(lowered, half) == [] and half == {"conv"}
+    plain = lower_to_fp16(model, {"conv"})
+    errors = {kernel: float(np.abs(_run(upcast_fp16(lowered, kernel), x) - fp32).max()) for kernel in KERNEL_MODELS}
+    naive = {kernel: float(np.abs(_run(upcast_fp16(plain, kernel), x) - fp32).max()) for kernel in KERNEL_MODELS}
+    # Plain float16 rounds the ~500-sized input product (and, with cuDNN's order, the product
+    # before the bias cancels it) at steps of 0.25-0.5; centered, it sums numbers below 1.
+    assert min(naive.values()) > 0.05
+    assert max(errors.values()) < 0.01
+
+
+def test_the_kernel_models_differ_where_the_bias_cancels_the_product(cancelling_layer):
+    """Rounding the product before the bias (cuDNN's order) costs more than a fused epilogue."""
+    model, x, fp32 = cancelling_layer
+    plain = lower_to_fp16(model, {"conv"})
+    fused, rounded = (float(np.abs(_run(upcast_fp16(plain, kernel), x) - fp32).max())
+                      for kernel in ("fused", "rounded_output"))
+    assert rounded > 1.5 * fused
+
+
+def test_centered_form_is_exact_at_the_borders_with_exact_arithmetic(cancelling_layer):
+    """The offset convolution of the all-ones image carries the zero padding: with the float16
+    storage taken away (every Cast to float16 made a float32 no-op) the form equals the layer."""
+    model, x, fp32 = cancelling_layer
+    lowered, _ = lower_convolutions(model, {"conv": "centered"}, {"conv": np.full(16, 3.5, np.float32)})
+    exact = onnx.ModelProto.FromString(lowered.SerializeToString())
+    for init in exact.graph.initializer:
+        if init.data_type == TensorProto.FLOAT16:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name))
+    weights = {init.name: init for init in exact.graph.initializer}
+    weights["conv/w16"].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(
+        next(init for init in model.graph.initializer if init.name == "w")), "conv/w16"))
+    for node in exact.graph.node:
+        if node.op_type == "Cast":
+            node.attribute[0].i = TensorProto.FLOAT
+    assert np.abs(_run(exact, x) - fp32).max() < 1e-3  # float32 sums of ~500-sized terms
+    assert np.abs(_run(exact, x)[..., 0, :] - fp32[..., 0, :]).max() < 1e-3  # the padded border row
+
+
+def test_centered_form_takes_the_ones_image_from_the_input_at_run_time(cancelling_layer):
+    """One graph, any image size: the all-ones image is shaped from the input, not baked in."""
+    model, x, _ = cancelling_layer
+    lowered, _ = lower_convolutions(model, {"conv": "centered"}, _centers_of(x))
+    ops = {node.op_type for node in lowered.graph.node}
+    assert {"Shape", "ConstantOfShape"} <= ops
+    lowered.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"
+    lowered.graph.output[0].type.tensor_type.shape.dim[2].dim_param = "height"
+    taller = np.concatenate([x, x], axis=2)
+    reference = onnx.ModelProto.FromString(model.SerializeToString())
+    reference.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "height"
+    reference.graph.output[0].type.tensor_type.shape.dim[2].dim_param = "height"
+    assert np.abs(_run(upcast_fp16(lowered), taller) - _run(reference, taller)).max() < 0.01
+
+
+def test_split_form_takes_the_input_rounding_out_at_twice_the_products(cancelling_layer):
+    """Centered values spread wide (a center far from some pixels): the split form's hi + lo
+    input keeps what float16 rounding of the centered input loses (seen with the fused kernel,
+    whose output is not rounded: rounded, the large product's rounding would hide it)."""
+    model, x, fp32 = cancelling_layer
+    far = {"conv": np.full(16, 1.0, np.float32)}  # inputs at 3-4: centered values of 2-3
     errors = {}
-    for form in ("fp16", "compensated"):
-        lowered, half = lower_convolutions(model, {"conv": form})
+    for form in ("centered", "centered_split"):
+        lowered, half = lower_convolutions(model, {"conv": form}, far)
         assert precision_problems(lowered, half) == [], form
-        errors[form] = float(np.abs(_run(upcast_fp16(lowered), x) - fp32).max())
-    naive = float(np.abs(_run(upcast_fp16(lower_to_fp16(model, {"conv"})), x) - fp32).max())
-    # Plain float16 rounds the ~500-sized bias and product (steps of 0.25-0.5); the bias
-    # remainder in float32 already helps; splitting input and weights leaves the output's rounding.
-    assert naive > 0.05
-    assert errors["fp16"] < naive
-    assert errors["compensated"] < 0.01 < errors["fp16"]
-
-
-def test_compensated_form_runs_three_float16_products_per_product(cancelling_layer):
-    model, _, _ = cancelling_layer
-    lowered, half = lower_convolutions(model, {"conv": "compensated"})
+        errors[form] = float(np.abs(_run(upcast_fp16(lowered, "fused"), x) - fp32).max())
+    assert errors["centered_split"] < errors["centered"] / 2
+    lowered, half = lower_convolutions(model, {"conv": "centered_split"}, far)
     assert half == {"conv", "conv/x_split"}
     weights = {init.name: init for init in lowered.graph.initializer}
-    assert weights["conv/w16"].data_type == TensorProto.FLOAT16 and list(weights["conv/w16"].dims) == [4, 48, 3, 3]
-    assert node_precisions(lowered)["conv"] == "fp16"
-    assert node_flops(lowered, 8, 8)["conv"] == 3 * node_flops(model, 8, 8)["conv"]
+    assert list(weights["conv/w16"].dims) == [4, 32, 3, 3]  # [W, W] over [hi, lo]: twice the products
+
+
+def test_centered_form_needs_a_center_per_input_channel(cancelling_layer):
+    model, _, _ = cancelling_layer
+    with pytest.raises(ValueError, match="one center per input channel"):
+        lower_convolutions(model, {"conv": "centered"}, {"conv": np.zeros(3, np.float32)})
+    with pytest.raises(ValueError, match="unknown convolution forms"):
+        lower_convolutions(model, {"conv": "compensated"}, {})
+
+
+def test_float16_accumulation_stress_model_rounds_partial_sums(cancelling_layer):
+    """Each 16 input channels' partial sum rounded: on a 16-channel layer that is the one sum,
+    the rounded output model; on 64 channels the extra roundings move the output further."""
+    model, x, _ = cancelling_layer
+    plain = lower_to_fp16(model, {"conv"})
+    assert np.array_equal(_run(upcast_fp16(plain, STRESS_MODEL), x), _run(upcast_fp16(plain, "rounded_output"), x))
+    rng = np.random.default_rng(5)
+    wide = _conv_graph(rng.normal(size=(8, 64, 3, 3)).astype(np.float32), np.zeros(8, np.float32))
+    wide_x = rng.normal(size=(1, 64, 8, 8)).astype(np.float32)
+    exact, wide_plain = _run(wide, wide_x), lower_to_fp16(wide, {"conv"})
+    stressed, rounded = (float(np.abs(_run(upcast_fp16(wide_plain, kernel), wide_x) - exact).mean())
+                         for kernel in (STRESS_MODEL, "rounded_output"))
+    assert stressed > 1.2 * rounded
 
 
 def test_type_check_accepts_a_round_trip_but_not_float16_read_outside_the_plan(cancelling_layer):
-    model, _, _ = cancelling_layer
-    lowered, half = lower_convolutions(model, {"conv": "compensated"})
+    model, x, _ = cancelling_layer
+    lowered, half = lower_convolutions(model, {"conv": "centered"}, _centers_of(x))
     assert precision_problems(lowered, half) == []
-    # The split's float16 input read by a float32 node: no longer a round trip, now a leak.
+    # The centered input read by a float32 node: a leak of float16 out of the plan.
     leaky = onnx.ModelProto.FromString(lowered.SerializeToString())
-    leaky.graph.node.append(helper.make_node("Relu", ["conv/x_rounded"], ["leak"], name="leak"))
+    leaky.graph.node.append(helper.make_node("Relu", ["conv/x_centered16"], ["leak"], name="leak"))
     assert any("leak" in problem for problem in precision_problems(leaky, half))
-    assert any("plan keeps it float32" in problem or "unplanned" in problem
-               for problem in precision_problems(lowered, {"conv"}))
+    assert any("plan keeps it float32" in problem for problem in precision_problems(lowered, set()))
+    rounded = helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16, name="x16")
+    back = helper.make_node("Cast", ["x16"], ["x_back"], to=TensorProto.FLOAT, name="x_back")
+    trip = onnx.ModelProto.FromString(lowered.SerializeToString())
+    trip.graph.node.extend([rounded, back])
+    assert precision_problems(trip, half) == []
 
 
-def test_flops_by_precision_splits_network_and_executed_counts(cancelling_layer):
-    model, _, _ = cancelling_layer
-    lowered, _ = lower_convolutions(model, {"conv": "compensated"})
-    record = flops_by_precision(model, lowered, 8, 8)
-    layer = 2 * 4 * 8 * 8 * 16 * 9
+def test_flops_by_precision_splits_network_and_executed_counts():
+    """A first layer (3 input channels, as the shape count feeds an image): in float16 the whole
+    network count, the offset's one-channel convolution executed in float32 besides."""
+    weight = np.random.default_rng(0).normal(size=(64, 3, 3, 3)).astype(np.float32)
+    model = _conv_graph(weight, np.zeros(64, np.float32))
+    lowered, _ = lower_convolutions(model, {"conv": "centered"}, {"conv": np.full(3, 0.5, np.float32)})
+    layer = 2 * 64 * 512 * 512 * 3 * 9
+    assert node_flops(model, 512, 512) == {"conv": layer}
+    assert node_flops(lowered, 512, 512) == {"conv": layer, "conv/offset": layer // 3}
+    record = flops_by_precision(model, lowered, 512, 512)
     assert record["network_gflop"]["fp16"] == round(layer / 1e9, 2)
     assert record["network_share"] == {"fp32": 0.0, "fp16": 1.0, "int8": 0.0}
-    assert node_flops(model, 8, 8) == {"conv": layer}
+    assert record["executed_gflop"]["fp32"] == round(layer / 3 / 1e9, 2)
 
 
 @pytest.mark.shared
@@ -118,7 +205,7 @@ def test_a_lowered_convolution_and_a_lowered_reader_of_its_output_combine(cancel
     """Noiseprint++'s last convolution writes `noiseprint`, which the FP16 stream reads: the two
     lowerings must not name a tensor twice."""
     model, x, fp32 = cancelling_layer
-    lowered, half = lower_convolutions(model, {"conv": "fp16"})
+    lowered, half = lower_convolutions(model, {"conv": "centered"}, _centers_of(x))
     both = lower_to_fp16(lowered, {"relu"})
     assert precision_problems(both, half | {"relu"}) == []
     assert np.abs(_run(upcast_fp16(both), x) - fp32).max() < 1.0
@@ -177,3 +264,51 @@ def test_calibration_keeps_the_largest_images_whole_up_to_the_max_shape(tmp_path
     assert record["full_size_files"] == ["tampered1.png"] and record["sizes"] == ["256x256", "1024x2048"]
     _, none, without = load_calibration_set(tmp_path)
     assert none == [] and without["full_size_files"] == []
+
+
+def test_give_back_only_touches_units_that_can_move_the_output_over_budget():
+    """np++ over budget: only Noiseprint++ layers can lower it (nothing after it moves it), so a
+    costlier block stays; the map over budget: the costliest unit per FLOP goes."""
+    from trufor_trt.export.fp16_plan import give_back_until_within
+
+    earned = {"noiseprint++ layer 3": 1, "noiseprint++ layer 4": 1, "localization decoder": 1}
+    cost = {"noiseprint++ layer 3": 1.0, "noiseprint++ layer 4": 2.0, "localization decoder": 9.0}
+    decisions = {name: {} for name in earned}
+    answers = iter([(1.3, "np++"), (1.1, "map"), (0.9, "map")])
+    give_back_until_within(earned, cost, lambda units, limit: next(answers), 1.0, decisions, "here",
+                           on_step=lambda message: None)
+    assert list(earned) == ["noiseprint++ layer 3"]
+    assert decisions["noiseprint++ layer 4"]["decision"].startswith("given back: the units together used 130%")
+    assert decisions["localization decoder"]["decision"].startswith("given back: the units together used 110%")
+
+
+def test_at_full_size_growing_units_go_first_attention_first_several_at_once():
+    from trufor_trt.export.fp16_plan import give_back_until_within
+
+    names = ["rgb stream, stage 1", "rgb stream, stage 1, attention scores", "fusion, stage 2",
+             "fusion, stage 2, attention scores", "confidence decoder"]
+    earned = dict.fromkeys(names, 1)
+    cost = dict(zip(names, (5.0, 1.0, 4.0, 2.0, 9.0)))
+    answers = iter([(2.0, "map"), (0.5, "map")])
+    give_back_until_within(earned, cost, lambda units, limit: next(answers), 1.0, {name: {} for name in names},
+                           "at full size", on_step=lambda message: None, full_size=True)
+    # 4 growing units at 200% of the budget: half of them go, the attention ones, costliest first.
+    assert set(earned) == {"rgb stream, stage 1", "fusion, stage 2", "confidence decoder"}
+
+
+def test_a_trial_past_the_budget_under_one_kernel_model_skips_the_other():
+    from trufor_trt.export.fp16_plan import under_kernel_models
+
+    measured = []
+
+    def measure(kernel):
+        measured.append(kernel)
+        return {"np++": 8e-3 if kernel == KERNEL_MODELS[0] else 1e-3}
+
+    result = under_kernel_models(measure, stop_above=1.0)
+    assert measured == [KERNEL_MODELS[0]] and result["np++"] == 8e-3
+    both = under_kernel_models(measure)
+    assert set(both["by_kernel_model"]) == set(KERNEL_MODELS) and both["np++"] == 8e-3
+    measured.clear()
+    same = under_kernel_models(measure, differ=False)
+    assert measured == [KERNEL_MODELS[0]] and same["by_kernel_model"][KERNEL_MODELS[1]]["np++"] == 8e-3

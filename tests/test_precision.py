@@ -99,15 +99,15 @@ def test_type_check_wants_float32_graph_inputs_and_outputs():
 
 
 LARGE_IMAGES = (IMAGES_DIR / "tampered1.png", IMAGES_DIR / "pristine2.jpg")  # 1536x2048, 1773x2048
-# The suite's plans: 256 px crops, engines up to 256x256. Planning for 1536x2048 measures every
-# give-back at full size (~40 min on 2 cores): README, "Reduced precision at every size".
-MAX_SHAPE = "256x256"
+# The suite's FP16 plan: 2 CocoGlide crops and the official 2048x1536 image, checked whole up to
+# 1536x2048 under both kernel models; INT8 on top of it for 256 px engines.
+FP16_MAX_SHAPE, INT8_MAX_SHAPE = "1536x2048", "256x256"
 
 
 @pytest.fixture(scope="module")
 def calibration_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("calibration")
-    for source in sorted((COCO / "fake").glob("*.png"))[:2]:
+    for source in sorted((COCO / "fake").glob("*.png"))[:2] + [LARGE_IMAGES[0]]:
         shutil.copy(source, folder)
     return folder
 
@@ -116,9 +116,9 @@ def calibration_folder(tmp_path_factory):
 def reduced_model(tmp_path_factory, model_seed0, checkpoint_seed0, calibration_folder):
     """The seed-0 model folder with FP16 and INT8 variants added through the CLI."""
     folder = shutil.copytree(model_seed0, tmp_path_factory.mktemp("reduced") / "model")
-    for precision in ("fp16", "int8"):
+    for precision, max_shape in (("fp16", FP16_MAX_SHAPE), ("int8", INT8_MAX_SHAPE)):
         result = CliRunner().invoke(app, ["export", "--checkpoint", str(checkpoint_seed0), "--out",
-                                          str(folder), "--precision", precision, "--max-shape", MAX_SHAPE,
+                                          str(folder), "--precision", precision, "--max-shape", max_shape,
                                           "--calib-images", str(calibration_folder)])
         assert result.exit_code == 0, result.output
         assert "warning" not in result.output  # the max shape is covered
@@ -131,23 +131,31 @@ def _within(errors: dict, budget: dict) -> bool:
 
 def test_fp16_plan_puts_most_flops_in_fp16_within_budget_up_to_its_max_shape(reduced_model):
     from trufor_trt.export.fp16_plan import FP16_BUDGET
+    from trufor_trt.precision.kernel_models import KERNEL_MODELS, STRESS_MODEL
 
     fp16 = ModelDir.open(reduced_model).manifest["variants"]["fp16"]  # file hashes check out
     at_512, at_max = fp16["flops_by_precision"]
-    assert at_512["size"] == "512x512" and at_512["network_share"]["fp16"] > 0.5
-    assert at_max["size"] == MAX_SHAPE and at_max["network_share"]["fp16"] > 0.5
-    assert at_512["executed_gflop"]["fp16"] > at_512["network_gflop"]["fp16"]  # compensated layers
+    assert at_512["size"] == "512x512" and at_512["network_share"]["fp16"] >= 0.70
+    assert at_max["size"] == FP16_MAX_SHAPE and at_max["network_share"]["fp16"] >= 0.55
     by_size = fp16["deviation_vs_fp32"]["by_size"]
-    assert set(by_size) == {"crops"}
+    assert set(by_size) == {"crops", FP16_MAX_SHAPE}
     for size, errors in by_size.items():
-        assert _within(errors, FP16_BUDGET) and errors["flipped"] == 0, (size, errors)
-    assert fp16["size_coverage"]["largest_measured"] == [256, 256] and "warning" not in fp16["size_coverage"]
-    units = fp16["fp16_plan"]["units"]
-    forms = fp16["fp16_plan"]["noiseprint_conv_forms"]
-    assert sum(entry["decision"] == "fp16" for entry in units.values()) >= 15
-    assert {"fp16", "compensated"} <= set(forms.values())
-    assert any(entry["decision"].startswith("fp32") for name, entry in units.items() if "layer" in name)
-    assert fp16["calibration"]["count"] == 2 and len(fp16["calibration"]["sha256"]) == 64
+        assert set(errors["by_kernel_model"]) == set(KERNEL_MODELS), size
+        for kernel, measured in errors["by_kernel_model"].items():
+            assert _within(measured, FP16_BUDGET) and measured["flipped"] == 0, (size, kernel, measured)
+    assert fp16["size_coverage"]["largest_measured"] == [1536, 2048] and "warning" not in fp16["size_coverage"]
+    plan = fp16["fp16_plan"]
+    assert plan["kernel_models"] == list(KERNEL_MODELS)
+    forms, centers = plan["noiseprint_conv_forms"], plan["noiseprint_centers"]
+    assert len(forms) >= 14 and set(forms.values()) <= {"centered", "centered_split"} and set(centers) == set(forms)
+    assert all(np.array_equal(np.float16(center), np.float32(center)) for values in centers.values()
+               for center in values)  # float16-exact centers
+    assert {len(values) for values in centers.values()} <= {3, 64}
+    layers = [entry for name, entry in plan["units"].items() if name.startswith("noiseprint++ layer")]
+    assert sorted(forms.values()) == sorted(entry["form"] for entry in layers if entry["decision"] == "fp16")
+    assert set(plan[f"stress_{STRESS_MODEL}"]["by_kernel_model"]) == {STRESS_MODEL}
+    assert at_512["executed_gflop"]["fp32"] > at_512["network_gflop"]["fp32"]  # the centered offsets
+    assert fp16["calibration"]["count"] == 3 and len(fp16["calibration"]["sha256"]) == 64
 
 
 def test_int8_plan_compares_calibrations_and_keeps_the_target_at_every_size(reduced_model):
@@ -160,6 +168,8 @@ def test_int8_plan_compares_calibrations_and_keeps_the_target_at_every_size(redu
     for size, errors in int8["deviation_vs_fp32"]["by_size"].items():
         assert _within(errors, INT8_TARGET) and errors["flipped"] == 0, (size, errors)
     assert {entry["decision"].split(":")[0] for entry in plan["units"].values()} <= {"int8", "fp16", "given back"}
+    layers = [entry["decision"] for name, entry in plan["units"].items() if name.startswith("noiseprint++ layer")]
+    assert layers and set(layers) == {"fp16: Noiseprint++ stays centered FP16"}
     shares = int8["flops_by_precision"][0]["network_share"]
     assert shares["int8"] == 0 or any(entry["decision"] == "int8" for entry in plan["units"].values())
     assert abs(sum(shares.values()) - 1) < 1e-3
@@ -192,65 +202,82 @@ def test_adding_a_variant_needs_calibration_images(tmp_path, checkpoint_seed0):
     assert result.exit_code == 2 and "--calib-images" in result.output
 
 
-@pytest.fixture(scope="module")
-def shared_images_but_the_large(tmp_path_factory):
-    """Every shared image except the two large ones, which plans made for 256x256 do not claim."""
-    folder = tmp_path_factory.mktemp("shared-images")
+def _copy_shared_images(folder, keep) -> None:
     for path in sorted(IMAGES_DIR.rglob("*")):
-        if path.is_file() and path not in LARGE_IMAGES:
+        if path.is_file() and keep(path):
             target = folder / path.relative_to(IMAGES_DIR)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(path, target)
-    return folder
+
+
+def _validation(model, images, folder, *precisions: str) -> tuple:
+    """`validate` of the variants on the images: (variants, output, plot)."""
+    report_path, plot = folder / "validate.json", folder / "deviation.png"
+    result = CliRunner().invoke(app, ["validate", "--model", str(model), "--backend", "onnxruntime",
+                                      *(part for precision in precisions for part in ("--precision", precision)),
+                                      "--images", str(images), "--json", str(report_path), "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(report_path.read_text())
+    return document.get("variants", {precisions[0]: document}), result.output, plot
 
 
 @pytest.fixture(scope="module")
-def shared_validation(reduced_model, shared_images_but_the_large, tmp_path_factory):
-    """`validate` of both variants on the 52 shared images below 2 MP: (variants, output, plot)."""
-    folder = tmp_path_factory.mktemp("validation")
-    report_path, plot = folder / "validate.json", folder / "deviation.png"
-    result = CliRunner().invoke(app, ["validate", "--model", str(reduced_model), "--backend", "onnxruntime",
-                                      "--precision", "fp16", "--precision", "int8",
-                                      "--images", str(shared_images_but_the_large),
-                                      "--json", str(report_path), "--plot", str(plot)])
-    assert result.exit_code == 0, result.output
-    return json.loads(report_path.read_text())["variants"], result.output, plot
+def shared_validation(reduced_model, tmp_path_factory):
+    """`validate` of both variants on the 52 shared images below 2 MP, each under both kernel
+    models: (variants, output, plot)."""
+    images = tmp_path_factory.mktemp("shared-images")
+    _copy_shared_images(images, lambda path: path not in LARGE_IMAGES)
+    return _validation(reduced_model, images, tmp_path_factory.mktemp("validation"), "fp16", "int8")
 
 
-def test_validate_reports_both_variants_per_size_with_flops_and_a_plot(shared_validation):
+def test_validate_reports_both_variants_per_kernel_model_and_size_with_flops_and_a_plot(shared_validation):
+    from trufor_trt.precision.kernel_models import KERNEL_MODELS
+
     variants, output, plot = shared_validation
-    assert "fp16 FLOPs at 512x512" in output and "int8 at 256x256" in output
+    assert "fp16 FLOPs at 512x512" in output and "int8 (fused kernels) at 256x256" in output
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for report in variants.values():
-        assert report["overall"]["images"] == 52
-        assert set(report["by_size"]) == {"256x256", "256x384"}
-        assert report["flops_by_precision"][0]["size"] == "512x512"
+    for variant in variants.values():
+        assert set(variant["kernel_models"]) == set(KERNEL_MODELS)
+        for kernel, report in variant["kernel_models"].items():
+            assert report["kernel_model"] == kernel and report["overall"]["images"] == 52
+            assert set(report["by_size"]) == {"256x256", "256x384"}
+            assert report["flops_by_precision"][0]["size"] == "512x512"
+            assert report["overall"]["noiseprint_max"] > 0
+    fused, rounded = (variants["fp16"]["kernel_models"][kernel]["overall"] for kernel in ("fused", "rounded_output"))
+    assert fused != rounded  # two simulations, not one reported twice
 
 
-def test_fp16_keeps_every_decision_on_the_shared_images(shared_validation):
-    assert shared_validation[0]["fp16"]["overall"]["decisions_flipped"] == 0
+def test_fp16_keeps_every_decision_on_the_shared_images_under_both_kernel_models(shared_validation):
+    for report in shared_validation[0]["fp16"]["kernel_models"].values():
+        assert report["overall"]["decisions_flipped"] == 0
 
 
-# Issue 13's acceptance, not met (blocked; measured: README, FP16 and INT8): plans searched on the
-# suite's 2 calibration crops do not generalise to all 52 images.
-@pytest.mark.xfail(strict=True, reason="issue 13 blocked: FP16 from 2 crops exceeds the budget on the "
-                   "shared images (score 3.2e-3 vs 1.5e-3, map 5.1e-3 vs 5e-3)")
+# Issue 25's acceptance, not met (measured: README, FP16): the plan from the suite's 3 calibration
+# images holds at 1536x2048 on the official image (its own full-size check, asserted above) but
+# not on every one of the 52 shared images below 2 MP.
+@pytest.mark.xfail(strict=True, reason="issue 25 open: FP16 planned on 3 images exceeds the budget on the 52 "
+                   "shared images (score 3.0e-3 vs 1.5e-3, np++ 6.2e-3 vs 4e-3)")
 def test_fp16_stays_within_its_budget_on_every_shared_image(shared_validation):
     from trufor_trt.export.fp16_plan import FP16_BUDGET
 
-    overall = shared_validation[0]["fp16"]["overall"]
-    assert overall["map_max"] <= FP16_BUDGET["map"] and overall["conf_max"] <= FP16_BUDGET["conf"]
-    assert overall["score_error_max"] <= FP16_BUDGET["score"]
+    limits = {"map_max": FP16_BUDGET["map"], "conf_max": FP16_BUDGET["conf"],
+              "score_error_max": FP16_BUDGET["score"], "noiseprint_max": FP16_BUDGET["np++"]}
+    for kernel, report in shared_validation[0]["fp16"]["kernel_models"].items():
+        overall = report["overall"]
+        assert all(overall[key] <= limit for key, limit in limits.items()), (kernel, overall)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13 blocked: INT8 from 2 crops flips 1 decision of 52 "
-                   "(map 8.0e-2, score 6.5e-2 against 5e-2, 2e-2)")
+# Issue 13's INT8 acceptance, not met (blocked; measured: README, FP16 and INT8): INT8 searched on
+# the suite's 3 calibration images does not generalise to all 52 images.
+@pytest.mark.xfail(strict=True, reason="issue 13 blocked: INT8 from 3 images exceeds its target on the 52 "
+                   "shared images (map 7.9e-2 vs 5e-2, score 4.4e-2 vs 2e-2)")
 def test_int8_flips_no_decision_and_keeps_its_target_on_the_shared_images(shared_validation):
     from trufor_trt.calibration.int8 import INT8_TARGET
 
-    overall = shared_validation[0]["int8"]["overall"]
-    assert overall["decisions_flipped"] == 0
-    assert overall["map_max"] <= INT8_TARGET["map"] and overall["score_error_max"] <= INT8_TARGET["score"]
+    for report in shared_validation[0]["int8"]["kernel_models"].values():
+        overall = report["overall"]
+        assert overall["decisions_flipped"] == 0
+        assert overall["map_max"] <= INT8_TARGET["map"] and overall["score_error_max"] <= INT8_TARGET["score"]
 
 
 def test_int8_validates_on_synthetic_images(reduced_model, tmp_path):

@@ -772,16 +772,18 @@ def build(
 
 
 def _validation_table(report) -> Table:
-    table = Table(title=f"{report.backend} {report.precision} vs fp32 (onnxruntime)")
-    for column in ("image", "map max", "map mean", "conf max", "conf mean", "score err", "flipped"):
+    table = Table(title=f"{report.backend} {report.label} vs fp32 (onnxruntime)")
+    for column in ("image", "map max", "map mean", "conf max", "conf mean", "score err", "np++ max", "flipped"):
         table.add_column(column, justify="left" if column == "image" else "right")
     for row in report.images:
         table.add_row(row.image, f"{row.map_max:.2e}", f"{row.map_mean:.2e}", f"{row.conf_max:.2e}",
-                      f"{row.conf_mean:.2e}", f"{row.score_error:.2e}", "YES" if row.flipped else "no")
+                      f"{row.conf_mean:.2e}", f"{row.score_error:.2e}", f"{row.noiseprint_max:.2e}",
+                      "YES" if row.flipped else "no")
     overall = report.overall()
     table.add_row("overall", f"{overall['map_max']:.2e}", f"{overall['map_mean']:.2e}",
                   f"{overall['conf_max']:.2e}", f"{overall['conf_mean']:.2e}",
-                  f"{overall['score_error_max']:.2e}", str(overall["decisions_flipped"]))
+                  f"{overall['score_error_max']:.2e}", f"{overall['noiseprint_max']:.2e}",
+                  str(overall["decisions_flipped"]))
     return table
 
 
@@ -789,9 +791,9 @@ def _print_validation(report) -> None:
     out = Console(highlight=False)
     out.print(_validation_table(report))
     for size, worst in report.by_size().items():
-        out.print(f"{report.precision} at {size} ({worst['images']} images): map {worst['map_max']:.2e}, "
+        out.print(f"{report.label} at {size} ({worst['images']} images): map {worst['map_max']:.2e}, "
                   f"conf {worst['conf_max']:.2e}, score {worst['score_error_max']:.2e}, "
-                  f"flipped {worst['decisions_flipped']}")
+                  f"np++ {worst['noiseprint_max']:.2e}, flipped {worst['decisions_flipped']}")
     for record in report.flops_by_precision:
         shares = ", ".join(f"{name} {share:.0%}" for name, share in record["network_share"].items() if share)
         out.print(f"{report.precision} FLOPs at {record['size']}: {shares}")
@@ -821,7 +823,7 @@ def validate(
     import json
 
     from .files import write_atomically
-    from .validate import plot_deviation, validate as run_validation
+    from .validate import plot_deviation, reports_json, validate as run_validation
 
     chosen = list(dict.fromkeys(precision.value for precision in precisions or []))
     _check_checkpoint(checkpoint)
@@ -844,9 +846,7 @@ def validate(
     except ModuleNotFoundError as exc:
         fail_setup(_missing_package(exc))
     if json_path is not None:
-        written = reports[0].to_json() if len(reports) == 1 else \
-            {"variants": {report.precision: report.to_json() for report in reports}}
-        write_atomically(json_path, (json.dumps(written, indent=2) + "\n").encode())
+        write_atomically(json_path, (json.dumps(reports_json(reports), indent=2) + "\n").encode())
 
 
 @app.command()

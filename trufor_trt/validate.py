@@ -1,9 +1,11 @@
 """`trufor-trt validate`: how far one engine or graph variant lands from the FP32 reference.
 
-Per image: max and mean abs error of `map` and `conf`, the score error, and whether the
-decision at 0.5 flipped; per image size: the worst of each and the flips; overall: the worst
-of each, the mean of the means, the flips; and the variant's FLOPs per precision, as its
-manifest records them. The reference is the model folder's FP32 graph in ONNX Runtime.
+Per image: max and mean abs error of `map` and `conf`, the score error, the max abs error of
+Noiseprint++ (`np++`), and whether the decision at 0.5 flipped; per image size: the worst of
+each and the flips; overall: the worst of each, the mean of the means, the flips; and the
+variant's FLOPs per precision, as its manifest records them. The reference is the model
+folder's FP32 graph in ONNX Runtime. An FP16 / INT8 variant simulated in ONNX Runtime is
+measured once per kernel model (precision/kernel_models.py): one report each.
 """
 
 import io
@@ -32,6 +34,7 @@ class ImageReport:
     conf_max: float
     conf_mean: float
     score_error: float
+    noiseprint_max: float
     score: float
     reference_score: float
     flipped: bool
@@ -41,6 +44,7 @@ class ImageReport:
 class ValidationReport:
     backend: str
     precision: str
+    kernel_model: str = ""  # how float16 convolutions were simulated ("" where none were)
     images: list = field(default_factory=list)
     flops_by_precision: list = field(default_factory=list)  # the manifest's record, per size
 
@@ -53,6 +57,7 @@ class ValidationReport:
         return {size: {"images": len(reports), "map_max": max(r.map_max for r in reports),
                        "conf_max": max(r.conf_max for r in reports),
                        "score_error_max": max(r.score_error for r in reports),
+                       "noiseprint_max": max(r.noiseprint_max for r in reports),
                        "decisions_flipped": sum(r.flipped for r in reports)} for size, reports in ordered}
 
     def overall(self) -> dict:
@@ -62,10 +67,16 @@ class ValidationReport:
                 "conf_max": max(r.conf_max for r in self.images),
                 "conf_mean": float(np.mean([r.conf_mean for r in self.images])),
                 "score_error_max": max(r.score_error for r in self.images),
+                "noiseprint_max": max(r.noiseprint_max for r in self.images),
                 "decisions_flipped": sum(r.flipped for r in self.images)}
 
+    @property
+    def label(self) -> str:
+        return f"{self.precision} ({self.kernel_model} kernels)" if self.kernel_model else self.precision
+
     def to_json(self) -> dict:
-        return {"backend": self.backend, "precision": self.precision, "reference": "fp32, onnxruntime",
+        return {"backend": self.backend, "precision": self.precision, "kernel_model": self.kernel_model,
+                "reference": "fp32, onnxruntime",
                 "overall": self.overall(), "by_size": self.by_size(),
                 "flops_by_precision": self.flops_by_precision,
                 "per_image": [asdict(report) for report in self.images]}
@@ -92,27 +103,40 @@ def _errors(ours: np.ndarray, truth: np.ndarray) -> np.ndarray:
 def compare(name: str, ours, reference) -> ImageReport:
     map_error = _errors(ours.localization_map, reference.localization_map)
     conf_error = _errors(ours.confidence_map, reference.confidence_map)
+    noiseprint_error = _errors(ours.noiseprint, reference.noiseprint)
     finite = bool(np.isfinite(ours.score))
     flipped = decision_flipped(ours.score, reference.score)
     size = "x".join(str(side) for side in np.shape(reference.localization_map)[:2])
     return ImageReport(image=name, size=size, map_max=float(map_error.max()), map_mean=float(map_error.mean()),
                        conf_max=float(conf_error.max()), conf_mean=float(conf_error.mean()),
                        score_error=abs(ours.score - reference.score) if finite else float("inf"),
+                       noiseprint_max=float(noiseprint_error.max()),
                        score=ours.score, reference_score=reference.score, flipped=flipped)
 
 
+def _kernel_models(backend: str, precision: str) -> tuple:
+    """The kernel models a candidate is measured under: each, where ONNX Runtime simulates float16."""
+    from .precision.kernel_models import KERNEL_MODELS
+
+    return KERNEL_MODELS if backend == "onnxruntime" and precision != "fp32" else ("",)
+
+
 def validate(model, candidates: list, images=None, on_image=None, checkpoint=None) -> list:
-    """One ValidationReport per (backend, precision) of `candidates`, all against one FP32
-    reference run per image. `model`: a checked ModelDir. `images`: a folder (default:
-    synthetic images). `checkpoint`: the model folder's checkpoint, for the torch backend."""
+    """One ValidationReport per (backend, precision) of `candidates` and, for a simulated
+    reduced precision, per kernel model, all against one FP32 reference run per image.
+    `model`: a checked ModelDir. `images`: a folder (default: synthetic images). `checkpoint`:
+    the model folder's checkpoint, for the torch backend."""
     variants = model.manifest["variants"]
-    reports = [ValidationReport(backend=backend, precision=precision,
+    reports = [ValidationReport(backend=backend, precision=precision, kernel_model=kernel,
                                 flops_by_precision=variants.get(precision, {}).get("flops_by_precision", []))
-               for backend, precision in candidates]
+               for backend, precision in candidates for kernel in _kernel_models(backend, precision)]
     with ExitStack() as stack:
         reference = stack.enter_context(create_runner("onnxruntime", model=model, precision="fp32"))
-        runners = [stack.enter_context(create_runner(backend, model=model, precision=precision, checkpoint=checkpoint))
-                   for backend, precision in candidates]
+        runners = [stack.enter_context(create_runner(report.backend, model=model, precision=report.precision,
+                                                     checkpoint=checkpoint,
+                                                     **({"kernel_model": report.kernel_model}
+                                                        if report.kernel_model else {})))
+                   for report in reports]
         for name, rgb in _images(images):
             prepared = prepare_input(rgb)
             truth = postprocess(reference.infer(prepared), reference.detection_head)
@@ -132,11 +156,13 @@ def plot_deviation(reports: list, path, budgets: dict) -> None:
     from matplotlib import pyplot
 
     figure, axes = pyplot.subplots(figsize=(7, 4.5))
+    drawn = set()
     for report in reports:
         pixels = [_pixels(image.size) / 1e6 for image in report.images]
         errors = [max(image.map_max, 1e-9) for image in report.images]
-        points = axes.scatter(pixels, errors, s=14, alpha=0.7, label=f"{report.precision} ({report.backend})")
-        if report.precision in budgets:
+        points = axes.scatter(pixels, errors, s=14, alpha=0.7, label=f"{report.label} ({report.backend})")
+        if report.precision in budgets and report.precision not in drawn:
+            drawn.add(report.precision)
             axes.axhline(budgets[report.precision], linestyle="--", color=points.get_facecolor()[0],
                          label=f"{report.precision} budget")
     axes.set(xscale="log", yscale="log", xlabel="image size (megapixels)",
@@ -148,3 +174,18 @@ def plot_deviation(reports: list, path, budgets: dict) -> None:
     figure.savefig(buffer, format="png", dpi=120)
     pyplot.close(figure)
     write_atomically(path, buffer.getvalue())
+
+
+def reports_json(reports: list) -> dict:
+    """The --json document: one report as is; several under "variants", keyed by precision,
+    a precision measured under several kernel models as {"kernel_models": {model: report}}."""
+    if len(reports) == 1:
+        return reports[0].to_json()
+    variants = {}
+    for report in reports:
+        if report.kernel_model:
+            variants.setdefault(report.precision, {"kernel_models": {}})["kernel_models"][report.kernel_model] = \
+                report.to_json()
+        else:
+            variants[report.precision] = report.to_json()
+    return {"variants": variants}

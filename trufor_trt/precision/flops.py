@@ -7,7 +7,7 @@ graph whose large weights are replaced by inputs of their shape (nothing is comp
 
 Two counts per variant: `network`, the FP32 graph's FLOPs by the precision each of its
 products computes in within the variant (what the share of reduced precision means), and
-`executed`, the variant's own products (a compensated float16 convolution runs three).
+`executed`, the variant's own products (a centered convolution adds its float32 offset).
 """
 
 import onnx

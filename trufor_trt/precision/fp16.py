@@ -3,18 +3,21 @@
 - `lower_to_fp16(graph, nodes)`: the chosen nodes read and write float16 tensors (their float
   weights converted, Casts at the borders); graph inputs and outputs stay float32. This is
   the graph TensorRT builds.
-- `upcast_fp16(graph)`: runs any such graph on a CPU. ONNX Runtime's CPU provider has almost
-  no float16 kernels, so every float16 tensor becomes float32 *rounded to float16* (a Cast to
-  float16 and back after each node that wrote float16). This proves the effect of storing every
-  weight and activation of those nodes in float16 (rounding, and overflow to inf where a value
-  leaves the float16 range); it does not prove the effect of float16 arithmetic inside a kernel
-  (TensorRT accumulates most convolutions and matrix products in float32, but its fused kernels
-  and tactics are its own), which only a run on the GPU shows.
+- `upcast_fp16(graph, kernel)`: runs any such graph on a CPU. ONNX Runtime's CPU provider has
+  almost no float16 kernels, so every float16 tensor becomes float32 *rounded to float16* (a
+  Cast to float16 and back after each node that wrote float16), and each float16 convolution
+  rounds as the kernel model says (kernel_models.py): kernels differ, and a plan that holds for
+  one only is no evidence. This proves the effect of storing every weight and activation of
+  those nodes in float16 (rounding, and overflow to inf where a value leaves the float16 range)
+  under each modelled kernel; what a GPU's own tactics do, only a run on the GPU shows.
 """
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from .blocks import graph_links
+from .kernel_models import ACCUMULATION_CHANNELS, KERNEL_MODELS, STRESS_MODEL
 
 
 # Float inputs that are parameters, not data: they keep their type (Resize's roi and scales).
@@ -104,27 +107,112 @@ def lower_to_fp16(model: onnx.ModelProto, half_nodes: set) -> onnx.ModelProto:
     return finish_graph(model, nodes, new_initializers)
 
 
-def upcast_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A float32 graph that rounds to float16 wherever `model` stores float16."""
+def _round16(source: str, target: str) -> list:
+    """`target` = `source` (float32) rounded to float16, kept in float32."""
+    return [_cast(source, f"{target}/half", TensorProto.FLOAT16, "upcast"),
+            _cast(f"{target}/half", target, TensorProto.FLOAT, "upcast")]
+
+
+def _read_in_float32(model: onnx.ModelProto, types: dict) -> set:
+    """Names of the float16 Convs whose output only Casts to float32 read: a fused kernel
+    hands its float32 accumulator to that float32 epilogue without storing float16."""
+    _, readers = graph_links(model)
+    return {conv.name for conv in model.graph.node
+            if conv.op_type == "Conv" and types.get(conv.output[0]) == TensorProto.FLOAT16
+            and readers.get(conv.output[0])
+            and all(reader.op_type == "Cast" and types.get(reader.output[0]) == TensorProto.FLOAT
+                    for reader in readers[conv.output[0]])}
+
+
+def _conv_attributes(node: onnx.NodeProto) -> dict:
+    return {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
+
+
+def _partial_conv(node: onnx.NodeProto, weight: np.ndarray, first: int, last: int, part: str,
+                  initializers: list) -> list:
+    """Nodes computing into `part` the conv of input channels first..last-1 alone."""
+    initializers += [numpy_helper.from_array(weight[:, first:last], f"{part}/w"),
+                     numpy_helper.from_array(np.array([first], np.int64), f"{part}/start"),
+                     numpy_helper.from_array(np.array([last], np.int64), f"{part}/end"),
+                     numpy_helper.from_array(np.array([1], np.int64), f"{part}/axis")]
+    return [helper.make_node("Slice", [node.input[0], f"{part}/start", f"{part}/end", f"{part}/axis"],
+                             [f"{part}/x"], name=f"{part}/x"),
+            helper.make_node("Conv", [f"{part}/x", f"{part}/w"], [part], name=part, **_conv_attributes(node))]
+
+
+def _accumulated_in_fp16(node: onnx.NodeProto, target: str, weights: dict, initializers: list) -> list:
+    """An ungrouped Conv, without its bias, into `target` as float16 accumulation would sum it:
+    a partial sum per ACCUMULATION_CHANNELS input channels, each and every running total rounded."""
+    weight = weights[node.input[1]]
+    nodes, total = [], ""
+    for first in range(0, weight.shape[1], ACCUMULATION_CHANNELS):
+        part = f"{target}/channels{first}"
+        nodes += _partial_conv(node, weight, first, min(first + ACCUMULATION_CHANNELS, weight.shape[1]), part,
+                               initializers)
+        nodes += _round16(part, f"{part}/rounded")
+        if total:
+            nodes += [helper.make_node("Add", [total, f"{part}/rounded"], [f"{part}/total"], name=f"{part}/total")]
+            nodes += _round16(f"{part}/total", f"{part}/total_rounded")
+        total = f"{part}/total_rounded" if total else f"{part}/rounded"
+    return nodes + [helper.make_node("Identity", [total], [target], name=f"{target}/identity")]
+
+
+def _simulated_conv(node: onnx.NodeProto, kernel: str, into_float32: bool, weights: dict,
+                    initializers: list) -> list:
+    """A float16 Conv in float32 on its (already rounded) inputs, rounded as `kernel` rounds."""
+    output, has_bias = node.output[0], len(node.input) > 2 and bool(node.input[2])
+    if kernel == "fused":
+        if into_float32:
+            return [node]
+        return [_renamed(node, f"{output}/sum"), *_round16(f"{output}/sum", output)]
+    grouped = _conv_attributes(node).get("group", 1) != 1
+    if kernel == "fp16_accumulation" and not grouped and weights[node.input[1]].shape[1] > ACCUMULATION_CHANNELS:
+        nodes = _accumulated_in_fp16(node, f"{output}/product", weights, initializers)
+    else:
+        bare = helper.make_node("Conv", list(node.input[:2]), [f"{output}/product"], name=node.name,
+                                **_conv_attributes(node))
+        nodes = [bare]
+    nodes += _round16(f"{output}/product", output if not has_bias else f"{output}/product_rounded")
+    if has_bias:
+        # cuDNN's order (PyTorch): the product is written in float16, then the bias added.
+        column = f"{node.name}/bias_column"
+        initializers.append(numpy_helper.from_array(weights[node.input[2]].reshape(1, -1, 1, 1), column))
+        nodes += [helper.make_node("Add", [f"{output}/product_rounded", column], [f"{output}/biased"],
+                                   name=f"{output}/biased"), *_round16(f"{output}/biased", output)]
+    return nodes
+
+
+def _renamed(node: onnx.NodeProto, output: str) -> onnx.NodeProto:
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    copy.output[0] = output
+    return copy
+
+
+def upcast_fp16(model: onnx.ModelProto, kernel: str = "fused") -> onnx.ModelProto:
+    """A float32 graph that rounds to float16 wherever `model` stores float16, its float16
+    convolutions rounding as the `kernel` model says (KERNEL_MODELS, STRESS_MODEL)."""
+    if kernel not in (*KERNEL_MODELS, STRESS_MODEL):
+        raise ValueError(f"unknown kernel model {kernel!r}")
     model = _copy(model)
     types = tensor_types(model)
-    initializers = []
-    for init in model.graph.initializer:
-        if init.data_type == TensorProto.FLOAT16:
-            initializers.append(numpy_helper.from_array(
-                numpy_helper.to_array(init).astype(np.float32), init.name))
-        else:
-            initializers.append(init)
+    initializers = [numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name)
+                    if init.data_type == TensorProto.FLOAT16 else init for init in model.graph.initializer]
+    weights = {init.name: numpy_helper.to_array(init) for init in initializers
+               if init.data_type == TensorProto.FLOAT}
+    into_float32 = _read_in_float32(model, types)
     del model.graph.initializer[:]
     nodes = []
     for node in model.graph.node:
+        if node.op_type == "Conv" and types.get(node.output[0]) == TensorProto.FLOAT16:
+            nodes += _simulated_conv(node, kernel, node.name in into_float32, weights, initializers)
+            continue
         nodes.append(node)
         for index, name in enumerate(node.output):
             if types.get(name) == TensorProto.FLOAT16:
-                rounded = f"{name}/rounded"
-                node.output[index] = rounded
-                if node.op_type != "Cast":
-                    nodes.append(_cast(rounded, f"{name}/half", TensorProto.FLOAT16, "upcast"))
-                    rounded = f"{name}/half"
-                nodes.append(_cast(rounded, name, TensorProto.FLOAT, "upcast"))
+                node.output[index] = f"{name}/rounded"
+                if node.op_type == "Cast":
+                    nodes.append(_cast(f"{name}/rounded", name, TensorProto.FLOAT, "upcast"))
+                else:
+                    nodes += _round16(f"{name}/rounded", name)
     return finish_graph(model, nodes, initializers)
