@@ -182,6 +182,17 @@ def _simulated_conv(node: onnx.NodeProto, kernel: str, into_float32: bool, weigh
     return nodes
 
 
+class _LazyArrays(dict):
+    """Initializer name -> its values as an array, converted when first asked for."""
+
+    def __getitem__(self, name):
+        value = super().__getitem__(name)
+        if isinstance(value, onnx.TensorProto):
+            value = numpy_helper.to_array(value)
+            self[name] = value
+        return value
+
+
 def _renamed(node: onnx.NodeProto, output: str) -> onnx.NodeProto:
     copy = onnx.NodeProto()
     copy.CopyFrom(node)
@@ -198,8 +209,8 @@ def upcast_fp16(model: onnx.ModelProto, kernel: str = "fused") -> onnx.ModelProt
     types = tensor_types(model)
     initializers = [numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name)
                     if init.data_type == TensorProto.FLOAT16 else init for init in model.graph.initializer]
-    weights = {init.name: numpy_helper.to_array(init) for init in initializers
-               if init.data_type == TensorProto.FLOAT}
+    # Read on demand: converting every weight of the network on each trial costs seconds.
+    weights = _LazyArrays({init.name: init for init in initializers})
     into_float32 = _read_in_float32(model, types)
     del model.graph.initializer[:]
     nodes = []
