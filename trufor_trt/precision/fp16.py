@@ -143,7 +143,7 @@ def _partial_conv(node: onnx.NodeProto, weight: np.ndarray, first: int, last: in
 def _accumulated_in_fp16(node: onnx.NodeProto, target: str, weights: dict, initializers: list) -> list:
     """An ungrouped Conv, without its bias, into `target` as float16 accumulation would sum it:
     a partial sum per ACCUMULATION_CHANNELS input channels, each and every running total rounded."""
-    weight = weights[node.input[1]]
+    weight = numpy_helper.to_array(weights[node.input[1]])
     nodes, total = [], ""
     for first in range(0, weight.shape[1], ACCUMULATION_CHANNELS):
         part = f"{target}/channels{first}"
@@ -166,7 +166,7 @@ def _simulated_conv(node: onnx.NodeProto, kernel: str, into_float32: bool, weigh
             return [node]
         return [_renamed(node, f"{output}/sum"), *_round16(f"{output}/sum", output)]
     grouped = _conv_attributes(node).get("group", 1) != 1
-    if kernel == "fp16_accumulation" and not grouped and weights[node.input[1]].shape[1] > ACCUMULATION_CHANNELS:
+    if kernel == "fp16_accumulation" and not grouped and weights[node.input[1]].dims[1] > ACCUMULATION_CHANNELS:
         nodes = _accumulated_in_fp16(node, f"{output}/product", weights, initializers)
     else:
         bare = helper.make_node("Conv", list(node.input[:2]), [f"{output}/product"], name=node.name,
@@ -176,21 +176,11 @@ def _simulated_conv(node: onnx.NodeProto, kernel: str, into_float32: bool, weigh
     if has_bias:
         # cuDNN's order (PyTorch): the product is written in float16, then the bias added.
         column = f"{node.name}/bias_column"
-        initializers.append(numpy_helper.from_array(weights[node.input[2]].reshape(1, -1, 1, 1), column))
+        bias = numpy_helper.to_array(weights[node.input[2]])
+        initializers.append(numpy_helper.from_array(bias.reshape(1, -1, 1, 1), column))
         nodes += [helper.make_node("Add", [f"{output}/product_rounded", column], [f"{output}/biased"],
                                    name=f"{output}/biased"), *_round16(f"{output}/biased", output)]
     return nodes
-
-
-class _LazyArrays(dict):
-    """Initializer name -> its values as an array, converted when first asked for."""
-
-    def __getitem__(self, name):
-        value = super().__getitem__(name)
-        if isinstance(value, onnx.TensorProto):
-            value = numpy_helper.to_array(value)
-            self[name] = value
-        return value
 
 
 def _renamed(node: onnx.NodeProto, output: str) -> onnx.NodeProto:
@@ -209,8 +199,8 @@ def upcast_fp16(model: onnx.ModelProto, kernel: str = "fused") -> onnx.ModelProt
     types = tensor_types(model)
     initializers = [numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name)
                     if init.data_type == TensorProto.FLOAT16 else init for init in model.graph.initializer]
-    # Read on demand: converting every weight of the network on each trial costs seconds.
-    weights = _LazyArrays({init.name: init for init in initializers})
+    # By name, converted only where read: converting every weight on each trial costs seconds.
+    weights = {init.name: init for init in initializers}
     into_float32 = _read_in_float32(model, types)
     del model.graph.initializer[:]
     nodes = []
