@@ -20,14 +20,14 @@ import cv2
 from trufor_trt import __version__
 from trufor_trt.batch.inputs import expand_inputs
 from trufor_trt.engine import pick_backend
-from trufor_trt.engine.tensorrt_plan import parse_shape
+from trufor_trt.shapes import parse_shape
 from trufor_trt.errors import TruforError
 from trufor_trt.export.synthetic import synthetic_image
 
-from .cases import CaseSpec, measure_gemm_rates, run_case
-from .flops import network_flops
-from .machine import machine_info
-from .stats import busiest, summarize
+from trufor_trt.benchmarks.cases import CaseSpec, measure_gemm_rates, run_case
+from trufor_trt.benchmarks.flops import network_flops
+from trufor_trt.benchmarks.machine import machine_info
+from trufor_trt.benchmarks.stats import busiest, summarize
 
 RANDOM_WEIGHTS_SEED = 0
 REFERENCE = "torch fp32 (official formulation, eager, batch 1)"

@@ -14,7 +14,7 @@ from trufor_trt.batch.pipeline import Pipeline, open_jobs
 from trufor_trt.engine import create_runner
 from trufor_trt.engine.timing import StageClock
 
-from .memory import peak_rss_bytes, rss_bytes
+from trufor_trt.benchmarks.memory import peak_rss_bytes, rss_bytes
 
 CPU_BACKENDS = ("onnxruntime", "torch")
 DEVICE_STAGES = ("host_to_device", "inference", "device_to_host")
@@ -132,6 +132,6 @@ def run_case(spec: CaseSpec) -> dict:
 
 
 def measure_gemm_rates() -> dict:
-    from .machine import gemm_rates
+    from trufor_trt.benchmarks.machine import gemm_rates
 
     return gemm_rates()

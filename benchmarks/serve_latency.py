@@ -19,8 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-from .machine import machine_info
-from .stats import summarize
+from trufor_trt.benchmarks.machine import machine_info
+from trufor_trt.benchmarks.stats import summarize
 
 READY_TIMEOUT = 300
 REQUEST_TIMEOUT = 600

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .machine import machine_info
+from trufor_trt.benchmarks.machine import machine_info
 
 SHARED_IMAGES = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "images"
 PHOTO_SIZES = ((1024, 1024), (1200, 1280), (1536, 1280))  # H x W: 1.0, 1.5, 2.0 MP
@@ -47,10 +47,10 @@ def make_folders(root: Path, shared: Path, small_count: int) -> dict:
 
 def run_sequential(images: Path, out: Path, model: str, backend: str) -> None:
     """The per-image job in a plain loop, one runner with its default threads."""
-    from ..batch.analyze import AnalyzeOptions, run_job
-    from ..batch.inputs import expand_inputs
-    from ..batch.results_log import ResultsLog
-    from ..engine import create_runner
+    from trufor_trt.batch.analyze import AnalyzeOptions, run_job
+    from trufor_trt.batch.inputs import expand_inputs
+    from trufor_trt.batch.results_log import ResultsLog
+    from trufor_trt.engine import create_runner
 
     options = AnalyzeOptions(out_dir=out)
     with create_runner(backend, model=model) as runner, ResultsLog(out) as log:

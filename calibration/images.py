@@ -12,10 +12,10 @@ Two sets from one folder:
 import hashlib
 from pathlib import Path
 
-from ..batch.inputs import expand_inputs
-from ..engine.decode import decode_image
-from ..engine.preprocess import prepare_input, size_label
-from ..errors import TruforError
+from trufor_trt.batch.inputs import expand_inputs
+from trufor_trt.engine.decode import decode_image
+from trufor_trt.engine.preprocess import prepare_input, size_label
+from trufor_trt.errors import TruforError
 
 DEFAULT_LIMIT = 8
 CROP_SIDE = 256

@@ -90,8 +90,8 @@ def keep_int8_only(quantized: onnx.ModelProto, fp32: onnx.ModelProto, nodes: set
     """`quantized` (Q/DQ around a superset of `nodes`) with only `nodes` in INT8: a Q/DQ pair
     on an activation stays where a node of `nodes` writes or reads it, and other nodes read
     their FP32 weights again. Quantizing once and subsetting costs no quantizer run per trial."""
-    from ..precision.blocks import graph_links
-    from ..precision.fp16 import finish_graph
+    from trufor_trt.precision.blocks import graph_links
+    from trufor_trt.precision.fp16 import finish_graph
 
     graph = onnx.ModelProto.FromString(quantized.SerializeToString())
     producer, readers = graph_links(graph)

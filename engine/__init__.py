@@ -6,8 +6,8 @@ imports its own backend when it is loaded.
 
 import importlib.util
 
-from ..precision.kernel_models import SIMULATED_KERNEL_MODEL
-from .runner import RawOutputs, Runner
+from trufor_trt.precision.kernel_models import SIMULATED_KERNEL_MODEL
+from trufor_trt.engine.runner import RawOutputs, Runner
 
 BACKENDS = ("tensorrt", "onnxruntime", "torch")
 
@@ -29,15 +29,15 @@ def gpu_packages_present() -> bool:
 def tensorrt_problem(model_dir, precision: str) -> str:
     """Why TensorRT cannot run an engine of the model folder here, in one line ('' if it can):
     TensorRT and a CUDA layer must load, a GPU answer, and a matching engine exist."""
-    from ..errors import TruforError
-    from .tensorrt_plan import EngineError
+    from trufor_trt.errors import TruforError
+    from trufor_trt.errors import EngineError
 
     try:
-        from .cuda import cuda_layer
-        from ..files import sha256_file
-        from .model_dir import ModelDir
-        from .tensorrt_plan import survey_engines
-        from .tensorrt_runner import import_tensorrt
+        from trufor_trt.engine.cuda_layer import cuda_layer
+        from trufor_trt.files import sha256_file
+        from trufor_trt.engine.model_dir import ModelDir
+        from trufor_trt.engine.tensorrt_plan import survey_engines
+        from trufor_trt.engine.tensorrt_runner import import_tensorrt
 
         problems = []
         for check in (import_tensorrt, cuda_layer):
@@ -78,17 +78,17 @@ def create_runner(backend: str, *, checkpoint=None, model=None, device: str = "a
     `kernel_model`: how ONNX Runtime simulates the float16 convolutions of an FP16 / INT8
     variant (precision/fp16.py's KERNEL_MODELS)."""
     if backend == "torch":
-        from .torch_runner import TorchRunner
+        from trufor_trt.engine.torch_runner import TorchRunner
 
         return TorchRunner(checkpoint, device=device, precision=precision, threads=threads,
                            max_memory_bytes=max_memory_bytes)
     if backend == "onnxruntime":
-        from .onnxruntime_runner import OnnxRuntimeRunner
+        from trufor_trt.engine.onnxruntime_runner import OnnxRuntimeRunner
 
         return OnnxRuntimeRunner(model, precision=precision, threads=threads,
                                  max_memory_bytes=max_memory_bytes, kernel_model=kernel_model)
     if backend == "tensorrt":
-        from .tensorrt_runner import TensorRTRunner
+        from trufor_trt.engine.tensorrt_runner import TensorRTRunner
 
         return TensorRTRunner(model, precision=precision)
     raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")

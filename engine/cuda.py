@@ -1,28 +1,32 @@
-"""The CUDA layer: the little of CUDA that the TensorRT runner and builder need, behind one
-interface, with two implementations: pycuda (the `trt` extra) and NVIDIA's cuda-python
-(`cuda-bindings`, the `trt-cuda-python` extra; TensorRT's own samples use it since 10.14, and it
-needs no compiler on a Jetson).
+"""The CUDA layer's interface: the little of CUDA that the TensorRT runner and builder need,
+implemented by pycuda (cuda_pycuda.py, the `trt` extra) and by NVIDIA's cuda-python
+(cuda_bindings.py, the `trt-cuda-python` extra; TensorRT's own samples use it since 10.14, and
+it needs no compiler on a Jetson); cuda_layer.py picks one.
 
-Whichever imports is used, pycuda first; `TRUFOR_TRT_CUDA=pycuda|cuda-python` chooses one.
 Each layer retains a device's primary context (the one the CUDA runtime and TensorRT use) once
 per process and keeps it; `current()` makes it current on the calling thread for one call, so
-runners work from any thread. Broken installs (a libcuda that fails to load raises OSError or
-ImportError, not ModuleNotFoundError) become one-line EngineErrors.
+runners work from any thread.
 """
 
-import os
+import re
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import one_line
-from .tensorrt_plan import EngineError, Gpu
 
-LAYER_ENV = "TRUFOR_TRT_CUDA"
-LAYERS = ("pycuda", "cuda-python")
-INSTALL = {"pycuda": 'pip install "trufor-trt[trt]" (pycuda builds against the local CUDA toolkit)',
-           "cuda-python": 'pip install "trufor-trt[trt-cuda-python]"'}
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    compute_capability: tuple
+    integrated: bool
+
+    def key(self, tensorrt_version: str) -> str:
+        """The folder name of this GPU's engines for one TensorRT release."""
+        slug = re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
+        major, minor = self.compute_capability
+        return f"{slug}-sm{major}{minor}-trt{tensorrt_version}"
 
 
 class DeviceBuffer(ABC):
@@ -131,45 +135,3 @@ class CudaLayer(ABC):
 def format_driver_version(version: int) -> str:
     """CUDA's integer version (13000) as it is printed (13.0)."""
     return f"{version // 1000}.{version % 1000 // 10}"
-
-
-def _load(name: str) -> CudaLayer:
-    if name == "pycuda":
-        from .cuda_pycuda import PycudaLayer
-
-        return PycudaLayer()
-    from .cuda_bindings import CudaPythonLayer
-
-    return CudaPythonLayer()
-
-
-def _import_problem(name: str, exc: BaseException) -> str:
-    if isinstance(exc, ModuleNotFoundError):
-        return f"{name} is not installed: {INSTALL[name]}"
-    return f"{name} is installed but does not load ({one_line(exc)})"
-
-
-_LAYERS = {}
-
-
-def cuda_layer(preferred: str = None) -> CudaLayer:
-    """The process's CUDA layer: `preferred`, else $TRUFOR_TRT_CUDA, else the first of LAYERS
-    that imports. A driver that is there but answers with an error (no GPU, a driver too old)
-    is final: the other layer would talk to the same driver."""
-    choice = preferred or os.environ.get(LAYER_ENV) or None
-    if choice is not None and choice not in LAYERS:
-        raise EngineError(f"{LAYER_ENV}={choice}: choose one of {', '.join(LAYERS)}")
-    problems = []
-    for name in [choice] if choice else LAYERS:
-        if name in _LAYERS:
-            return _LAYERS[name]
-        try:
-            _LAYERS[name] = _load(name)
-            return _LAYERS[name]
-        except (ImportError, OSError) as exc:
-            problems.append(_import_problem(name, exc))
-    raise EngineError("no CUDA layer: " + "; ".join(problems))
-
-
-def gpu_info(ordinal: int = 0) -> Gpu:
-    return cuda_layer().gpu(ordinal)

@@ -7,8 +7,9 @@ import ctypes
 
 import numpy as np
 
-from .cuda import CudaLayer, DeviceBuffer, Event, PinnedBuffer, Stream, format_driver_version
-from .tensorrt_plan import EngineError, Gpu
+from trufor_trt.engine.cuda import CudaLayer, DeviceBuffer, Event, PinnedBuffer, Stream, format_driver_version
+from trufor_trt.engine.cuda import Gpu
+from trufor_trt.errors import EngineError
 
 NAME_BYTES = 256
 

@@ -2,8 +2,9 @@
 
 import numpy as np
 
-from .cuda import CudaLayer, DeviceBuffer, Event, PinnedBuffer, Stream, format_driver_version
-from .tensorrt_plan import EngineError, Gpu
+from trufor_trt.engine.cuda import CudaLayer, DeviceBuffer, Event, PinnedBuffer, Stream, format_driver_version
+from trufor_trt.engine.cuda import Gpu
+from trufor_trt.errors import EngineError
 
 
 class _Device(DeviceBuffer):

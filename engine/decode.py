@@ -23,9 +23,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..errors import ImageError
+from trufor_trt.architecture import MIN_SIDE
+from trufor_trt.errors import ImageError
 
-MIN_SIDE = 29  # the stage-1 spatial-reduction convolution (8x8, stride 8) needs an 8x8 grid
 DEFAULT_MAX_PIXELS = 150_000_000
 SIXTEEN_BIT_STEP = 257  # 65535 / 255
 

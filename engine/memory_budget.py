@@ -15,9 +15,9 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from ..architecture import stage_grids
-from ..bands import NOISEPRINT_HALO
-from ..errors import TruforError
+from trufor_trt.architecture import stage_grids
+from trufor_trt.bands import NOISEPRINT_HALO
+from trufor_trt.errors import TruforError
 
 GIB = 1024 ** 3
 MIB = 1024 ** 2

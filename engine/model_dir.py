@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import TruforError
-from ..files import sha256_bytes, sha256_file
-from .postprocess import DetectionHead
+from trufor_trt.errors import TruforError
+from trufor_trt.files import sha256_bytes, sha256_file
+from trufor_trt.engine.postprocess import DetectionHead
 
 FORMAT = "trufor-trt-model"
 FORMAT_VERSION = 3  # 2: folded decoders, the CPU graph split for exact bands; 3: CPU decoders as matrix products

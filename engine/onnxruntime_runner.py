@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..bands import decoder_groups, noiseprint_row_bands
-from ..precision.kernel_models import SIMULATED_KERNEL_MODEL
-from .memory_budget import MemoryModel, physical_memory
-from .model_dir import CPU_VARIANTS, ModelDir
-from .runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs, Runner
-from .timing import StageClock
+from trufor_trt.bands import decoder_groups, noiseprint_row_bands
+from trufor_trt.precision.kernel_models import SIMULATED_KERNEL_MODEL
+from trufor_trt.engine.memory_budget import MemoryModel, physical_memory
+from trufor_trt.engine.model_dir import CPU_VARIANTS, ModelDir
+from trufor_trt.engine.runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs, Runner
+from trufor_trt.engine.timing import StageClock
 
 NOISEPRINT = OUTPUT_NAMES[2]
 LOGITS = list(OUTPUT_NAMES[:2])
@@ -140,7 +140,7 @@ def _reduced_precision_graph(model: ModelDir, precision: str, kernel_model: str)
     whole-image, for measurement; needs the `export` extra."""
     import onnx
 
-    from ..precision.fp16 import upcast_fp16
+    from trufor_trt.precision.fp16 import upcast_fp16
 
     return upcast_fp16(onnx.load(model.variant_path(precision)), kernel_model).SerializeToString()
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..bands import bilinear_taps
-from .runner import RawOutputs
+from trufor_trt.bands import bilinear_taps
+from trufor_trt.engine.runner import RawOutputs
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,11 @@ import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from ..errors import TruforError
-from ..files import sha256_bytes, write_atomically
-from .decode import MIN_SIDE
-from .runner import INPUT_NAME, OUTPUT_NAMES
+from trufor_trt.engine.cuda import Gpu
+from trufor_trt.engine.runner import INPUT_NAME, OUTPUT_NAMES
+from trufor_trt.errors import EngineError
+from trufor_trt.files import sha256_bytes, write_atomically
+from trufor_trt.shapes import parse_shape
 
 MIN_TENSORRT = (10, 0)
 ENGINES_FOLDER = "engines"
@@ -27,21 +28,6 @@ ENGINES_FOLDER = "engines"
 CLEARED_BUILDER_FLAGS = ("TF32",)
 # What an engine must expose, as the runner feeds and reads it.
 IO_CONTRACT = {INPUT_NAME: ("input", "FLOAT"), **{name: ("output", "FLOAT") for name in OUTPUT_NAMES}}
-
-
-class EngineError(TruforError):
-    """An engine cannot be built or used here, with what to do about it."""
-
-
-def parse_shape(text: str) -> tuple:
-    """'HxW' -> (H, W), each at least the network's minimum side."""
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
-    if not match:
-        raise EngineError(f"shape {text!r}: expected HEIGHTxWIDTH, e.g. 1024x768")
-    shape = int(match.group(1)), int(match.group(2))
-    if min(shape) < MIN_SIDE:
-        raise EngineError(f"shape {text}: each side must be at least {MIN_SIDE} px")
-    return shape
 
 
 @dataclass(frozen=True)
@@ -139,18 +125,6 @@ def io_contract_problems(tensors: dict) -> list:
                  for name, (mode, dtype) in IO_CONTRACT.items()
                  if name in tensors and tuple(tensors[name]) != (mode, dtype)]
     return problems
-
-
-@dataclass(frozen=True)
-class Gpu:
-    name: str
-    compute_capability: tuple
-    integrated: bool
-
-    def key(self, tensorrt_version: str) -> str:
-        slug = re.sub(r"[^a-z0-9]+", "-", self.name.lower()).strip("-")
-        major, minor = self.compute_capability
-        return f"{slug}-sm{major}{minor}-trt{tensorrt_version}"
 
 
 def engine_path(model_dir, gpu: Gpu, tensorrt_version: str, precision: str, profile: Profile) -> Path:

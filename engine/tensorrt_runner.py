@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..architecture import stage_grids
-from ..errors import ImageError, RunnerFailure, one_line
-from ..files import sha256_file
-from .model_dir import ModelDir
-from .runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs, Runner
-from .tensorrt_plan import EngineError, Sidecar, io_contract_problems, survey_engines
+from trufor_trt.architecture import stage_grids
+from trufor_trt.errors import EngineError, ImageError, RunnerFailure, one_line
+from trufor_trt.files import sha256_file
+from trufor_trt.engine.model_dir import ModelDir
+from trufor_trt.engine.runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs, Runner
+from trufor_trt.engine.tensorrt_plan import Sidecar, io_contract_problems, survey_engines
 
 MISSING_TENSORRT = ('TensorRT is not installed: on a Jetson it comes with JetPack '
                     '(apt install nvidia-jetpack); elsewhere: pip install "trufor-trt[trt]"')
@@ -143,7 +143,7 @@ class TensorRTRunner(Runner):
         self._device_bytes = 0
 
     def load(self) -> None:
-        from .cuda import cuda_layer
+        from trufor_trt.engine.cuda_layer import cuda_layer
 
         trt = import_tensorrt()
         model = self.model if isinstance(self.model, ModelDir) else ModelDir.open(self.model)

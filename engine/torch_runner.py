@@ -2,17 +2,17 @@
 takes batches of same-size images."""
 
 import threading
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import RunnerFailure, one_line
-from ..files import sha256_file
-from .memory_budget import MemoryModel, physical_memory
-from .model_dir import files_sha256
-from .postprocess import DetectionHead
-from .runner import RawOutputs, Runner
+from trufor_trt.errors import RunnerFailure, one_line
+from trufor_trt.files import sha256_file
+from trufor_trt.engine.memory_budget import MemoryModel, physical_memory
+from trufor_trt.engine.model_dir import files_sha256
+from trufor_trt.engine.postprocess import DetectionHead
+from trufor_trt.engine.runner import RawOutputs, Runner
 
 # Peak RSS of `analyze` per image on the CPU (measured with PyTorch 2.13 on the 2-core CPU; README).
 CPU_MEMORY = MemoryModel(fixed_bytes=0.8e9, bytes_per_pixel=400, noiseprint_bytes_per_pixel=800,
@@ -67,7 +67,7 @@ class TorchRunner(Runner):
     def load(self) -> None:
         import torch
 
-        from ..model import detection_head_arrays, load_trufor
+        from trufor_trt.model import detection_head_arrays, load_trufor
 
         if self.requested_device == "auto":
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,14 +87,16 @@ class TorchRunner(Runner):
         return self.device == "cpu" and not self.official
 
     def _formulation(self, height: int, width: int):
-        from ..model import formulation
+        """The network's formulation for an image of this size (a value per call: runners on
+        several threads may share nothing but the weights)."""
+        from trufor_trt.model import formulation
 
         if self.official:
-            return formulation.official()
+            return formulation.OFFICIAL
         if self._bounded_on_cpu():
             plan = CPU_MEMORY.plan(height, width, self.max_memory_bytes)
             return formulation.in_bands(plan.noiseprint_rows, plan.decoder_rows)
-        return nullcontext()
+        return formulation.BOUNDED
 
     def refusal(self, height: int, width: int):
         return CPU_MEMORY.refusal(height, width, self.max_memory_bytes) if self._bounded_on_cpu() else None
@@ -110,8 +112,9 @@ class TorchRunner(Runner):
 
         if self.device != "cpu":
             return self.infer_batch(prepared)[0]
-        with torch.inference_mode(), self._formulation(*prepared.shape[2:]):
-            outputs = self.network(torch.from_numpy(prepared).to(dtype=self.dtype))
+        with torch.inference_mode():
+            outputs = self.network(torch.from_numpy(prepared).to(dtype=self.dtype),
+                                   self._formulation(*prepared.shape[2:]))
         return RawOutputs.from_batch_of_one(*(out.numpy() for out in outputs))
 
     def infer_batch(self, prepared: np.ndarray) -> list:
@@ -120,20 +123,20 @@ class TorchRunner(Runner):
         import torch
 
         try:
-            with torch.inference_mode(), self._formulation(*prepared.shape[2:]):
-                return self._infer_timed_on_gpu(torch, prepared)
+            with torch.inference_mode():
+                return self._infer_timed_on_gpu(torch, prepared, self._formulation(*prepared.shape[2:]))
         except torch.cuda.OutOfMemoryError:
             raise  # these images are too large for the GPU; smaller ones may still run
         except RuntimeError as exc:  # a CUDA error leaves the context unusable
             raise RunnerFailure(f"PyTorch on {self.device} failed: {one_line(exc)}") from exc
 
-    def _infer_timed_on_gpu(self, torch, prepared: np.ndarray) -> list:
+    def _infer_timed_on_gpu(self, torch, prepared: np.ndarray, form) -> list:
         start, copied_in, computed, copied_out = (torch.cuda.Event(enable_timing=True) for _ in range(4))
         start.record()
         image = torch.from_numpy(prepared).to(device=self.device, dtype=self.dtype)
         copied_in.record()
         with exact_fp32_on_cuda(torch):
-            outputs = self.network(image)
+            outputs = self.network(image, form)
         computed.record()
         results = [out.cpu().numpy() for out in outputs]
         copied_out.record()

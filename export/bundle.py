@@ -15,17 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
-from ..engine.decode import MIN_SIDE
-from ..engine.model_dir import DETECTION_HEAD_FILE, FORMAT, FORMAT_VERSION, MANIFEST_FILE, VARIANTS
-from ..engine.preprocess import INPUT_SCALE
-from ..engine.runner import INPUT_NAME
-from ..files import sha256_file
-from ..installed import distribution_versions
-from ..model import detection_head_arrays, load_trufor
-from .graph_rules import tensorrt_shape_problems
-from .onnx_graph import DEFAULT_OPSET, IR_VERSION, export_graph
-from .verify import BOUNDS, VERIFY_SIZES, ExportVerificationError, verify_graphs
+from trufor_trt import __version__
+from trufor_trt.engine.decode import MIN_SIDE
+from trufor_trt.engine.model_dir import DETECTION_HEAD_FILE, FORMAT, FORMAT_VERSION, MANIFEST_FILE, VARIANTS
+from trufor_trt.engine.preprocess import INPUT_SCALE
+from trufor_trt.engine.runner import INPUT_NAME
+from trufor_trt.files import sha256_file
+from trufor_trt.installed import distribution_versions
+from trufor_trt.model import detection_head_arrays, load_trufor
+from trufor_trt.export.graph_rules import tensorrt_shape_problems
+from trufor_trt.export.onnx_graph import DEFAULT_OPSET, IR_VERSION, export_graph
+from trufor_trt.export.verify import BOUNDS, VERIFY_SIZES, ExportVerificationError, verify_graphs
 
 TOOLS = ("torch", "onnx", "onnxruntime", "onnx-graphsurgeon", "numpy")
 

@@ -12,9 +12,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..engine.model_dir import ModelDir, ModelDirError
-from ..errors import TruforError
-from ..files import remove_stale_staging, sha256_file
+from trufor_trt.engine.model_dir import ModelDir, ModelDirError
+from trufor_trt.errors import TruforError
+from trufor_trt.files import remove_stale_staging, sha256_file
 
 MODELS = "models"
 CHECKPOINTS = "checkpoints"
@@ -45,7 +45,7 @@ def cached_model_dir(checkpoint, on_step=print) -> ModelDir:
     except ModelDirError as problem:
         if folder.exists():
             on_step(f"rebuilding the cached model: {problem}")
-    from .bundle import export_model_dir
+    from trufor_trt.export.bundle import export_model_dir
 
     # Only what this machine can run: the TensorRT graph (half the folder) where TensorRT is.
     with_tensorrt = importlib.util.find_spec("tensorrt") is not None

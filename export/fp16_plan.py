@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from ..engine.preprocess import size_label
-from ..engine.runner import INPUT_NAME, OUTPUT_NAMES
-from ..precision.blocks import attention_chains, block_of, pixel_sum_chains
-from ..precision.conv16 import channel_centers, lower_convolutions
-from ..precision.flops import node_flops
-from ..precision.fp16 import KERNEL_MODELS, STRESS_MODEL, lower_to_fp16, tensor_types, upcast_fp16
-from .measure import OUTPUTS, create_session_from_model, deviation, reference_analyses, worst_by_output
+from trufor_trt.engine.preprocess import size_label
+from trufor_trt.engine.runner import INPUT_NAME, OUTPUT_NAMES
+from trufor_trt.precision.blocks import attention_chains, block_of, pixel_sum_chains
+from trufor_trt.precision.conv16 import channel_centers, lower_convolutions
+from trufor_trt.precision.flops import node_flops
+from trufor_trt.precision.fp16 import KERNEL_MODELS, STRESS_MODEL, lower_to_fp16, tensor_types, upcast_fp16
+from trufor_trt.export.measure import OUTPUTS, create_session_from_model, deviation, reference_analyses, worst_by_output
 
 ALWAYS_FP32 = frozenset({"LayerNormalization", "Softmax", "Cast", "Constant"})
 FP16_RANGE_LIMIT = 2.0 ** 14

@@ -3,8 +3,8 @@
 import numpy as np
 import onnx
 
-from ..engine.onnxruntime_runner import create_session, run_session
-from ..engine.postprocess import decision_flipped, postprocess
+from trufor_trt.engine.onnxruntime_runner import create_session, run_session
+from trufor_trt.engine.postprocess import decision_flipped, postprocess
 
 OUTPUTS = ("map", "conf", "score", "np++")
 

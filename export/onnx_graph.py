@@ -2,19 +2,17 @@
 
 import tempfile
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 
 import onnx
 import torch
 
-from ..architecture import CONFIDENCE_CLASSES, DECODER_DIM, EMBED_DIMS, LOCALIZATION_CLASSES
-from ..engine.onnxruntime_runner import COARSE, WIDENED
-from ..engine.runner import INPUT_NAME, OUTPUT_NAMES
-from ..graphsurgeon import quiet_graphsurgeon
-from ..model.attention import attention_form
-from ..model.decoder import DecoderPair, split_logits
-from ..model.formulation import for_onnxruntime
+from trufor_trt.architecture import CONFIDENCE_CLASSES, DECODER_DIM, EMBED_DIMS, LOCALIZATION_CLASSES
+from trufor_trt.engine.onnxruntime_runner import COARSE, WIDENED
+from trufor_trt.engine.runner import INPUT_NAME, OUTPUT_NAMES
+from trufor_trt.graphsurgeon import quiet_graphsurgeon
+from trufor_trt.model.decoder import DecoderPair, split_logits
+from trufor_trt.model.formulation import Formulation, traced_for
 
 DEFAULT_OPSET = 18  # Reduce* axes become inputs (initializers); TensorRT 10.3 parses 9..20
 SUPPORTED_OPSETS = range(17, 21)  # 17 brings LayerNormalization; 20 is TensorRT 10.3's newest
@@ -50,9 +48,9 @@ PART_IO = {
 
 
 class _Part(torch.nn.Module):
-    def __init__(self, network):
+    def __init__(self, network, form: Formulation):
         super().__init__()
-        self.network = network
+        self.network, self.form = network, form
 
     def pair(self) -> DecoderPair:
         return DecoderPair.of((self.network.decode_head, self.network.decode_head_conf))
@@ -65,7 +63,7 @@ class _NoiseprintPart(_Part):
 
 class _FeaturesPart(_Part):
     def forward(self, image, noiseprint):
-        return tuple(scale.permute(0, 2, 3, 1) for scale in self.network.features(image, noiseprint))
+        return tuple(scale.permute(0, 2, 3, 1) for scale in self.network.features(image, noiseprint, self.form))
 
 
 class _DecoderMapsPart(_Part):
@@ -80,9 +78,12 @@ class _DecoderBandPart(_Part):
         return split_logits(self.pair().band_logits(c1_rows, widened, vertical))
 
 
-def _part_module(network, part: str) -> torch.nn.Module:
-    return {"whole": network, "noiseprint": _NoiseprintPart(network), "features": _FeaturesPart(network),
-            "decoder-maps": _DecoderMapsPart(network), "decoder-band": _DecoderBandPart(network)}[part]
+def _part_module(network, part: str, form: Formulation) -> torch.nn.Module:
+    if part == "whole":
+        return network.traced_as(form)  # not wrapped: the graph's node names stay the network's
+    parts = {"noiseprint": _NoiseprintPart, "features": _FeaturesPart, "decoder-maps": _DecoderMapsPart,
+             "decoder-band": _DecoderBandPart}
+    return parts[part](network, form)
 
 
 def _examples(part: str) -> tuple:
@@ -124,10 +125,9 @@ def _trace_to_onnx(network, path: Path, attention: str, opset: int, part: str) -
     examples = _examples(part)
     has_attention = part in ("whole", "features")
     custom = {ORT_CONTRIB_DOMAIN: 1} if attention == "onnxruntime" and has_attention else None
-    layout = for_onnxruntime() if attention == "onnxruntime" else nullcontext()
-    with attention_form(attention), layout, torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(_part_module(network, part), examples, str(path), dynamo=False,
+        torch.onnx.export(_part_module(network, part, traced_for(attention)), examples, str(path), dynamo=False,
                           opset_version=opset, input_names=list(inputs), output_names=list(outputs),
                           dynamic_axes=_dynamic_axes(part), custom_opsets=custom,
                           do_constant_folding=True)

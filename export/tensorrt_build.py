@@ -8,13 +8,14 @@ graph holds. The TensorRT calls are the documented Python API of 10.0 through 11
 import time
 from pathlib import Path
 
-from ..engine.cuda import cuda_layer
-from ..engine.model_dir import ModelDir
-from ..engine.runner import INPUT_NAME
-from ..engine.tensorrt_plan import (BuildSettings, EngineError, Profile, Sidecar, build_settings,
-                                    engine_path, profile_from_options, sidecar_path)
-from ..engine.tensorrt_runner import import_tensorrt, tensorrt_logger
-from ..files import sha256_bytes, sha256_file, write_atomically
+from trufor_trt.engine.cuda_layer import cuda_layer
+from trufor_trt.engine.model_dir import ModelDir
+from trufor_trt.engine.runner import INPUT_NAME
+from trufor_trt.engine.tensorrt_plan import (BuildSettings, Profile, Sidecar, build_settings, engine_path,
+                                             profile_from_options, sidecar_path)
+from trufor_trt.engine.tensorrt_runner import import_tensorrt, tensorrt_logger
+from trufor_trt.errors import EngineError
+from trufor_trt.files import sha256_bytes, sha256_file, write_atomically
 
 
 def _network_flags(trt) -> int:

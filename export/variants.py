@@ -11,14 +11,14 @@ from pathlib import Path
 
 import onnx
 
-from ..calibration.images import load_calibration_set
-from ..engine.model_dir import MANIFEST_FILE, GraphVariant, ModelDir
-from ..errors import TruforError
-from ..files import sha256_file, write_atomically
-from ..precision.flops import flops_by_precision
-from ..precision.typing_check import precision_problems
-from .fp16_plan import FLOP_SIZE
-from .measure import worst_by_output
+from trufor_trt.calibration.images import load_calibration_set
+from trufor_trt.engine.model_dir import MANIFEST_FILE, GraphVariant, ModelDir
+from trufor_trt.errors import TruforError
+from trufor_trt.files import sha256_file, write_atomically
+from trufor_trt.precision.flops import flops_by_precision
+from trufor_trt.precision.typing_check import precision_problems
+from trufor_trt.export.fp16_plan import FLOP_SIZE
+from trufor_trt.export.measure import worst_by_output
 
 
 REDUCED_VARIANTS = {
@@ -34,13 +34,13 @@ def _build(model: ModelDir, precision: str, fp32_path: Path, fp32: onnx.ModelPro
     """(graph, names of its float16 nodes, manifest details, deviation by size: "crops" and each
     full-size image's HxW, as the plan measured its final graph)."""
     if precision == "fp16":
-        from .fp16_plan import lower_plan, plan_fp16
+        from trufor_trt.export.fp16_plan import lower_plan, plan_fp16
 
         plan = plan_fp16(fp32, inputs, head, large_inputs=large, on_step=on_step)
         graph, half_nodes = lower_plan(fp32, plan.half_nodes, plan.conv_forms, plan.centers)
         return graph, half_nodes, {"fp16_plan": plan.report()}, plan.deviation_by_size
-    from .fp16_plan import recorded_plan
-    from .int8_plan import plan_int8
+    from trufor_trt.export.fp16_plan import recorded_plan
+    from trufor_trt.export.int8_plan import plan_int8
 
     fp16 = model.manifest["variants"].get("fp16", {}).get("fp16_plan")
     if fp16 is None or "units" not in fp16:

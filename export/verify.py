@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..engine.model_dir import CPU_VARIANT, VARIANTS
-from ..engine.onnxruntime_runner import CpuSessions, create_session, run_session
-from ..engine.preprocess import prepare_input
-from ..engine.runner import OUTPUT_NAMES, RawOutputs
-from ..errors import TruforError
-from .synthetic import synthetic_image
+from trufor_trt.engine.model_dir import CPU_VARIANT, VARIANTS
+from trufor_trt.engine.onnxruntime_runner import CpuSessions, create_session, run_session
+from trufor_trt.engine.preprocess import prepare_input
+from trufor_trt.engine.runner import OUTPUT_NAMES, RawOutputs
+from trufor_trt.errors import TruforError
+from trufor_trt.export.synthetic import synthetic_image
 
 VERIFY_SIZES = ((61, 83), (96, 128))
 # The CPU graphs are verified as the runner runs them, in several row bands of each kind (the

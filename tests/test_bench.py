@@ -50,13 +50,13 @@ def test_flop_count_equals_pytorchs_counter_on_our_network_at_an_odd_size(checkp
     from torch.utils.flop_counter import FlopCounterMode
 
     from trufor_trt.model import load_trufor
-    from trufor_trt.model.formulation import official
+    from trufor_trt.model.formulation import OFFICIAL
 
     network = load_trufor(checkpoint_seed0)
     # The official formulation: explicit attention products (the counter does not see the CPU
     # flash kernel's) and the unfolded decoders.
-    with torch.inference_mode(), official(), FlopCounterMode(display=False) as counter:
-        network(torch.rand(1, 3, 61, 83))
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        network(torch.rand(1, 3, 61, 83), OFFICIAL)
     assert network_flops(61, 83)["total"] == counter.get_total_flops()
 
 

@@ -28,8 +28,8 @@ LARGE_IMAGE = IMAGES_DIR / "tampered1.png"  # 1536 x 2048, the official RGBA tes
 
 
 def _layer(name: str):
-    from trufor_trt.engine.cuda import cuda_layer
-    from trufor_trt.engine.tensorrt_plan import EngineError
+    from trufor_trt.engine.cuda_layer import cuda_layer
+    from trufor_trt.errors import EngineError
 
     try:
         return cuda_layer(name)
@@ -49,7 +49,7 @@ def torch_cuda():
 
 @pytest.fixture(scope="session")
 def tensorrt_ready():
-    from trufor_trt.engine.tensorrt_plan import EngineError
+    from trufor_trt.errors import EngineError
     from trufor_trt.engine.tensorrt_runner import import_tensorrt
 
     try:

@@ -63,8 +63,8 @@ def test_build_with_a_broken_tensorrt_says_so_in_one_line(broken_site, tmp_path)
 
 
 def test_the_cuda_layer_reports_a_broken_pycuda_in_one_line(broken_site):
-    probe = ("from trufor_trt.engine.cuda import cuda_layer\n"
-             "from trufor_trt.engine.tensorrt_plan import EngineError\n"
+    probe = ("from trufor_trt.engine.cuda_layer import cuda_layer\n"
+             "from trufor_trt.errors import EngineError\n"
              "try:\n    cuda_layer()\nexcept EngineError as exc:\n    print(exc)\n")
     environment = {**os.environ, "PYTHONPATH": str(broken_site)}
     printed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,

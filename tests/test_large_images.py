@@ -20,7 +20,7 @@ from trufor_trt.engine.preprocess import prepare_input
 from trufor_trt.export.synthetic import synthetic_image
 from trufor_trt.export.verify import raw_deviation
 from trufor_trt.model import load_trufor
-from trufor_trt.model.formulation import for_onnxruntime, in_bands, official
+from trufor_trt.model.formulation import OFFICIAL, Formulation, in_bands
 
 from conftest import IMAGES_DIR
 
@@ -65,10 +65,8 @@ def test_bounded_formulation_equals_the_official_one_in_float64(float64_network,
     and 3) change nothing but float reassociation."""
     image = torch.from_numpy(prepare_input(synthetic_image(107, 141, seed=5), np.float64))
     with torch.inference_mode():
-        with official():
-            expected = float64_network(image)
-        with in_bands(noiseprint_rows, decoder_rows):
-            bounded = float64_network(image)
+        expected = float64_network(image, OFFICIAL)
+        bounded = float64_network(image, in_bands(noiseprint_rows, decoder_rows))
     for ours, theirs in zip(bounded, expected):
         assert float((ours - theirs).abs().max()) < 1e-11
 
@@ -79,8 +77,7 @@ def test_onnxruntime_layout_changes_nothing_but_float_reassociation(float64_netw
     image = torch.from_numpy(prepare_input(synthetic_image(107, 141, seed=6), np.float64))
     with torch.inference_mode():
         expected = float64_network(image)
-        with for_onnxruntime():
-            relaid = float64_network(image)
+        relaid = float64_network(image, Formulation(onnxruntime_layout=True))
     for ours, theirs in zip(relaid, expected):
         assert float((ours - theirs).abs().max()) < 1e-11
 

@@ -6,6 +6,10 @@ direction of the arrows between the package's parts.
 """
 
 import ast
+import json
+import re
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -125,3 +129,57 @@ def test_no_circle_between_the_parts_of_the_package(imports):
 
     circles = sorted(part for part in edges if reaches(part, part))
     assert not circles
+
+
+def _circle_through(imports: dict, start: str) -> list:
+    """A chain of imports from `start` back to itself, or []."""
+    def walk(module, chain):
+        for target in sorted(imports.get(module, ())):
+            if target == start:
+                return [*chain, target]
+            if target not in chain:
+                found = walk(target, [*chain, target])
+                if found:
+                    return found
+        return []
+
+    return walk(start, [start])
+
+
+def test_no_module_imports_itself_through_others(imports):
+    """Module by module, counting the imports inside functions: a circle there is a design
+    smell even where Python copes (the deferred import hides it)."""
+    own = {module: {target for target in targets if target != module and target != PACKAGE}
+           for module, targets in imports.items()}
+    circles = [" -> ".join(chain) for module in sorted(own) if (chain := _circle_through(own, module))]
+    assert not circles
+
+
+def test_the_circle_finder_finds_a_circle():
+    assert _circle_through({"a": {"b"}, "b": {"c"}, "c": {"a"}}, "a") == ["a", "b", "c", "a"]
+    assert _circle_through({"a": {"b"}, "b": set()}, "a") == []
+
+
+PROJECT_IMPORT = re.compile(r'Import "(\.|trufor_trt\b)')
+
+
+def test_pyright_resolves_every_import_of_the_projects_own_modules():
+    """What an editor or type checker sees: run from the checkout, pyright must resolve every
+    `trufor_trt...` import (the stage folders install as trufor_trt.engine etc.)."""
+    pyright = shutil.which("pyright")
+    if pyright is None:
+        pytest.skip("pyright is not installed (the dev extra installs it)")
+    try:
+        finished = subprocess.run([pyright, "--outputjson"], cwd=REPO, capture_output=True, text=True,
+                                  timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"pyright did not run here: {exc}")
+    try:
+        report = json.loads(finished.stdout)
+    except json.JSONDecodeError:
+        pytest.skip(f"pyright did not run here: {finished.stderr.strip()[:200]}")
+    assert report["summary"]["filesAnalyzed"] > 100  # it read the project, not an empty folder
+    unresolved = [f"{Path(item['file']).relative_to(REPO)}:{item['range']['start']['line'] + 1}: {item['message']}"
+                  for item in report["generalDiagnostics"]
+                  if item.get("rule") == "reportMissingImports" and PROJECT_IMPORT.search(item["message"])]
+    assert not unresolved

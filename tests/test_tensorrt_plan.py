@@ -10,10 +10,12 @@ import pytest
 from typer.testing import CliRunner
 
 from trufor_trt.cli import app
-from trufor_trt.engine.tensorrt_plan import (DEFAULT_PROFILES, IO_CONTRACT, EngineError, Gpu, Profile,
-                                             Sidecar, build_command, build_settings, engine_path,
-                                             find_engines, io_contract_problems, parse_shape,
+from trufor_trt.engine.cuda import Gpu
+from trufor_trt.engine.tensorrt_plan import (DEFAULT_PROFILES, IO_CONTRACT, Profile, Sidecar, build_command,
+                                             build_settings, engine_path, find_engines, io_contract_problems,
                                              profile_from_options, sidecar_path, survey_engines)
+from trufor_trt.errors import EngineError, TruforError
+from trufor_trt.shapes import parse_shape
 from trufor_trt.engine.tensorrt_runner import output_shape
 from trufor_trt.files import sha256_bytes
 
@@ -28,7 +30,7 @@ def test_shapes_parse(text, shape):
 
 @pytest.mark.parametrize("text", ["1024", "28x100", "axb", "100x100x3"])
 def test_bad_shapes_are_refused(text):
-    with pytest.raises(EngineError):
+    with pytest.raises(TruforError):
         parse_shape(text)
 
 

@@ -1,3 +1,3 @@
-from .cli import run
+from trufor_trt.cli import run
 
 run()

@@ -13,6 +13,8 @@ MLP_RATIO = 4
 # Patch embeddings: 7x7 stride 4 into stage 1, then 3x3 stride 2 (padding kernel // 2).
 PATCH_KERNELS = (7, 3, 3, 3)
 PATCH_STRIDES = (4, 2, 2, 2)
+# The smallest image side: stage 1's spatial-reduction convolution (8x8, stride 8) needs an 8x8 grid.
+MIN_SIDE = 29
 
 # Noiseprint++: a 17-layer DnCNN of 3x3 convolutions, 64 features.
 NOISEPRINT_LAYERS = 17

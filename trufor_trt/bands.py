@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .architecture import NOISEPRINT_LAYERS
+from trufor_trt.architecture import NOISEPRINT_LAYERS
 
 # Each 3x3 layer of Noiseprint++ sees one pixel further.
 NOISEPRINT_HALO = NOISEPRINT_LAYERS

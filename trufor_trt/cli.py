@@ -20,19 +20,19 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from rich.table import Table
 
-from . import __version__
-from .batch.analyze import AnalyzeOptions
-from .batch.inputs import expand_inputs, output_folder_problem
-from .batch.provenance import not_official_warning
-from .batch.records import RESULTS_FILE
-from .batch.results_log import OutputFolderBusy, ResultsLogError, SummaryError, check_not_busy
-from .batch.summary import SUMMARY_FILE
-from .engine import create_runner, pick_backend
-from .engine.decode import DEFAULT_MAX_PIXELS, separate_python_stderr
-from .errors import RunnerFailure, TruforError
-from .files import sha256_file
-from .installed import install_command
-from .signals import halt_on_signals, stop_on_signals
+from trufor_trt import __version__
+from trufor_trt.batch.analyze import AnalyzeOptions
+from trufor_trt.batch.inputs import expand_inputs, output_folder_problem
+from trufor_trt.batch.provenance import not_official_warning
+from trufor_trt.batch.records import RESULTS_FILE
+from trufor_trt.batch.results_log import OutputFolderBusy, ResultsLogError, SummaryError, check_not_busy
+from trufor_trt.batch.summary import SUMMARY_FILE
+from trufor_trt.engine import create_runner, pick_backend
+from trufor_trt.engine.decode import DEFAULT_MAX_PIXELS, separate_python_stderr
+from trufor_trt.errors import RunnerFailure, TruforError
+from trufor_trt.files import sha256_file
+from trufor_trt.installed import install_command
+from trufor_trt.signals import halt_on_signals, stop_on_signals
 
 EXIT_FAILED = 1
 EXIT_SETUP = 2
@@ -120,8 +120,8 @@ def export(
         fail_setup(f"--precision {precision.value} needs --calib-images DIR (real images)")
     _check_checkpoint(checkpoint)
     try:
-        from .engine.model_dir import ModelDir, ModelDirError
-        from .export.bundle import export_model_dir
+        from trufor_trt.engine.model_dir import ModelDir, ModelDirError
+        from trufor_trt.export.bundle import export_model_dir
 
         try:
             manifest = ModelDir.open(out, checkpoint_sha256=sha256_file(checkpoint)).manifest
@@ -135,9 +135,9 @@ def export(
             console.print(f"wrote {escape(str(out))} ({', '.join(manifest['variants'])}); worst logit deviation "
                           f"from the float64 network {worst:.2e}")
         if precision != Precision.fp32:
-            from .export.variants import add_precision_variant
+            from trufor_trt.export.variants import add_precision_variant
 
-            from .engine.tensorrt_plan import parse_shape
+            from trufor_trt.shapes import parse_shape
 
             entry = add_precision_variant(out, precision.value, calib_images, max_shape=parse_shape(max_shape),
                                           on_step=say)
@@ -194,13 +194,13 @@ def _check_not_busy(out: Path) -> None:
 
 def _open_model(model: Optional[Path], checkpoint: Optional[Path]):
     """The checked model folder for the ONNX backends: --model, else the cache for --checkpoint."""
-    from .engine.model_dir import ModelDir
+    from trufor_trt.engine.model_dir import ModelDir
 
     if model is not None:
         return ModelDir.open(model, checkpoint_sha256=sha256_file(checkpoint) if checkpoint else None)
     if checkpoint is None:
         fail_setup("give --model MODEL_DIR (from `trufor-trt export`) or --checkpoint FILE")
-    from .export.cache import cached_model_dir
+    from trufor_trt.export.cache import cached_model_dir
 
     return cached_model_dir(checkpoint, on_step=say)
 
@@ -214,7 +214,7 @@ def _load_runners(backend: str, model: Optional[Path], checkpoint: Optional[Path
 
     runners = []
     try:
-        from .engine.memory_budget import parse_memory, physical_memory
+        from trufor_trt.engine.memory_budget import parse_memory, physical_memory
 
         budget = parse_memory(max_memory) if max_memory else None
         if backend != "torch":
@@ -261,7 +261,7 @@ def _load_runner(backend: str, model: Optional[Path], checkpoint: Optional[Path]
 
 def _in_this_process(jobs: list, runners: list, options: AnalyzeOptions, batch: int):
     """analyze's batch on loaded runners: a function (on_record, halt) -> records per status."""
-    from .batch.pipeline import analyze_batch
+    from trufor_trt.batch.pipeline import analyze_batch
 
     def analyse(on_record, halt):
         try:
@@ -276,8 +276,8 @@ def _ray_runner_spec(backend: str, model: Optional[Path], checkpoint: Optional[P
     """What each Ray actor loads: the backend resolved here, paths as this process sees them."""
     import os
 
-    from .cluster.ray_analyze import RunnerSpec
-    from .engine.memory_budget import parse_memory
+    from trufor_trt.cluster.ray_analyze import RunnerSpec
+    from trufor_trt.engine.memory_budget import parse_memory
 
     try:
         budget = parse_memory(max_memory) if max_memory else None
@@ -304,7 +304,7 @@ def _on_ray(jobs: list, address: str, spec, options: AnalyzeOptions, workers: in
         importlib.import_module("ray.data")  # here, so that a missing extra is a setup error
     except ModuleNotFoundError as exc:
         fail_setup(_missing_package(exc))
-    from .cluster.ray_analyze import analyze_on_ray
+    from trufor_trt.cluster.ray_analyze import analyze_on_ray
 
     def started(actors: int, needs: dict) -> None:
         each = ", ".join(f"{value} {name.removeprefix('num_').upper()}" for name, value in needs.items())
@@ -467,7 +467,7 @@ def _run_batch(analyse, total: int, what: str, quiet: bool, out: Path):
 
 
 def _write_report(out: Path, page: Optional[Path]) -> None:
-    from .batch.report import build_report
+    from trufor_trt.batch.report import build_report
 
     try:
         written = build_report(out, page)
@@ -491,7 +491,7 @@ def _check_watch_folders(inbox: Path, folders: dict) -> None:
     files would be watched too) nor each other."""
     if not inbox.is_dir():
         fail_setup(f"INBOX {inbox}: " + ("not a folder" if inbox.exists() else "no such folder"))
-    from .service.inbox import is_inside
+    from trufor_trt.service.inbox import is_inside
 
     for option, folder in folders.items():
         if is_inside(folder, inbox):
@@ -527,7 +527,7 @@ def watch(
     """Analyse every image that appears in INBOX (and those there at start), one runner kept
     loaded; SIGTERM / Ctrl-C stop after the image in hand. A restart after a crash neither loses
     nor repeats an image: the outputs and results.jsonl are the record."""
-    from .service.watch import Watch, WatchOptions
+    from trufor_trt.service.watch import Watch, WatchOptions
 
     folders = {option: folder for option, folder in (("--out", out), ("--done", done), ("--failed", failed))
                if folder is not None}
@@ -587,13 +587,13 @@ def serve(
 ) -> None:
     """HTTP API: POST /v1/analyze (the image as the body or multipart field "image"; ?outputs=map
     adds the maps), GET /healthz, /readyz, /metrics. One runner, one inference at a time."""
-    from .engine.memory_budget import parse_memory
-    from .service.serve import is_loopback, serve_app
+    from trufor_trt.engine.memory_budget import parse_memory
+    from trufor_trt.service.serve import is_loopback, serve_app
 
     if not is_loopback(host) and not token:
         fail_setup(f"--host {host} is reachable from other machines: give --token (or TRUFOR_TRT_TOKEN)")
     try:
-        from .service.http_app import ServeSettings, create_app
+        from trufor_trt.service.http_app import ServeSettings, create_app
 
         settings = ServeSettings(AnalyzeOptions(out_dir=out, save_noiseprint=save_noiseprint,
                                                 write_png=not no_png, overwrite=True, max_pixels=max_pixels),
@@ -621,7 +621,7 @@ def serve(
 
 
 def _selftest_table(report) -> Table:
-    from .selftest import bounds_for
+    from trufor_trt.selftest import bounds_for
 
     table = Table(title=f"selftest: {report.backend} {report.precision} vs the float64 PyTorch "
                         "network (max abs)")
@@ -648,7 +648,7 @@ def selftest(
     (with --backend tensorrt: a small-profile engine built on this GPU)."""
     chosen = "onnxruntime" if backend == Backend.auto else backend.value
     try:
-        from .selftest import run_selftest
+        from trufor_trt.selftest import run_selftest
 
         report = run_selftest(chosen, precision=precision.value, seed=seed, on_step=say)
     except TruforError as exc:
@@ -704,7 +704,7 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("list")
 def cache_list() -> None:
     """Each cached model folder and checkpoint: size, and whether it is usable."""
-    from .export.cache import cache_entries, cache_root
+    from trufor_trt.export.cache import cache_entries, cache_root
 
     entries = cache_entries()
     for entry in entries:
@@ -716,7 +716,7 @@ def cache_list() -> None:
 @cache_app.command("clean")
 def cache_clean() -> None:
     """Remove every cached model folder and checkpoint (they are made again when needed)."""
-    from .export.cache import cache_root, clean_cache
+    from trufor_trt.export.cache import cache_root, clean_cache
 
     freed = clean_cache()
     typer.echo(f"freed {freed / 2 ** 20:.0f} MiB in {cache_root()}")
@@ -730,7 +730,7 @@ def doctor(
     """What this machine can run: packages, GPUs, CUDA, TensorRT, each backend and why not."""
     import json
 
-    from .doctor import diagnose
+    from trufor_trt.doctor import diagnose
 
     report = diagnose(model)
     if json_output:
@@ -761,7 +761,7 @@ def build(
     if len(chosen) != 1:
         fail_setup("choose exactly one of --fp16, --int8, --fp32")
     try:
-        from .export.tensorrt_build import build_engine
+        from trufor_trt.export.tensorrt_build import build_engine
 
         engine = build_engine(model, chosen[0], workspace_gib=workspace, timing_cache_path=timing_cache,
                               min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape, max_batch=max_batch,
@@ -800,8 +800,8 @@ def _print_validation(report) -> None:
 
 
 def _map_budgets() -> dict:
-    from .calibration.int8 import INT8_TARGET
-    from .export.fp16_plan import FP16_BUDGET
+    from trufor_trt.calibration.int8 import INT8_TARGET
+    from trufor_trt.export.fp16_plan import FP16_BUDGET
 
     return {"fp16": FP16_BUDGET["map"], "int8": INT8_TARGET["map"]}
 
@@ -822,8 +822,8 @@ def validate(
     """Faithfulness of engines or graph variants against the FP32 reference, per image and size."""
     import json
 
-    from .files import write_atomically
-    from .validate import plot_deviation, reports_json, validate as run_validation
+    from trufor_trt.files import write_atomically
+    from trufor_trt.validate import plot_deviation, reports_json, validate as run_validation
 
     chosen = list(dict.fromkeys(precision.value for precision in precisions or []))
     _check_checkpoint(checkpoint)
@@ -877,13 +877,13 @@ def bench(
     """Benchmark per stage: latency (SingleStream), throughput (Offline), memory, FLOP/s."""
     import json
 
-    from .files import write_atomically
+    from trufor_trt.files import write_atomically
 
     if compare not in (None, "torch"):
         fail_setup(f"--compare {compare}: only torch (the PyTorch reference) can be compared")
     try:
-        from .benchmarks.bench import BenchOptions, parse_sizes, run_bench
-        from .benchmarks.report import print_tables, write_markdown, write_plot
+        from trufor_trt.benchmarks.bench import BenchOptions, parse_sizes, run_bench
+        from trufor_trt.benchmarks.report import print_tables, write_markdown, write_plot
 
         options = BenchOptions(model=model, checkpoint=checkpoint, backend=backend.value,
                                precision=precision.value, sizes=parse_sizes(sizes), images=images,

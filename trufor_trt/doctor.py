@@ -9,9 +9,9 @@ import platform
 import sys
 from pathlib import Path
 
-from . import __version__
-from .errors import TruforError, one_line
-from .installed import distribution_versions, install_command
+from trufor_trt import __version__
+from trufor_trt.errors import EngineError, TruforError, one_line
+from trufor_trt.installed import distribution_versions, install_command
 
 # Distributions worth naming in a report; what to install for each backend that is missing.
 DISTRIBUTIONS = ("numpy", "opencv-python-headless", "typer", "rich", "onnxruntime", "onnx",
@@ -28,7 +28,7 @@ def _one_line(exc: BaseException) -> str:
 def _cuda_report() -> dict:
     """The CUDA layer in use and each GPU it sees, or why there is none."""
     try:
-        from .engine.cuda import cuda_layer
+        from trufor_trt.engine.cuda_layer import cuda_layer
 
         layer = cuda_layer()
         gpus = []
@@ -46,8 +46,8 @@ def _cuda_report() -> dict:
 
 def _tensorrt_report(cuda: dict) -> dict:
     try:
-        from .engine.tensorrt_plan import build_settings
-        from .engine.tensorrt_runner import import_tensorrt
+        from trufor_trt.engine.tensorrt_plan import build_settings
+        from trufor_trt.engine.tensorrt_runner import import_tensorrt
 
         version = import_tensorrt().__version__
         build_settings(version)  # refuses releases older than 10.0
@@ -87,9 +87,9 @@ def _backends(cuda: dict, tensorrt: dict) -> dict:
 
 def _engine_entries(model_dir: Path, here: tuple) -> list:
     """Every engine in the folder, and whether it can run on this GPU and TensorRT."""
-    from .engine.model_dir import ModelDir
-    from .files import sha256_file
-    from .engine.tensorrt_plan import ENGINES_FOLDER, EngineError, Sidecar, sidecar_path
+    from trufor_trt.engine.model_dir import ModelDir
+    from trufor_trt.files import sha256_file
+    from trufor_trt.engine.tensorrt_plan import ENGINES_FOLDER, Sidecar, sidecar_path
 
     model = ModelDir.open(model_dir)
     entries = []
@@ -112,7 +112,7 @@ def _engine_entries(model_dir: Path, here: tuple) -> list:
 
 
 def _model_report(model_dir: Path, backends: dict) -> dict:
-    from .engine.model_dir import ModelDir
+    from trufor_trt.engine.model_dir import ModelDir
 
     try:
         manifest = ModelDir.open(model_dir).manifest
@@ -120,8 +120,8 @@ def _model_report(model_dir: Path, backends: dict) -> dict:
         return {"path": str(model_dir), "ok": False, "problem": _one_line(exc)}
     here = None
     if backends["tensorrt"]["usable"]:
-        from .engine.cuda import gpu_info
-        from .engine.tensorrt_runner import import_tensorrt
+        from trufor_trt.engine.cuda_layer import gpu_info
+        from trufor_trt.engine.tensorrt_runner import import_tensorrt
 
         here = (gpu_info(), import_tensorrt().__version__)
     return {"path": str(model_dir), "ok": True, "problem": None,
@@ -137,8 +137,8 @@ def _largest_square_side(fits) -> int:
 
 
 def _cpu_memory_report() -> dict:
-    from .engine.memory_budget import physical_memory
-    from .engine.onnxruntime_runner import MEMORY
+    from trufor_trt.engine.memory_budget import physical_memory
+    from trufor_trt.engine.onnxruntime_runner import MEMORY
 
     physical = physical_memory()
     side = _largest_square_side(lambda side: MEMORY.refusal(side, side, physical) is None)

@@ -23,6 +23,10 @@ class CheckpointError(TruforError):
     """A checkpoint file is not a usable TruFor checkpoint."""
 
 
+class EngineError(TruforError):
+    """A TensorRT engine or the CUDA layer cannot be built or used here, with what to do about it."""
+
+
 def one_line(exc: BaseException) -> str:
     """Someone else's exception as one line: its type and the first line of its message."""
     lines = str(exc).strip().splitlines()

@@ -13,14 +13,14 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .batch.analyze import analyse_file
-from .engine import create_runner
-from .engine.postprocess import postprocess
-from .engine.preprocess import prepare_input
-from .engine.timing import StageClock
-from .errors import TruforError
-from .export.measure import output_errors
-from .export.synthetic import synthetic_image
+from trufor_trt.batch.analyze import analyse_file
+from trufor_trt.engine import create_runner
+from trufor_trt.engine.postprocess import postprocess
+from trufor_trt.engine.preprocess import prepare_input
+from trufor_trt.engine.timing import StageClock
+from trufor_trt.errors import TruforError
+from trufor_trt.export.measure import output_errors
+from trufor_trt.export.synthetic import synthetic_image
 
 SELFTEST_SIZES = ((45, 67), (61, 83), (97, 130))
 # The core issue's floors on the published outputs (max abs).
@@ -78,7 +78,7 @@ def write_random_checkpoint(path: Path, seed: int) -> None:
     """The official file layout ({"state_dict": ...}) with seeded random weights."""
     import torch
 
-    from .model import TruFor
+    from trufor_trt.model import TruFor
 
     generator = torch.Generator().manual_seed(seed)
     state = {name: value if not value.is_floating_point() else _random_value(name, value, generator)
@@ -100,14 +100,14 @@ def _write_calibration_images(folder: Path, seed: int) -> Path:
 def _prepare_model(backend: str, precision: str, checkpoint: Path, scratch: Path, clock: StageClock,
                    seed: int):
     """The model folder the backend runs (none for torch); for TensorRT, with its engine."""
-    from .export.bundle import export_model_dir
+    from trufor_trt.export.bundle import export_model_dir
 
     if backend == "torch":
         return None
     with clock.stage("export"):
         export_model_dir(checkpoint, scratch / "model", on_step=lambda message: None)
     if precision != "fp32":
-        from .export.variants import add_precision_variant
+        from trufor_trt.export.variants import add_precision_variant
 
         calibration = _write_calibration_images(scratch / "calibration", seed)
         # INT8 is planned on top of the FP16 plan.
@@ -115,8 +115,8 @@ def _prepare_model(backend: str, precision: str, checkpoint: Path, scratch: Path
             with clock.stage(f"{variant} variant"):
                 add_precision_variant(scratch / "model", variant, calibration, on_step=lambda message: None)
     if backend == "tensorrt":
-        from .engine.tensorrt_plan import Profile
-        from .export.tensorrt_build import build_engine
+        from trufor_trt.engine.tensorrt_plan import Profile
+        from trufor_trt.export.tensorrt_build import build_engine
 
         with clock.stage("engine build"):
             build_engine(scratch / "model", precision, Profile(*SELFTEST_PROFILE),
@@ -127,23 +127,23 @@ def _prepare_model(backend: str, precision: str, checkpoint: Path, scratch: Path
 def bounds_for(precision: str) -> dict:
     """FP32 backends: the core floors. FP16: the budget its variant was planned against."""
     if precision == "fp16":
-        from .export.fp16_plan import FP16_BUDGET
+        from trufor_trt.export.fp16_plan import FP16_BUDGET
 
         return FP16_BUDGET
     return BOUNDS
 
 
 def run_selftest(backend: str, precision: str = "fp32", seed: int = 0, on_step=print) -> SelftestReport:
-    from .export.verify import float64_reference
-    from .model import load_trufor
+    from trufor_trt.export.verify import float64_reference
+    from trufor_trt.model import load_trufor
 
     if precision == "int8":
         raise TruforError("selftest proves fp32 and fp16; judge int8 on real images with "
                           "`trufor-trt validate --precision int8 --images DIR`")
     if backend == "tensorrt":  # say what is missing before minutes of export
-        from .engine.cuda import gpu_info
-        from .engine.tensorrt_plan import build_settings
-        from .engine.tensorrt_runner import import_tensorrt
+        from trufor_trt.engine.cuda_layer import gpu_info
+        from trufor_trt.engine.tensorrt_plan import build_settings
+        from trufor_trt.engine.tensorrt_runner import import_tensorrt
 
         build_settings(import_tensorrt().__version__)
         gpu_info()

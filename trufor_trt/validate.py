@@ -14,13 +14,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .batch.inputs import expand_inputs
-from .engine import create_runner
-from .engine.decode import decode_image
-from .engine.postprocess import decision_flipped, postprocess
-from .engine.preprocess import prepare_input
-from .export.synthetic import synthetic_image
-from .files import write_atomically
+from trufor_trt.batch.inputs import expand_inputs
+from trufor_trt.engine import create_runner
+from trufor_trt.engine.decode import decode_image
+from trufor_trt.engine.postprocess import decision_flipped, postprocess
+from trufor_trt.engine.preprocess import prepare_input
+from trufor_trt.export.synthetic import synthetic_image
+from trufor_trt.files import write_atomically
 
 SYNTHETIC_SIZES = ((256, 256), (173, 229), (384, 256))
 
@@ -116,7 +116,7 @@ def compare(name: str, ours, reference) -> ImageReport:
 
 def _kernel_models(backend: str, precision: str) -> tuple:
     """The kernel models a candidate is measured under: each, where ONNX Runtime simulates float16."""
-    from .precision.kernel_models import KERNEL_MODELS
+    from trufor_trt.precision.kernel_models import KERNEL_MODELS
 
     return KERNEL_MODELS if backend == "onnxruntime" and precision != "fp32" else ("",)
 

@@ -15,17 +15,17 @@ from typing import Optional
 
 import numpy as np
 
-from ..engine.decode import DEFAULT_MAX_PIXELS, decode_bytes, decode_image
-from ..engine.postprocess import Analysis, postprocess
-from ..engine.preprocess import prepare_input
-from ..engine.runner import RawOutputs, Runner
-from ..engine.timing import StageClock
-from ..errors import RunnerFailure, TruforError, one_line
-from ..files import sha256_file
-from .inputs import ImageJob
-from .outputs import OutputNameError, OutputPaths, write_unit
-from .provenance import input_sha256, provenance, read_saved, why_redo
-from .records import utc_now
+from trufor_trt.engine.decode import DEFAULT_MAX_PIXELS, decode_bytes, decode_image
+from trufor_trt.engine.postprocess import Analysis, postprocess
+from trufor_trt.engine.preprocess import prepare_input
+from trufor_trt.engine.runner import RawOutputs, Runner
+from trufor_trt.engine.timing import StageClock
+from trufor_trt.errors import RunnerFailure, TruforError, one_line
+from trufor_trt.files import sha256_file
+from trufor_trt.batch.inputs import ImageJob
+from trufor_trt.batch.outputs import OutputNameError, OutputPaths, write_unit
+from trufor_trt.batch.provenance import input_sha256, provenance, read_saved, why_redo
+from trufor_trt.batch.records import utc_now
 
 
 @dataclass(frozen=True)

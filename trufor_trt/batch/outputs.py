@@ -17,10 +17,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..engine.postprocess import Analysis
-from ..errors import TruforError
-from ..files import sha256_bytes, write_atomically
-from .provenance import PROVENANCE_KEY, provenance_array
+from trufor_trt.engine.postprocess import Analysis
+from trufor_trt.errors import TruforError
+from trufor_trt.files import sha256_bytes, write_atomically
+from trufor_trt.batch.provenance import PROVENANCE_KEY, provenance_array
 
 OVERLAY_OPACITY = 0.6  # opacity of the heatmap where the map is 1
 NPZ_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip member can carry

@@ -17,12 +17,12 @@ import time
 from collections import Counter
 from typing import Callable, Iterable, Optional
 
-from ..engine.runner import Runner
-from ..engine.timing import StageClock
-from .analyze import AnalyzeOptions, ImageInFlight, JobResult, decode_job, finish_job, infer_jobs, open_job
-from .inputs import ImageJob
-from .records import RecordIndex, utc_now
-from .results_log import ResultsLog
+from trufor_trt.engine.runner import Runner
+from trufor_trt.engine.timing import StageClock
+from trufor_trt.batch.analyze import AnalyzeOptions, ImageInFlight, JobResult, decode_job, finish_job, infer_jobs, open_job
+from trufor_trt.batch.inputs import ImageJob
+from trufor_trt.batch.records import RecordIndex, utc_now
+from trufor_trt.batch.results_log import ResultsLog
 
 POLL_S = 0.1
 QUEUE_DEPTH_PER_RUNNER = 2

@@ -14,8 +14,8 @@ from typing import Optional
 
 import numpy as np
 
-from .. import __version__
-from ..files import sha256_bytes, sha256_file
+from trufor_trt import __version__
+from trufor_trt.files import sha256_bytes, sha256_file
 
 PROVENANCE_KEY = "trufor_trt_provenance"
 # trufor.pth.tar from the TruFor authors' TruFor_weights.zip.

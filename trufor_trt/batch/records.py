@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .outputs import OutputNameError, safe_relative_name
+from trufor_trt.batch.outputs import OutputNameError, safe_relative_name
 
 RESULTS_FILE = "results.jsonl"
 STATUSES = ("ok", "skipped", "error")

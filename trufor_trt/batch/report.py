@@ -24,13 +24,13 @@ from typing import Optional
 import cv2
 import numpy as np
 
-from .. import __version__
-from ..engine.postprocess import DECISION_THRESHOLD
-from ..files import write_atomically
-from .outputs import encoded, heatmap_bgr, thumbnail_jpeg
-from .provenance import input_sha256
-from .records import RESULTS_FILE, RecordIndex, output_path, read_records
-from .summary import ImageRow, image_rows
+from trufor_trt import __version__
+from trufor_trt.engine.postprocess import DECISION_THRESHOLD
+from trufor_trt.files import write_atomically
+from trufor_trt.batch.outputs import encoded, heatmap_bgr, thumbnail_jpeg
+from trufor_trt.batch.provenance import input_sha256
+from trufor_trt.batch.records import RESULTS_FILE, RecordIndex, output_path, read_records
+from trufor_trt.batch.summary import ImageRow, image_rows
 
 REPORT_FILE = "report.html"
 THUMBNAILS = "report_files"

@@ -9,10 +9,10 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from ..errors import TruforError
-from ..files import remove_stale_temporaries
-from .records import RESULTS_FILE, RecordIndex, read_records
-from .summary import write_summary_csv
+from trufor_trt.errors import TruforError
+from trufor_trt.files import remove_stale_temporaries
+from trufor_trt.batch.records import RESULTS_FILE, RecordIndex, read_records
+from trufor_trt.batch.summary import write_summary_csv
 
 
 class OutputFolderBusy(TruforError):

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from ..files import sha256_file, write_atomically
-from .records import RecordIndex, npz_file, output_path
+from trufor_trt.files import sha256_file, write_atomically
+from trufor_trt.batch.records import RecordIndex, npz_file, output_path
 
 SUMMARY_FILE = "results.csv"
 COLUMNS = ("input", "status", "reason", "score", "height", "width", "backend", "precision", "official",

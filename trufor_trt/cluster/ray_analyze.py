@@ -20,12 +20,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..batch.analyze import AnalyzeOptions, open_job
-from ..batch.inputs import ImageJob
-from ..batch.pipeline import Pipeline, claim_output_names, name_taken_record
-from ..batch.results_log import ResultsLog
-from ..errors import RunnerFailure, TruforError
-from ..files import remove_stale_temporaries
+from trufor_trt.batch.analyze import AnalyzeOptions, open_job
+from trufor_trt.batch.inputs import ImageJob
+from trufor_trt.batch.pipeline import Pipeline, claim_output_names, name_taken_record
+from trufor_trt.batch.results_log import ResultsLog
+from trufor_trt.errors import RunnerFailure, TruforError
+from trufor_trt.files import remove_stale_temporaries
 
 LOCAL = "local"  # --ray local: start a Ray instance for this run on this machine
 IMAGES_PER_TASK = {"cpu": 1, "gpu": 4}  # a GPU actor's pipeline overlaps a few images
@@ -52,7 +52,7 @@ class RunnerSpec:
 
 def _memory_share(cpus: int) -> int:
     """An actor's share of its node's memory: as much as its share of the node's cores."""
-    from ..engine.memory_budget import physical_memory
+    from trufor_trt.engine.memory_budget import physical_memory
 
     return physical_memory() * min(cpus, os.cpu_count() or 1) // (os.cpu_count() or 1)
 
@@ -61,7 +61,7 @@ class AnalyzeImages:
     """The Ray Data actor: one runner, loaded once, for every batch of images it is handed."""
 
     def __init__(self, spec: RunnerSpec, options: AnalyzeOptions):
-        from ..engine import create_runner
+        from trufor_trt.engine import create_runner
 
         os.chdir(spec.folder)  # this process is the actor's alone
         self.options, self.batch = options, spec.batch

@@ -12,29 +12,10 @@ The math is the same in every form; what differs is how it reaches a graph:
   Runtime runs with its CPU flash-attention kernel in bounded memory.
 """
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 
-from .layers import merge_heads, split_heads
-
-FORMS = ("eager", "tensorrt", "onnxruntime")
-_current_form = "eager"
-
-
-@contextmanager
-def attention_form(form: str):
-    """Trace or run the network with one attention form (used around ONNX export)."""
-    global _current_form
-    if form not in FORMS:
-        raise ValueError(f"unknown attention form {form!r}")
-    previous, _current_form = _current_form, form
-    try:
-        yield
-    finally:
-        _current_form = previous
-
+from trufor_trt.model.layers import merge_heads, split_heads
 
 def _eager(query, key, value, heads: int, scale: float) -> torch.Tensor:
     return merge_heads(F.scaled_dot_product_attention(
@@ -61,11 +42,12 @@ class _OnnxRuntimeMultiHeadAttention(torch.autograd.Function):
         return output
 
 
-def multi_head_attention(query, key, value, heads: int, scale: float) -> torch.Tensor:
-    """query B x N x C, key and value B x L x C (heads side by side) -> B x N x C.
-    `scale` is a Python number so that no graph computes it from a traced shape."""
-    if _current_form == "tensorrt":
+def multi_head_attention(query, key, value, heads: int, scale: float, form: str) -> torch.Tensor:
+    """query B x N x C, key and value B x L x C (heads side by side) -> B x N x C, computed in
+    attention form `form` (Formulation.attention). `scale` is a Python number so that no
+    graph computes it from a traced shape."""
+    if form == "tensorrt":
         return _scaled_query_first(query, key, value, heads, scale)
-    if _current_form == "onnxruntime":
+    if form == "onnxruntime":
         return _OnnxRuntimeMultiHeadAttention.apply(query, key, value, heads, scale)
     return _eager(query, key, value, heads, scale)

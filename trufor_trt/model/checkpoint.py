@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CheckpointError
-from .trufor import TruFor
+from trufor_trt.errors import CheckpointError
+from trufor_trt.model.trufor import TruFor
 
 SHOWN_KEYS = 3  # how many offending keys a message names
 

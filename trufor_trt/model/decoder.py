@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..architecture import DECODER_DIM, EMBED_DIMS, LOCALIZATION_CLASSES
-from ..bands import decoder_groups
-from .formulation import decoders_folded
-from .layers import grid_to_tokens, resize_bilinear, tokens_to_grid
+from trufor_trt.architecture import DECODER_DIM, EMBED_DIMS, LOCALIZATION_CLASSES
+from trufor_trt.bands import decoder_groups
+from trufor_trt.model.formulation import Formulation
+from trufor_trt.model.layers import grid_to_tokens, resize_bilinear, tokens_to_grid
 
 # Quirk of the official training config: the localization head's BatchNorm uses eps 1e-3,
 # the confidence head keeps PyTorch's default.
@@ -38,9 +38,9 @@ class LinearEmbed(nn.Module):
         super().__init__()
         self.proj = nn.Linear(in_channels, DECODER_DIM)
 
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+    def forward(self, grid: torch.Tensor, form: Formulation) -> torch.Tensor:
         height, width = grid.shape[-2:]
-        return tokens_to_grid(self.proj(grid_to_tokens(grid)), height, width)
+        return tokens_to_grid(self.proj(grid_to_tokens(grid, form)), height, width, form)
 
 
 class DecoderHead(nn.Module):
@@ -55,11 +55,11 @@ class DecoderHead(nn.Module):
         )
         self.linear_pred = nn.Conv2d(DECODER_DIM, classes, 1)
 
-    def forward(self, features) -> torch.Tensor:
+    def forward(self, features, form: Formulation) -> torch.Tensor:
         """Four fused maps (1/4 .. 1/32) -> logits on the 1/4 grid."""
-        if decoders_folded():
+        if form.fold_decoders:
             return self.linear_pred(F.relu(self._folded_fuse(features), inplace=True))
-        return self._official(features)
+        return self._official(features, form)
 
     def _folded_maps(self):
         """Per scale (c4 .. c1) its Linear, linear_fuse's block for it and the eval BatchNorm
@@ -84,14 +84,14 @@ class DecoderHead(nn.Module):
             fused = fused.add_(resize_bilinear(F.conv2d(grid, weight), c1.shape[-2:]))  # in place
         return fused.add_(bias)
 
-    def _official(self, features) -> torch.Tensor:
+    def _official(self, features, form: Formulation) -> torch.Tensor:
         c1, c2, c3, c4 = features
         size = c1.shape[-2:]
         embedded = [
-            resize_bilinear(self.linear_c4(c4), size),
-            resize_bilinear(self.linear_c3(c3), size),
-            resize_bilinear(self.linear_c2(c2), size),
-            self.linear_c1(c1),
+            resize_bilinear(self.linear_c4(c4, form), size),
+            resize_bilinear(self.linear_c3(c3, form), size),
+            resize_bilinear(self.linear_c2(c2, form), size),
+            self.linear_c1(c1, form),
         ]
         return self.linear_pred(self.linear_fuse(torch.cat(embedded, dim=1)))
 

@@ -1,66 +1,48 @@
-"""How the network is computed, apart from what it computes.
+"""How the network is computed, apart from what it computes: one immutable value per run.
 
-By default the network runs in its bounded-memory formulation, exact up to float
-reassociation: decoders folded per scale (see decoder.py), Noiseprint++ and the decoders in
-row bands when band heights are set (see bands.py), attention in the backend's bounded form
-(attention.py).
-`for_onnxruntime()` is how the CPU graphs are traced: the same values, laid out for ONNX
-Runtime's CPU kernels (layers.py, mit.py); the TensorRT graph is traced without it.
-`official()` computes it as the official code does: explicit attention score matrices and
-the decoders' 2048-channel concatenation; the benchmarks' reference.
+A `Formulation` is passed into `TruFor.forward` (and on to every module that reads it); no
+module keeps a setting of its own, so two threads may run one network in two formulations.
+
+- `BOUNDED` (the default): bounded memory, exact up to float reassociation: decoders folded
+  per scale (decoder.py), attention in PyTorch's flash-style kernel (attention.py).
+- `in_bands(...)`: the same with Noiseprint++ and the decoders in row bands (bands.py).
+- `traced_for(attention)`: how the graphs are traced: the TensorRT graph with the explicit
+  attention pattern its fusion recognises, the CPU graphs with ONNX Runtime's attention node
+  and a layout for its CPU kernels (layers.py, mit.py).
+- `OFFICIAL`: as the official code computes it: explicit attention score matrices and the
+  decoders' 2048-channel concatenation; the benchmarks' reference.
 """
 
-from contextlib import contextmanager
+from dataclasses import dataclass, replace
 
-_settings = {"fold_decoders": True, "noiseprint_band_rows": None, "decoder_band_rows": None,
-             "onnxruntime_layout": False}
-
-
-def decoders_folded() -> bool:
-    return _settings["fold_decoders"]
+# eager: PyTorch's scaled_dot_product_attention; tensorrt: Mul -> MatMul -> Softmax -> MatMul;
+# onnxruntime: one com.microsoft.MultiHeadAttention node (attention.py).
+ATTENTION_FORMS = ("eager", "tensorrt", "onnxruntime")
 
 
-def noiseprint_band_rows():
-    """Rows of output per Noiseprint++ band, or None for the whole image at once."""
-    return _settings["noiseprint_band_rows"]
+@dataclass(frozen=True)
+class Formulation:
+    attention: str = "eager"
+    fold_decoders: bool = True
+    noiseprint_band_rows: int | None = None  # output rows per Noiseprint++ band; None: whole
+    decoder_band_rows: int | None = None  # 1/4-grid rows per decoder group; None: whole, folded
+    onnxruntime_layout: bool = False  # channels-last tokens, MixFFN on the grid
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_FORMS:
+            raise ValueError(f"unknown attention form {self.attention!r}")
 
 
-def decoder_band_rows():
-    """Rows of the 1/4 grid whose decoder maps are computed at once (bands.decoder_groups), or
-    None for the whole grid in the folded form."""
-    return _settings["decoder_band_rows"]
+BOUNDED = Formulation()
+OFFICIAL = Formulation(attention="tensorrt", fold_decoders=False)
 
 
-def onnxruntime_layout() -> bool:
-    """Trace for ONNX Runtime's CPU kernels: channels-last tokens, MixFFN on the grid."""
-    return _settings["onnxruntime_layout"]
+def in_bands(noiseprint_rows: int | None = None, decoder_rows: int | None = None) -> Formulation:
+    """Noiseprint++ `noiseprint_rows` output rows at a time, the decoders as the CPU graphs run
+    them, `decoder_rows` rows of the 1/4 grid per group (None: all at once, folded)."""
+    return replace(BOUNDED, noiseprint_band_rows=noiseprint_rows, decoder_band_rows=decoder_rows)
 
 
-@contextmanager
-def _with(**changes):
-    previous = dict(_settings)
-    _settings.update(changes)
-    try:
-        yield
-    finally:
-        _settings.update(previous)
-
-
-@contextmanager
-def official():
-    from .attention import attention_form  # (attention -> layers -> this module)
-
-    # The "tensorrt" attention form is the official computation: MatMul -> Softmax -> MatMul.
-    with attention_form("tensorrt"), _with(fold_decoders=False, noiseprint_band_rows=None,
-                                           decoder_band_rows=None):
-        yield
-
-
-def in_bands(noiseprint_rows=None, decoder_rows=None):
-    """Run Noiseprint++ `noiseprint_rows` output rows at a time and the decoders as the CPU
-    graphs do, `decoder_rows` rows of the 1/4 grid per group (None: all at once, folded)."""
-    return _with(noiseprint_band_rows=noiseprint_rows, decoder_band_rows=decoder_rows)
-
-
-def for_onnxruntime():
-    return _with(onnxruntime_layout=True)
+def traced_for(attention: str) -> Formulation:
+    """The formulation a graph with this attention form is traced in."""
+    return Formulation(attention=attention, onnxruntime_layout=attention == "onnxruntime")

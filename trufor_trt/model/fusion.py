@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import (grid_to_tokens, linear, merge_heads, pointwise, split_heads, split_key_value,
-                     tokens_to_grid)
+from trufor_trt.model.formulation import Formulation
+from trufor_trt.model.layers import (grid_to_tokens, linear, merge_heads, pointwise, split_heads, split_key_value,
+                                     tokens_to_grid)
 
 RECTIFY_WEIGHT = 0.5  # the official lambda_c and lambda_s
 FUSION_NORM_EPS = 1e-5
@@ -120,12 +121,12 @@ class CrossPath(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=FUSION_NORM_EPS)
         self.norm2 = nn.LayerNorm(dim, eps=FUSION_NORM_EPS)
 
-    def forward(self, first: torch.Tensor, second: torch.Tensor):
-        kept1, shared1 = F.relu(linear(self.channel_proj1, first)).chunk(2, dim=-1)
-        kept2, shared2 = F.relu(linear(self.channel_proj2, second)).chunk(2, dim=-1)
+    def forward(self, first: torch.Tensor, second: torch.Tensor, form: Formulation):
+        kept1, shared1 = F.relu(linear(self.channel_proj1, first, form)).chunk(2, dim=-1)
+        kept2, shared2 = F.relu(linear(self.channel_proj2, second, form)).chunk(2, dim=-1)
         crossed1, crossed2 = self.cross_attn(shared1, shared2)
-        first = self.norm1(first + linear(self.end_proj1, torch.cat((kept1, crossed1), dim=-1)))
-        second = self.norm2(second + linear(self.end_proj2, torch.cat((kept2, crossed2), dim=-1)))
+        first = self.norm1(first + linear(self.end_proj1, torch.cat((kept1, crossed1), dim=-1), form))
+        second = self.norm2(second + linear(self.end_proj2, torch.cat((kept2, crossed2), dim=-1), form))
         return first, second
 
 
@@ -154,11 +155,11 @@ class FeatureFusion(nn.Module):
         self.cross = CrossPath(dim, heads)
         self.channel_emb = ChannelEmbed(2 * dim, dim)
 
-    def forward(self, rgb: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def forward(self, rgb: torch.Tensor, noise: torch.Tensor, form: Formulation) -> torch.Tensor:
         height, width = rgb.shape[-2:]
-        return self.on_tokens(grid_to_tokens(rgb), grid_to_tokens(noise), height, width)
+        return self.on_tokens(grid_to_tokens(rgb, form), grid_to_tokens(noise, form), height, width, form)
 
-    def on_tokens(self, rgb: torch.Tensor, noise: torch.Tensor, height, width) -> torch.Tensor:
-        first, second = self.cross(rgb, noise)
-        merged = tokens_to_grid(torch.cat((first, second), dim=-1), height, width)
+    def on_tokens(self, rgb: torch.Tensor, noise: torch.Tensor, height, width, form: Formulation) -> torch.Tensor:
+        first, second = self.cross(rgb, noise, form)
+        merged = tokens_to_grid(torch.cat((first, second), dim=-1), height, width, form)
         return self.channel_emb(merged)

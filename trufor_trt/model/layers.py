@@ -3,33 +3,33 @@
 import torch
 import torch.nn.functional as F
 
-from .formulation import onnxruntime_layout
+from trufor_trt.model.formulation import Formulation
 
 
-def grid_to_tokens(grid: torch.Tensor, like: torch.Tensor = None) -> torch.Tensor:
+def grid_to_tokens(grid: torch.Tensor, form: Formulation, like: torch.Tensor | None = None) -> torch.Tensor:
     """B x C x H x W -> B x (H*W) x C. `like`: tokens with the result's batch and channels.
 
     For ONNX Runtime the grid is made channels-last first (one pass, which its convolutions'
     layout conversion absorbs, where the default order costs a separate transpose), and the
     token shape is read from `like` rather than from the grid: a convolution's output lives
     in ONNX Runtime's blocked layout, and reading its shape would convert it back in full."""
-    if not onnxruntime_layout():
+    if not form.onnxruntime_layout:
         return grid.flatten(2).transpose(1, 2)
     source = grid.shape[:2] if like is None else (like.shape[0], like.shape[2])
     return grid.permute(0, 2, 3, 1).reshape(source[0], -1, source[1])
 
 
-def tokens_to_grid(tokens: torch.Tensor, height, width) -> torch.Tensor:
+def tokens_to_grid(tokens: torch.Tensor, height, width, form: Formulation) -> torch.Tensor:
     """B x (H*W) x C -> B x C x H x W."""
-    if not onnxruntime_layout():
+    if not form.onnxruntime_layout:
         return tokens.transpose(1, 2).reshape(tokens.shape[0], -1, height, width)
     return tokens.reshape(tokens.shape[0], height, width, tokens.shape[2]).permute(0, 3, 1, 2)
 
 
-def linear(layer, tokens: torch.Tensor) -> torch.Tensor:
+def linear(layer, tokens: torch.Tensor, form: Formulation) -> torch.Tensor:
     """`layer(tokens)` for B x N x C tokens. For ONNX Runtime on the tokens as one matrix:
     its optimiser then joins the bias to the product (Gemm) instead of adding it after."""
-    if not onnxruntime_layout():
+    if not form.onnxruntime_layout:
         return layer(tokens)
     return _as_one_matrix(tokens, layer.weight, layer.bias)
 

@@ -5,9 +5,9 @@ Built as a plain Sequential so its indices are the checkpoint's keys (`dncnn.<in
 
 from torch import nn
 
-from ..architecture import NOISEPRINT_FEATURES as FEATURES
-from ..architecture import NOISEPRINT_LAYERS as LAYERS
-from ..bands import noiseprint_row_bands
+from trufor_trt.architecture import NOISEPRINT_FEATURES as FEATURES
+from trufor_trt.architecture import NOISEPRINT_LAYERS as LAYERS
+from trufor_trt.bands import noiseprint_row_bands
 
 BATCHNORM_EPS = 1e-5
 

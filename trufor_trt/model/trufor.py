@@ -6,14 +6,16 @@ the detection head run afterwards in the CPU postprocessor (`trufor_trt.engine.p
 The detection head's weights still live here so that the official checkpoint loads strictly.
 """
 
+import copy
+
 import torch
 from torch import nn
 
-from ..architecture import CONFIDENCE_CLASSES, LOCALIZATION_CLASSES
-from .decoder import CONFIDENCE_BN_EPS, LOCALIZATION_BN_EPS, DecoderHead, decode_in_bands
-from .encoder import DualMiT
-from .formulation import decoder_band_rows, noiseprint_band_rows
-from .noiseprint import build_noiseprint, noiseprint_in_row_bands
+from trufor_trt.architecture import CONFIDENCE_CLASSES, LOCALIZATION_CLASSES
+from trufor_trt.model.decoder import CONFIDENCE_BN_EPS, LOCALIZATION_BN_EPS, DecoderHead, decode_in_bands
+from trufor_trt.model.encoder import DualMiT
+from trufor_trt.model.formulation import BOUNDED, Formulation
+from trufor_trt.model.noiseprint import build_noiseprint, noiseprint_in_row_bands
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -41,29 +43,39 @@ class TruFor(nn.Module):
         # Not in the checkpoint (non-persistent), but follows .to(dtype/device).
         self.register_buffer("rgb_mean", _channel_constant(IMAGENET_MEAN), persistent=False)
         self.register_buffer("rgb_std", _channel_constant(IMAGENET_STD), persistent=False)
+        self.form = BOUNDED
 
-    def noiseprint(self, image: torch.Tensor) -> torch.Tensor:
-        """Noiseprint++, in row bands when a band height is set (model/formulation.py)."""
-        rows = noiseprint_band_rows()
+    def noiseprint(self, image: torch.Tensor, form: Formulation) -> torch.Tensor:
+        """Noiseprint++, in row bands when the formulation sets a band height."""
+        rows = form.noiseprint_band_rows
         if rows is None or rows >= image.shape[-2]:
             return self.dncnn(image)
         return noiseprint_in_row_bands(self.dncnn, image, rows)
 
-    def forward(self, image: torch.Tensor):
+    def forward(self, image: torch.Tensor, form: Formulation | None = None):
         """image: N x 3 x H x W, RGB / 256. Returns (N x 2 x H/4 x W/4 localization logits,
-        N x 1 x H/4 x W/4 confidence logits, N x 1 x H x W Noiseprint++)."""
-        noiseprint = self.noiseprint(image)
-        return (*self.logits(image, noiseprint), noiseprint)
+        N x 1 x H/4 x W/4 confidence logits, N x 1 x H x W Noiseprint++), computed in `form`
+        (default: the network's `form`, BOUNDED unless traced_as set another)."""
+        form = form or self.form
+        noiseprint = self.noiseprint(image, form)
+        return (*self.logits(image, noiseprint, form), noiseprint)
 
-    def logits(self, image: torch.Tensor, noiseprint: torch.Tensor):
+    def traced_as(self, form: Formulation) -> "TruFor":
+        """The same network (its modules and weights shared) whose forward computes in `form`
+        by default: what an exporter that calls forward(image) traces."""
+        view = copy.copy(self)
+        view.form = form
+        return view
+
+    def logits(self, image: torch.Tensor, noiseprint: torch.Tensor, form: Formulation):
         """Everything after Noiseprint++: the two-stream encoder and both decoders."""
-        features = self.features(image, noiseprint)
+        features = self.features(image, noiseprint, form)
         heads = (self.decode_head, self.decode_head_conf)
-        rows = decoder_band_rows()
+        rows = form.decoder_band_rows
         if rows is None or rows >= features[0].shape[-2]:
-            return tuple(head(features) for head in heads)
+            return tuple(head(features, form) for head in heads)
         return tuple(decode_in_bands(heads, features, rows))
 
-    def features(self, image: torch.Tensor, noiseprint: torch.Tensor) -> list:
+    def features(self, image: torch.Tensor, noiseprint: torch.Tensor, form: Formulation) -> list:
         """The two-stream encoder's fused maps at 1/4, 1/8, 1/16 and 1/32."""
-        return self.backbone((image - self.rgb_mean) / self.rgb_std, noiseprint.expand(-1, 3, -1, -1))
+        return self.backbone((image - self.rgb_mean) / self.rgb_std, noiseprint.expand(-1, 3, -1, -1), form)

@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .fp16 import finish_graph
+from trufor_trt.precision.fp16 import finish_graph
 
 CONV_FORMS = ("centered", "centered_split")
 SPLIT_TERMS = 2  # float16 products per product of the layer in the split form

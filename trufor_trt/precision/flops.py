@@ -82,8 +82,8 @@ def _is_int8_operand(name: str, producer: dict, types: dict) -> bool:
 def node_precisions(model: onnx.ModelProto) -> dict:
     """Node name -> the precision its product computes in: int8 where its data input is
     dequantized INT8 (Q/DQ), else the type of its float inputs."""
-    from .blocks import graph_links
-    from .fp16 import tensor_types
+    from trufor_trt.precision.blocks import graph_links
+    from trufor_trt.precision.fp16 import tensor_types
 
     types = tensor_types(model)
     producer, _ = graph_links(model)

@@ -16,8 +16,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .blocks import graph_links
-from .kernel_models import ACCUMULATION_CHANNELS, KERNEL_MODELS, STRESS_MODEL
+from trufor_trt.precision.blocks import graph_links
+from trufor_trt.precision.kernel_models import ACCUMULATION_CHANNELS, KERNEL_MODELS, STRESS_MODEL
 
 
 # Float inputs that are parameters, not data: they keep their type (Resize's roi and scales).

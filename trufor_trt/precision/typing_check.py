@@ -14,8 +14,8 @@ the plan decided, and nothing else.
 import onnx
 from onnx import TensorProto
 
-from .blocks import graph_links
-from .fp16 import PARAMETER_INPUTS, tensor_types
+from trufor_trt.precision.blocks import graph_links
+from trufor_trt.precision.fp16 import PARAMETER_INPUTS, tensor_types
 
 FLOAT_TYPES = frozenset({TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16,
                          TensorProto.DOUBLE})

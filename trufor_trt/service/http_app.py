@@ -28,14 +28,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..batch.analyze import AnalyzeOptions, run_job
-from ..batch.results_log import ResultsLog
-from ..batch.inputs import ImageJob
-from ..batch.outputs import npz_bytes
-from ..engine.preprocess import prepare_input
-from ..errors import ImageError, RunnerFailure
-from .metrics import ServiceMetrics
-from .inference_queue import InferenceQueue
+from trufor_trt.batch.analyze import AnalyzeOptions, run_job
+from trufor_trt.batch.results_log import ResultsLog
+from trufor_trt.batch.inputs import ImageJob
+from trufor_trt.batch.outputs import npz_bytes
+from trufor_trt.engine.preprocess import prepare_input
+from trufor_trt.errors import ImageError, RunnerFailure
+from trufor_trt.service.metrics import ServiceMetrics
+from trufor_trt.service.inference_queue import InferenceQueue
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 DEFAULT_MAX_QUEUE = 8

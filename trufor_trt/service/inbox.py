@@ -12,8 +12,8 @@ import shutil
 import time
 from pathlib import Path
 
-from ..batch.inputs import IMAGE_SUFFIXES, ImageJob
-from ..batch.provenance import input_sha256
+from trufor_trt.batch.inputs import IMAGE_SUFFIXES, ImageJob
+from trufor_trt.batch.provenance import input_sha256
 
 SETTLE_SECONDS = 2.0
 

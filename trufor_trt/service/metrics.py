@@ -2,7 +2,7 @@
 
 from typing import Callable
 
-from .. import __version__
+from trufor_trt import __version__
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 

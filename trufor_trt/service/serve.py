@@ -2,7 +2,7 @@
 
 import ipaddress
 
-from ..signals import signals_handled_by
+from trufor_trt.signals import signals_handled_by
 
 
 def is_loopback(host: str) -> bool:

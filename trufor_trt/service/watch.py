@@ -15,13 +15,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..batch.analyze import AnalyzeOptions, complete_job, open_job
-from ..batch.inputs import ImageJob
-from ..batch.provenance import input_sha256
-from ..batch.results_log import ResultsLog, SummaryError
-from ..engine.runner import Runner
-from ..errors import one_line
-from .inbox import SETTLE_SECONDS, Inbox, OriginalChanged, file_away, free_place
+from trufor_trt.batch.analyze import AnalyzeOptions, complete_job, open_job
+from trufor_trt.batch.inputs import ImageJob
+from trufor_trt.batch.provenance import input_sha256
+from trufor_trt.batch.results_log import ResultsLog, SummaryError
+from trufor_trt.engine.runner import Runner
+from trufor_trt.errors import one_line
+from trufor_trt.service.inbox import SETTLE_SECONDS, Inbox, OriginalChanged, file_away, free_place
 
 POLL_SECONDS = 5.0
 WAIT_SLICE = 0.2  # how often a wait looks at the stop flag
