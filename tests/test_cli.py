@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 import numpy as np
@@ -136,3 +137,42 @@ def test_inputs_expand_folders_globs_and_files(image_folder):
 def test_entry_points_run(command):
     result = subprocess.run([*command, "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.startswith("trufor-trt ")
+
+
+
+
+def test_torch_runners_on_two_threads_compute_what_each_computes_alone(checkpoint_seed0):
+    """Two torch runners side by side (what `--backend torch --streams 2` runs), in different
+    formulations: the official one (explicit attention scores, unfolded decoders) and the
+    bounded one in row bands (a 1000 MiB budget bands 480x640). Each passes its formulation
+    into the network as a value, so neither reaches the other's forward: byte for byte what
+    each computes alone."""
+    import torch
+
+    from trufor_trt.engine.memory_budget import parse_memory
+    from trufor_trt.engine.torch_runner import TorchRunner
+
+    sources = [*sorted(COCO.rglob("*.png"))[:2], IMAGES_DIR / "pristine1.jpg", IMAGES_DIR / "tampered2.png"]
+    prepared = [prepare_input(_crop(source, *size))
+                for source, size in zip(sources, [(256, 256)] * 2 + [(480, 640)] * 2)]
+    threads_before = torch.get_num_threads()
+    runners = [TorchRunner(checkpoint_seed0, device="cpu", threads=1, official=True),
+               TorchRunner(checkpoint_seed0, device="cpu", threads=1, max_memory_bytes=parse_memory("1000M"))]
+
+    def run(k: int) -> list:
+        """Runner k's raw outputs, as bytes, image after image (the two start on different sizes)."""
+        outputs = [runners[k].infer(image) for image in (prepared if k else prepared[::-1])]
+        return [b"".join(array.tobytes() for array in (raw.localization_logits, raw.confidence_logits,
+                                                        raw.noiseprint)) for raw in outputs]
+
+    try:
+        for runner in runners:
+            runner.load()
+        alone = [run(0), run(1)]
+        with ThreadPoolExecutor(2) as pool:
+            side_by_side = list(pool.map(run, (0, 1)))
+    finally:
+        for runner in runners:
+            runner.close()
+        torch.set_num_threads(threads_before)  # PyTorch's thread count is the process's
+    assert side_by_side == alone
