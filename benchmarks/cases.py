@@ -2,7 +2,6 @@
 time images one at a time (SingleStream), then through `analyze`'s pipeline with several
 runners (Offline, nothing written), and report the process's memory."""
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ from trufor_trt.batch.analyze import AnalyzeOptions, analyse_file
 from trufor_trt.batch.inputs import ImageJob
 from trufor_trt.batch.pipeline import Pipeline, open_jobs
 from trufor_trt.engine import create_runner
+from trufor_trt.engine.runner_spec import share_among
 from trufor_trt.engine.timing import StageClock
 
 from trufor_trt.benchmarks.memory import peak_rss_bytes, rss_bytes
@@ -90,8 +90,7 @@ def _raise_failure(result) -> None:
 def offline(spec: CaseSpec) -> dict:
     """Throughput of `streams` runners fed by one decoding thread, drained by one postprocessing
     thread (the calling one). CPU runners share the cores instead of each taking all of them."""
-    cores = os.cpu_count() or 1
-    threads = max(1, cores // spec.streams) if spec.backend in CPU_BACKENDS else 0
+    threads = share_among(spec.streams, None).threads if spec.backend in CPU_BACKENDS else 0
     runners = [make_runner(spec, threads) for _ in range(spec.streams)]
     try:
         for runner in runners:

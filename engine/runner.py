@@ -51,6 +51,8 @@ class Runner(ABC):
 
     backend: str = ""
     precision: str = ""
+    # Runners side by side by default: 1, or more where they overlap on one device.
+    default_streams: int = 1
 
     def __init__(self):
         self.detection_head = None
@@ -87,6 +89,10 @@ class Runner(ABC):
 
     def close(self) -> None:
         """Release what load() acquired."""
+
+    def on_gpu(self) -> bool:
+        """Whether this runner computes on a GPU (then it needs no share of the host's cores)."""
+        return False
 
     def device_memory_bytes(self):
         """Peak device memory this runner has used, where it runs on a device; else None."""

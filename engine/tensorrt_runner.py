@@ -131,6 +131,7 @@ class _LoadedEngine:
 
 class TensorRTRunner(Runner):
     backend = "tensorrt"
+    default_streams = 2  # two engines overlap their copies and kernels on one GPU
 
     def __init__(self, model, precision: str = "fp16", device: int = 0):
         super().__init__()
@@ -179,6 +180,9 @@ class TensorRTRunner(Runner):
 
     def refusal(self, height: int, width: int):
         return self._survey.refusal(height, width) or None
+
+    def on_gpu(self) -> bool:
+        return True
 
     def takes_batches(self) -> bool:
         return any(sidecar.profile_object().max_batch > 1 for _, sidecar in self._survey.usable)

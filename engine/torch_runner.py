@@ -101,8 +101,11 @@ class TorchRunner(Runner):
     def refusal(self, height: int, width: int):
         return CPU_MEMORY.refusal(height, width, self.max_memory_bytes) if self._bounded_on_cpu() else None
 
-    def takes_batches(self) -> bool:
+    def on_gpu(self) -> bool:
         return self.device not in (None, "cpu")
+
+    def takes_batches(self) -> bool:
+        return self.on_gpu()
 
     def batch_limit(self, height: int, width: int) -> int:
         return GPU_BATCH_LIMIT if self.takes_batches() else 1

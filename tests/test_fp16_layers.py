@@ -229,8 +229,6 @@ def test_int8_subset_rewires_the_other_products_to_float32(tmp_path):
     both = quantize_nodes(tmp_path / "fp32.onnx", inputs, {"first", "second"}, "MinMax", True, tmp_path)
     both.ir_version = 10
     only_first = keep_int8_only(both, fp32, {"first"})
-    from trufor_trt.precision.flops import node_precisions
-
     assert node_precisions(both) == {"first": "int8", "second": "int8"}
     assert node_precisions(only_first) == {"first": "int8", "second": "fp32"}
     second = next(node for node in only_first.graph.node if node.name == "second")

@@ -183,3 +183,19 @@ def test_pyright_resolves_every_import_of_the_projects_own_modules():
                   for item in report["generalDiagnostics"]
                   if item.get("rule") == "reportMissingImports" and PROJECT_IMPORT.search(item["message"])]
     assert not unresolved
+
+
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 60
+
+
+def test_modules_and_functions_stay_small():
+    too_long = []
+    for _, source in _modules().values():
+        text = source.read_text()
+        if text.count("\n") > MAX_MODULE_LINES:
+            too_long.append(f"{source.relative_to(REPO)}: {text.count(chr(10))} lines")
+        too_long += [f"{source.relative_to(REPO)}: {node.name}() {node.end_lineno - node.lineno + 1} lines"
+                     for node in ast.walk(ast.parse(text))
+                     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                     and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert not too_long

@@ -160,7 +160,7 @@ def test_a_broken_runner_stops_the_batch_with_its_reason(tmp_path, few_images, s
         runner.load()
         return [runner]
 
-    monkeypatch.setattr("trufor_trt.cli._load_runners", load_breaking_runner)
+    monkeypatch.setattr("trufor_trt.cli.batch_commands.load_runners", load_breaking_runner)
     out = tmp_path / "out"
     result = _analyze(few_images, out, model_seed0)
     assert result.exit_code == 3, result.output
@@ -284,7 +284,7 @@ def test_batches_hold_consecutive_images_of_one_size_and_change_no_output(
     (few_images / "cocoglide_sample/fake/zz-broken.jpg").write_bytes(b"not an image")  # between two batchable
     runner = TakesBatches(OnnxRuntimeRunner(model_seed0), limit=4)
     runner.load()
-    monkeypatch.setattr("trufor_trt.cli._load_runners", lambda *args, **kwargs: [runner])
+    monkeypatch.setattr("trufor_trt.cli.batch_commands.load_runners", lambda *args, **kwargs: [runner])
     out = tmp_path / "out"
     result = _analyze(few_images, out, model_seed0, "--batch", "3")
     assert result.exit_code == 1, result.output

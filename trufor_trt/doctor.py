@@ -157,3 +157,36 @@ def diagnose(model_dir: Path = None) -> dict:
     if model_dir is not None:
         report["model"] = _model_report(Path(model_dir), backends)
     return report
+
+
+def report_lines(report: dict) -> list:
+    """The doctor's report as plain lines: what a user pastes into a bug report."""
+    cuda, tensorrt = report["cuda"], report["tensorrt"]
+    lines = [f"trufor-trt {report['trufor_trt']}, Python {report['python']}, {report['platform']}",
+             "packages: " + ", ".join(f"{name} {version or '-'}" for name, version in report["packages"].items())]
+    if cuda["layer"]:
+        lines.append(f"CUDA: layer {cuda['layer']}, driver supports CUDA {cuda['driver_cuda_version']}")
+        lines += [f"  GPU {gpu['index']}: {gpu['name']}, sm {gpu['compute_capability']}, {gpu['memory_gib']} GiB"
+                  f"{', integrated' if gpu['integrated'] else ''}" for gpu in cuda["gpus"]]
+    else:
+        lines.append(f"CUDA: none ({cuda['problem']})")
+    lines.append(f"TensorRT: {tensorrt['version'] or 'none'}; can build here: "
+                 f"{'yes' if tensorrt['can_build'] else 'no (' + tensorrt['problem'] + ')'}")
+    for name, backend in report["backends"].items():
+        details = ", ".join(backend.get("devices") or backend.get("providers") or [])
+        state = f"usable{f' ({details})' if details else ''}" if backend["usable"] else \
+            f"not usable: {backend['problem']}"
+        wanted = backend.get("install")
+        install = f"; install: {wanted}" if wanted and "install" not in backend["problem"] else ""
+        lines.append(f"backend {name}: {state}{install}")
+    memory = report["cpu_memory"]
+    lines.append(f"CPU memory: {memory['physical_gib']} GiB; ONNX Runtime takes images up to about "
+                 f"{memory['onnxruntime_largest_square_image']} within it")
+    if "model" in report:
+        model = report["model"]
+        state = f"ok, variants {', '.join(model['variants'])}" if model["ok"] else model["problem"]
+        lines.append(f"model {model['path']}: {state}")
+        lines += [f"  engine {entry['engine']}: "
+                  + ("runs here" if entry["runs_here"] else f"not here ({entry['why_not']})")
+                  for entry in model.get("engines", [])]
+    return lines

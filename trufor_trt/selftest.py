@@ -176,3 +176,21 @@ def run_selftest(backend: str, precision: str = "fp32", seed: int = 0, on_step=p
         finally:
             runner.close()
     return report
+
+
+def selftest_table(report):
+    """The checks as `trufor-trt selftest` prints them (a rich Table)."""
+    from rich.table import Table
+
+    table = Table(title=f"selftest: {report.backend} {report.precision} vs the float64 PyTorch "
+                        "network (max abs)")
+    table.add_column("image")
+    for name, bound in bounds_for(report.precision).items():
+        table.add_column(f"{name} (<= {bound:g})", justify="right")
+    table.add_column("ms: decode / infer / post", justify="right")
+    for check in report.checks:
+        times = check.times_ms
+        table.add_row(f"{check.size[1]}x{check.size[0]}",
+                      *(f"{check.deviations[name]:.2e}" for name in check.bounds),
+                      f"{times['decode']:.0f} / {times['inference']:.0f} / {times['postprocess']:.0f}")
+    return table

@@ -189,3 +189,33 @@ def reports_json(reports: list) -> dict:
         else:
             variants[report.precision] = report.to_json()
     return {"variants": variants}
+
+
+def validation_table(report):
+    from rich.table import Table
+
+    table = Table(title=f"{report.backend} {report.label} vs fp32 (onnxruntime)")
+    for column in ("image", "map max", "map mean", "conf max", "conf mean", "score err", "np++ max", "flipped"):
+        table.add_column(column, justify="left" if column == "image" else "right")
+    for row in report.images:
+        table.add_row(row.image, f"{row.map_max:.2e}", f"{row.map_mean:.2e}", f"{row.conf_max:.2e}",
+                      f"{row.conf_mean:.2e}", f"{row.score_error:.2e}", f"{row.noiseprint_max:.2e}",
+                      "YES" if row.flipped else "no")
+    overall = report.overall()
+    table.add_row("overall", f"{overall['map_max']:.2e}", f"{overall['map_mean']:.2e}",
+                  f"{overall['conf_max']:.2e}", f"{overall['conf_mean']:.2e}",
+                  f"{overall['score_error_max']:.2e}", f"{overall['noiseprint_max']:.2e}",
+                  str(overall["decisions_flipped"]))
+    return table
+
+
+def print_validation(report, out) -> None:
+    """The report as `trufor-trt validate` prints it, on the rich console `out`."""
+    out.print(validation_table(report))
+    for size, worst in report.by_size().items():
+        out.print(f"{report.label} at {size} ({worst['images']} images): map {worst['map_max']:.2e}, "
+                  f"conf {worst['conf_max']:.2e}, score {worst['score_error_max']:.2e}, "
+                  f"np++ {worst['noiseprint_max']:.2e}, flipped {worst['decisions_flipped']}")
+    for record in report.flops_by_precision:
+        shares = ", ".join(f"{name} {share:.0%}" for name, share in record["network_share"].items() if share)
+        out.print(f"{report.precision} FLOPs at {record['size']}: {shares}")

@@ -18,12 +18,13 @@ import os
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 from trufor_trt.batch.analyze import AnalyzeOptions, open_job
 from trufor_trt.batch.inputs import ImageJob
 from trufor_trt.batch.pipeline import Pipeline, claim_output_names, name_taken_record
 from trufor_trt.batch.results_log import ResultsLog
+from trufor_trt.engine.runner_spec import MachineShare, RunnerSpec, make_runner, share_of_cores
 from trufor_trt.errors import RunnerFailure, TruforError
 from trufor_trt.files import remove_stale_temporaries
 
@@ -32,44 +33,29 @@ IMAGES_PER_TASK = {"cpu": 1, "gpu": 4}  # a GPU actor's pipeline overlaps a few 
 
 
 @dataclass(frozen=True)
-class RunnerSpec:
-    """What an actor needs to load its runner on its own node (paths on the shared file system)."""
+class ActorSpec:
+    """What an actor needs to load its runner on its own node (paths on the shared file system):
+    a resolved runner spec whose model and checkpoint are path strings."""
 
-    backend: str
-    precision: str
-    model: Optional[str] = None  # the model folder (ONNX Runtime, TensorRT)
-    checkpoint: Optional[str] = None  # the torch backend's checkpoint
-    device: str = "cpu"  # torch: cpu or cuda
+    runner: RunnerSpec
     cpus: int = 1  # CPU backends: cores (and threads) per actor
-    max_memory: Optional[int] = None  # host budget per image; None: the node's memory, shared
     folder: str = "."  # the driver's working folder: relative paths mean the same on every node
     batch: int = 1  # the most same-size images inferred together (runners that take batches)
 
     @property
     def on_gpu(self) -> bool:
-        return self.backend == "tensorrt" or (self.backend == "torch" and self.device.startswith("cuda"))
-
-
-def _memory_share(cpus: int) -> int:
-    """An actor's share of its node's memory: as much as its share of the node's cores."""
-    from trufor_trt.engine.memory_budget import physical_memory
-
-    return physical_memory() * min(cpus, os.cpu_count() or 1) // (os.cpu_count() or 1)
+        runner = self.runner
+        return runner.backend == "tensorrt" or (runner.backend == "torch" and runner.device.startswith("cuda"))
 
 
 class AnalyzeImages:
     """The Ray Data actor: one runner, loaded once, for every batch of images it is handed."""
 
-    def __init__(self, spec: RunnerSpec, options: AnalyzeOptions):
-        from trufor_trt.engine import create_runner
-
+    def __init__(self, spec: ActorSpec, options: AnalyzeOptions):
         os.chdir(spec.folder)  # this process is the actor's alone
         self.options, self.batch = options, spec.batch
-        threads = 0 if spec.on_gpu else spec.cpus
-        budget = None if spec.on_gpu else spec.max_memory or _memory_share(spec.cpus)
-        self.runner = create_runner(spec.backend, checkpoint=spec.checkpoint, model=spec.model,
-                                    device=spec.device, precision=spec.precision, threads=threads,
-                                    max_memory_bytes=budget)
+        share = MachineShare() if spec.on_gpu else share_of_cores(spec.cpus, spec.runner.max_memory)
+        self.runner = make_runner(spec.runner, share)
         self.runner.load()
 
     def __call__(self, batch: dict) -> dict:
@@ -105,13 +91,13 @@ def _connect(address: str):
     return ray
 
 
-def _pool(ray, spec: RunnerSpec, workers: int) -> tuple:
+def _pool(ray, spec: ActorSpec, workers: int) -> tuple:
     """(actors, resources per actor), checked against what the cluster has."""
     resources = ray.cluster_resources()
     if spec.on_gpu:
         available, needs = int(resources.get("GPU", 0)), {"num_gpus": 1, "num_cpus": 1}
         if available == 0:
-            raise TruforError(f"the {spec.backend} backend needs GPUs, and the Ray cluster has none")
+            raise TruforError(f"the {spec.runner.backend} backend needs GPUs, and the Ray cluster has none")
     else:
         available, needs = int(resources.get("CPU", 0)) // spec.cpus, {"num_cpus": spec.cpus}
         if available == 0:
@@ -119,7 +105,7 @@ def _pool(ray, spec: RunnerSpec, workers: int) -> tuple:
     return workers or available, needs
 
 
-def analyze_on_ray(jobs, address: str, spec: RunnerSpec, options: AnalyzeOptions, workers: int = 0,
+def analyze_on_ray(jobs, address: str, spec: ActorSpec, options: AnalyzeOptions, workers: int = 0,
                    on_record: Callable[[dict], None] = lambda record: None, halt=None,
                    on_start: Callable[[int, dict], None] = lambda workers, needs: None) -> Counter:
     """Every job analysed by actors on the cluster at `address` (LOCAL: a Ray instance started for
@@ -127,8 +113,9 @@ def analyze_on_ray(jobs, address: str, spec: RunnerSpec, options: AnalyzeOptions
     status (fewer than the jobs when `halt` was set). RunnerFailure: an actor's runner broke."""
     ray = _connect(address)
     try:
-        if spec.backend == "torch" and spec.device == "auto":
-            spec = replace(spec, device="cuda" if ray.cluster_resources().get("GPU") else "cpu")
+        if spec.runner.backend == "torch" and spec.runner.device == "auto":
+            device = "cuda" if ray.cluster_resources().get("GPU") else "cpu"
+            spec = replace(spec, runner=replace(spec.runner, device=device))
         with ResultsLog(options.out_dir) as log:
             def keep(record: dict) -> None:
                 log.add(record)
@@ -141,7 +128,7 @@ def analyze_on_ray(jobs, address: str, spec: RunnerSpec, options: AnalyzeOptions
                     rows.append({"path": str(job.path), "relative": job.relative,
                                  "holder": json.dumps(holder) if holder else ""})
                 else:
-                    keep(name_taken_record(job, owner, spec.backend, spec.precision))
+                    keep(name_taken_record(job, owner, spec.runner.backend, spec.runner.precision))
             if rows and _run_dataset(ray, rows, spec, options, workers, keep, halt, on_start):
                 # Every actor is done: what temporaries remain were left by actors that died
                 # mid-write (on any node: their process ids mean nothing here).
@@ -151,7 +138,7 @@ def analyze_on_ray(jobs, address: str, spec: RunnerSpec, options: AnalyzeOptions
         ray.shutdown()
 
 
-def _run_dataset(ray, rows: list, spec: RunnerSpec, options: AnalyzeOptions, workers: int,
+def _run_dataset(ray, rows: list, spec: ActorSpec, options: AnalyzeOptions, workers: int,
                  keep: Callable[[dict], None], halt, on_start) -> bool:
     """Whether every row came back (False: halted)."""
     actors, needs = _pool(ray, spec, workers)

@@ -1,0 +1,84 @@
+"""How runners are opened: which backend, how many side by side, and each one's share of the
+machine (host cores and memory). The one policy that `analyze`, `watch`, `serve`, `bench` and
+the Ray actors follow.
+"""
+
+import os
+from dataclasses import dataclass, replace
+
+from trufor_trt.engine import create_runner, pick_backend
+from trufor_trt.engine.memory_budget import physical_memory
+
+
+@dataclass(frozen=True)
+class RunnerSpec:
+    """What a runner is made from; `backend` may be "auto" until `resolved`."""
+
+    backend: str
+    precision: str = "fp32"
+    model: object = None  # the model folder (ONNX Runtime, TensorRT): a path or an opened ModelDir
+    checkpoint: object = None  # the torch backend's checkpoint
+    device: str = "auto"  # torch: cpu, cuda or auto
+    max_memory: int | None = None  # host budget per image, for all runners together; None: physical
+
+    def resolved(self, on_notice=None) -> "RunnerSpec":
+        """The spec with "auto" replaced by the backend that runs here (engine.pick_backend)."""
+        if self.backend == "torch":
+            return self
+        folder = getattr(self.model, "path", self.model)
+        return replace(self, backend=pick_backend(self.backend, folder, self.precision, on_notice=on_notice))
+
+
+@dataclass(frozen=True)
+class MachineShare:
+    """One runner's share of the host: CPU threads (0: the backend's default, every core) and
+    the host memory budget per image (None: physical memory)."""
+
+    threads: int = 0
+    max_memory_bytes: int | None = None
+
+
+def share_among(count: int, budget: int | None) -> MachineShare:
+    """Each of `count` runners side by side in one process: an equal share of the cores and of
+    the budget (default: physical memory). One runner keeps every core and the budget as given."""
+    if count <= 1:
+        return MachineShare(0, budget)
+    budget = budget or physical_memory()
+    return MachineShare(max(1, (os.cpu_count() or 1) // count), budget // count if budget else None)
+
+
+def share_of_cores(cpus: int, budget: int | None) -> MachineShare:
+    """A runner given `cpus` of its node's cores (a Ray actor): that many threads, and as large a
+    share of the node's memory as of its cores, unless `budget` says otherwise."""
+    cores = os.cpu_count() or 1
+    memory = physical_memory()
+    return MachineShare(cpus, budget or (memory * min(cpus, cores) // cores if memory else None))
+
+
+def make_runner(spec: RunnerSpec, share: MachineShare = MachineShare()):
+    """One runner of a resolved spec, not yet loaded."""
+    return create_runner(spec.backend, checkpoint=spec.checkpoint,
+                         model=None if spec.backend == "torch" else spec.model, device=spec.device,
+                         precision=spec.precision, threads=share.threads, max_memory_bytes=share.max_memory_bytes)
+
+
+def open_runners(spec: RunnerSpec, count: int = 0) -> list:
+    """`count` loaded runners of a resolved spec, side by side in this process (0: the backend's
+    default_streams), sharing the host (share_among). If one fails to load, those loaded are
+    closed and the error goes on."""
+    count = count or make_runner(spec).default_streams
+    share = share_among(count, spec.max_memory)
+    runners = []
+    try:
+        for _ in range(count):
+            runners.append(make_runner(spec, share))
+            runners[-1].load()
+    except BaseException:
+        close_all(runners)
+        raise
+    return runners
+
+
+def close_all(runners: list) -> None:
+    for runner in runners:
+        runner.close()

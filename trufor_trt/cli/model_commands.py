@@ -1,0 +1,134 @@
+"""`export`, `build` and `validate`: the model folder, its TensorRT engines, and how faithful
+each variant is to FP32."""
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from trufor_trt.cli.common import Backend, Precision, check_checkpoint, console, fail_setup, open_model, say
+from trufor_trt.engine import pick_backend
+from trufor_trt.files import sha256_file
+from trufor_trt.shapes import parse_shape
+
+
+def export(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="TruFor checkpoint (trufor.pth.tar)."),
+    out: Path = typer.Option(..., "--out", help="Model folder to write (FP32: replaced if it exists)."),
+    opset: int = typer.Option(18, "--opset", min=17, max=20, help="ONNX opset."),
+    precision: Precision = typer.Option(Precision.fp32, "--precision",
+                                        help="fp16 / int8: add that variant to the model folder."),
+    calib_images: Optional[Path] = typer.Option(None, "--calib-images",
+                                                help="Real images to measure fp16 / calibrate int8 on; "
+                                                     "include full-size ones (the largest 2 are measured whole)."),
+    max_shape: str = typer.Option("2048x2048", "--max-shape",
+                                  help="HxW: the largest image the variant's engines will take "
+                                       "(build --max-shape); the plan is checked at full size up to it."),
+) -> None:
+    """Export the network to a verified ONNX model folder, or add an FP16 / INT8 variant to it."""
+    if precision != Precision.fp32 and calib_images is None:
+        fail_setup(f"--precision {precision.value} needs --calib-images DIR (real images)")
+    check_checkpoint(checkpoint)
+    from trufor_trt.engine.model_dir import ModelDir, ModelDirError
+    from trufor_trt.export.bundle import export_model_dir
+
+    try:
+        manifest = ModelDir.open(out, checkpoint_sha256=sha256_file(checkpoint)).manifest
+        fresh = precision == Precision.fp32
+    except ModelDirError:
+        fresh = True
+    if fresh:
+        manifest = export_model_dir(checkpoint, out, opset=opset, on_step=say)
+        worst = max(result["max_abs"]["localization_logits"] for result in manifest["verification"]["results"])
+        console.print(f"wrote {escape(str(out))} ({', '.join(manifest['variants'])}); worst logit deviation "
+                      f"from the float64 network {worst:.2e}")
+    if precision != Precision.fp32:
+        from trufor_trt.export.variants import add_precision_variant
+
+        entry = add_precision_variant(out, precision.value, calib_images, max_shape=parse_shape(max_shape),
+                                      on_step=say)
+        _print_variant(out, precision.value, entry)
+
+
+def _print_variant(out: Path, precision: str, entry: dict) -> None:
+    measured = ", ".join(f"{name} {error:.2e}" for name, error in entry["deviation_vs_fp32"]["max_abs"].items())
+    console.print(f"added {precision} to {escape(str(out))}; deviation from fp32 (worst of "
+                  f"{', '.join(entry['deviation_vs_fp32']['sizes'])}): {measured}")
+    for record in entry["flops_by_precision"]:
+        shares = ", ".join(f"{name} {share:.0%}" for name, share in record["network_share"].items() if share)
+        console.print(f"FLOPs at {record['size']}: {shares}")
+    if "warning" in entry["size_coverage"]:
+        say("warning: " + entry["size_coverage"]["warning"])
+
+
+def build(
+    model: Path = typer.Option(Path("trufor-model"), "--model", help="Model folder from `trufor-trt export`."),
+    fp16: bool = typer.Option(False, "--fp16", help="Build the FP16 variant."),
+    int8: bool = typer.Option(False, "--int8", help="Build the INT8 variant."),
+    fp32: bool = typer.Option(False, "--fp32", help="Build the FP32 graph."),
+    min_shape: Optional[str] = typer.Option(None, "--min-shape", help="HxW; default 32x32."),
+    opt_shape: Optional[str] = typer.Option(None, "--opt-shape",
+                                            help="HxW; default 768x768 on a Jetson, 1024x1024 else."),
+    max_shape: Optional[str] = typer.Option(None, "--max-shape",
+                                            help="HxW; default 1536x1536 on a Jetson, 2048x2048 else."),
+    max_batch: int = typer.Option(1, "--max-batch", min=1,
+                                  help="Largest batch of same-size images (analyze --batch); default 1."),
+    workspace: float = typer.Option(4.0, "--workspace", min=0.25, help="Builder workspace, GiB."),
+    timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Loaded and saved."),
+) -> None:
+    """Build a TensorRT engine for this GPU (like trtexec): one profile, timing cache, sidecar."""
+    chosen = [name for name, wanted in (("fp16", fp16), ("int8", int8), ("fp32", fp32)) if wanted]
+    if len(chosen) != 1:
+        fail_setup("choose exactly one of --fp16, --int8, --fp32")
+    from trufor_trt.export.tensorrt_build import build_engine
+
+    engine = build_engine(model, chosen[0], workspace_gib=workspace, timing_cache_path=timing_cache,
+                          min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape, max_batch=max_batch,
+                          on_step=say)
+    console.print(f"wrote {escape(str(engine))}")
+
+
+def _map_budgets() -> dict:
+    from trufor_trt.calibration.int8 import INT8_TARGET
+    from trufor_trt.export.fp16_plan import FP16_BUDGET
+
+    return {"fp16": FP16_BUDGET["map"], "int8": INT8_TARGET["map"]}
+
+
+def validate(
+    model: Path = typer.Option(..., "--model", help="Model folder from `trufor-trt export`."),
+    backend: Backend = typer.Option(Backend.auto, "--backend", help="Backend to validate."),
+    precisions: Optional[List[Precision]] = typer.Option(
+        None, "--precision", help="Variant to validate (repeat for several; default fp16, with --backend torch fp32)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint",
+                                              help="The model folder's checkpoint: what --backend torch runs."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Real images (default: synthetic)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the full report here (one "
+                                             "variant: its report; several: {\"variants\": {precision: report}})."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG: deviation against image size per precision."),
+) -> None:
+    """Faithfulness of engines or graph variants against the FP32 reference, per image and size."""
+    import json
+
+    from trufor_trt.files import write_atomically
+    from trufor_trt.validate import plot_deviation, print_validation, reports_json, validate as run_validation
+
+    chosen = list(dict.fromkeys(precision.value for precision in precisions or []))
+    check_checkpoint(checkpoint)
+    if backend == Backend.torch:
+        if checkpoint is None:
+            fail_setup("--backend torch runs the PyTorch network from --checkpoint FILE (the model folder's checkpoint)")
+        if set(chosen) - {"fp32"}:
+            fail_setup("--backend torch runs the network in fp32 only: --precision fp32")
+    opened = open_model(model, checkpoint)
+    candidates = [(pick_backend(backend.value, opened.path, precision, on_notice=say), precision)
+                  for precision in chosen or (["fp32"] if backend == Backend.torch else ["fp16"])]
+    reports = run_validation(opened, candidates, images, checkpoint=checkpoint)
+    for report in reports:
+        print_validation(report, Console(highlight=False))
+    if plot is not None:
+        plot_deviation(reports, plot, _map_budgets())
+    if json_path is not None:
+        write_atomically(json_path, (json.dumps(reports_json(reports), indent=2) + "\n").encode())
