@@ -1,7 +1,7 @@
 """Images per second of the batch, four ways, each in a fresh process on the same folders:
 
 - sequential: the per-image job one image after the other (decode, infer, postprocess, write in
-  turn: what `analyze` did before the pipeline), one runner;
+  turn, no stage overlapping another), one runner;
 - pipelined: `trufor-trt analyze` (its default: one runner, the stages overlapped), and
   `--streams 2` (two runners, each with half the cores);
 - ray: `trufor-trt analyze --ray local` (a Ray instance started for the run, one actor per core).

@@ -29,8 +29,7 @@ def gpu_packages_present() -> bool:
 def tensorrt_problem(model_dir, precision: str) -> str:
     """Why TensorRT cannot run an engine of the model folder here, in one line ('' if it can):
     TensorRT and a CUDA layer must load, a GPU answer, and a matching engine exist."""
-    from trufor_trt.errors import TruforError
-    from trufor_trt.errors import EngineError
+    from trufor_trt.errors import EngineError, TruforError
 
     try:
         from trufor_trt.engine.cuda_layer import cuda_layer

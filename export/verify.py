@@ -1,7 +1,7 @@
 """Every exported graph proves itself against the PyTorch network computed in float64.
 
 Bounds on the raw outputs (max abs, on synthetic images at two sizes, one odd):
-- Noiseprint++: 4e-3, the core issue's floor for np++; our float32 lands ~5e-4 from float64.
+- Noiseprint++: 4e-3, the faithfulness floor for np++; our float32 lands ~5e-4 from float64.
 - logits: 1.5e-2. The official code in float32 lands up to ~6e-3 from float64 on some images'
   logits (the golden files' err_* keys) because this network amplifies rounding; a faithful
   float32 graph lands within about 2.5x of that, which is 1.5e-2. A wrong graph (a missing

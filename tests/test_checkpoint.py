@@ -3,7 +3,8 @@
 from collections import OrderedDict
 
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="the PyTorch network needs torch (the export extra)")
 from typer.testing import CliRunner
 
 from trufor_trt.cli import app

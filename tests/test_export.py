@@ -4,8 +4,10 @@ import json
 import shutil
 
 import numpy as np
-import onnx
 import pytest
+
+pytest.importorskip("torch", reason="exporting needs torch (the export extra)")
+onnx = pytest.importorskip("onnx", reason="exporting needs onnx (the export extra)")
 from onnx import TensorProto, helper, numpy_helper
 from typer.testing import CliRunner
 

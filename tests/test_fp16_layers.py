@@ -3,8 +3,9 @@ of the CPU simulation, the typing check's round trips, FLOPs counted per precisi
 size-coverage warning."""
 
 import numpy as np
-import onnx
 import pytest
+
+onnx = pytest.importorskip("onnx", reason="graph surgery needs onnx (the export extra)")
 from onnx import TensorProto, helper, numpy_helper
 
 from trufor_trt.precision.conv16 import lower_convolutions

@@ -60,7 +60,7 @@ def tensorrt_ready():
 
 
 def record(section: str, values: dict) -> None:
-    """Print a measurement and add it to $TRUFOR_GPU_REPORT (JSON), for the issue's note."""
+    """Print a measurement and add it to $TRUFOR_GPU_REPORT (JSON), for the run's report."""
     print(f"\n{section}: {json.dumps(values)}")
     target = os.environ.get("TRUFOR_GPU_REPORT")
     if target:

@@ -8,7 +8,8 @@ import sys
 import cv2
 import numpy as np
 import pytest
-import torch
+
+torch = pytest.importorskip("torch", reason="the PyTorch network needs torch (the export extra)")
 from typer.testing import CliRunner
 
 from trufor_trt.bands import NOISEPRINT_HALO, decoder_groups, noiseprint_row_bands

@@ -7,9 +7,11 @@ direction of the arrows between the package's parts.
 
 import ast
 import json
+import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -199,3 +201,16 @@ def test_modules_and_functions_stay_small():
                      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
                      and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
     assert not too_long
+
+
+def test_the_suite_collects_where_torch_onnx_and_ray_are_not_installed(tmp_path):
+    """A `cpu`-extra install (no torch, onnx, Ray): every test module still loads, and the
+    tests that need those packages import them where they need them, skipping with a reason."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nfor name in ('torch', 'onnx', 'onnx_graphsurgeon', 'ray', 'tensorrt'):\n"
+        "    sys.modules[name] = None  # import fails as if not installed\n")
+    environment = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    finished = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                               str(REPO / "tests")], cwd=REPO, env=environment, capture_output=True, text=True,
+                              timeout=300)
+    assert finished.returncode == 0, finished.stdout[-2000:]

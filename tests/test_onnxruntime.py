@@ -5,7 +5,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
+
+pytest.importorskip("torch", reason="these tests export their model folder: torch (the export extra)")
 
 from trufor_trt import selftest
 from trufor_trt.cli import app

@@ -6,14 +6,11 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
 
 from trufor_trt.engine.postprocess import (DetectionHead, analysis_from_full_logits,
                                            upsample_bilinear, weighted_statistics)
 from trufor_trt.engine.runner import RawOutputs
 from trufor_trt.engine.postprocess import postprocess
-from trufor_trt.model import detection_head_arrays, load_trufor
 
 from conftest import golden_files, max_abs_error, tolerance
 
@@ -21,6 +18,8 @@ from conftest import golden_files, max_abs_error, tolerance
 @pytest.mark.parametrize("small, large", [((8, 8), (29, 31)), ((64, 96), (256, 384)),
                                           ((44, 58), (173, 229)), ((5, 7), (5, 7)), ((9, 3), (35, 12))])
 def test_upsampling_equals_torch_interpolate(small, large):
+    torch = pytest.importorskip("torch", reason="the reference interpolation is PyTorch's")
+    F = torch.nn.functional
     planes = np.random.default_rng(1).normal(size=(3, *small))
     ours = upsample_bilinear(planes, *large)
     theirs = F.interpolate(torch.from_numpy(planes)[None], size=large, mode="bilinear",
@@ -56,6 +55,9 @@ def test_maps_are_finite_for_extreme_logits():
 
 @pytest.fixture(scope="module")
 def head_seed0(checkpoint_seed0):
+    pytest.importorskip("torch", reason="the detection head's weights are read from a checkpoint with torch")
+    from trufor_trt.model import detection_head_arrays, load_trufor
+
     return DetectionHead(**detection_head_arrays(load_trufor(checkpoint_seed0)))
 
 

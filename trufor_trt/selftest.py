@@ -23,7 +23,7 @@ from trufor_trt.export.measure import output_errors
 from trufor_trt.export.synthetic import synthetic_image
 
 SELFTEST_SIZES = ((45, 67), (61, 83), (97, 130))
-# The core issue's floors on the published outputs (max abs).
+# The faithfulness floors on the published outputs (max abs).
 BOUNDS = {"map": 1e-3, "conf": 5e-4, "score": 3e-4, "np++": 4e-3}
 
 

@@ -11,7 +11,7 @@ from trufor_trt.model.formulation import Formulation
 from trufor_trt.model.fusion import FeatureFusion, FeatureRectify
 from trufor_trt.model.layers import tokens_to_grid
 from trufor_trt.architecture import (DEPTHS, EMBED_DIMS, HEADS, PATCH_KERNELS, PATCH_STRIDES,
-                            REDUCTION_RATIOS)
+                                     REDUCTION_RATIOS)
 from trufor_trt.model.mit import BLOCK_NORM_EPS, OverlapPatchEmbed, TransformerBlock
 
 STREAM_PREFIXES = ("", "extra_")  # RGB, Noiseprint++
