@@ -9,7 +9,7 @@ unless overwrite is asked for.
 """
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -25,7 +25,7 @@ from trufor_trt.files import sha256_file
 from trufor_trt.batch.inputs import ImageJob
 from trufor_trt.batch.outputs import OutputNameError, OutputPaths, write_unit
 from trufor_trt.batch.provenance import input_sha256, provenance, read_saved, why_redo
-from trufor_trt.batch.records import utc_now
+from trufor_trt.batch.records import Record, utc_now
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class AnalyzeOptions:
 
 @dataclass
 class JobResult:
-    record: dict  # the line results.jsonl gets
+    record: Record  # the line results.jsonl gets
     analysis: Optional[Analysis] = None  # when the image was analysed in this job
     error: Optional[BaseException] = None  # why it failed, when it did
 
@@ -100,16 +100,16 @@ def analyse_file(path, runner: Runner, clock: StageClock, max_pixels: int = DEFA
     return flight.rgb, flight.analysis
 
 
-def _holds_another_input(paths: OutputPaths, saved, made_by: dict, holder: Optional[dict], name: str) -> bool:
+def _holds_another_input(paths: OutputPaths, saved, made_by: dict, holder: Optional[Record], name: str) -> bool:
     """Whether the unit holds the evidence of another input: the log's record of it names
     another input, and the .npz (`saved`: read_saved's) was made from other bytes than this
     input's."""
-    if holder is None or holder["input"] == name or not paths.npz.is_file():
+    if holder is None or holder.input == name or not paths.npz.is_file():
         return False
     return saved is None or not isinstance(saved[0], dict) or saved[0].get("input_sha256") != made_by["input_sha256"]
 
 
-def _reused(paths: OutputPaths, kinds: tuple, saved, made_by: dict, holder: Optional[dict]):
+def _reused(paths: OutputPaths, kinds: tuple, saved, made_by: dict, holder: Optional[Record]):
     """(the record fields of the existing unit, or None to analyse, and why it is redone). A
     unit is reused only when its provenance matches this run's and every file is the one the
     results log's latest record of it names (a unit another run or a kill left mixed is not)."""
@@ -122,7 +122,7 @@ def _reused(paths: OutputPaths, kinds: tuple, saved, made_by: dict, holder: Opti
     if holder is None:
         return None, unrecorded
     outputs = {kind: {"file": paths.file(kind), "sha256": sha256_file(paths.path(kind))} for kind in kinds}
-    if any(holder["outputs"].get(kind) != entry for kind, entry in outputs.items()):
+    if any(holder.outputs.get(kind) != entry for kind, entry in outputs.items()):
         return None, unrecorded
     found, score, (height, width) = saved
     return {"status": "skipped", "reason": "outputs exist from the same input, model, backend "
@@ -130,36 +130,35 @@ def _reused(paths: OutputPaths, kinds: tuple, saved, made_by: dict, holder: Opti
             "width": width, "outputs": outputs, "provenance": found}, None
 
 
-def _check_existing_unit(flight: ImageInFlight, options: AnalyzeOptions, holder: Optional[dict]) -> None:
+def _check_existing_unit(flight: ImageInFlight, options: AnalyzeOptions, holder: Optional[Record]) -> None:
     """Refuse the image if its output name holds another input's evidence (unless overwrite),
     or reuse the unit when it stands for this image already."""
     record, paths = flight.result.record, flight.paths
     saved = read_saved(paths.npz) if paths.npz.is_file() else None
-    if _holds_another_input(paths, saved, record["provenance"], holder, record["input"]):
+    if _holds_another_input(paths, saved, record.provenance, holder, record.input):
         if not options.overwrite:
-            record.update(status="error", reason=f"output name {paths.name!r} holds the evidence of "
-                          f"{holder['input']} (another input): --overwrite replaces it, or choose another --out")
+            record.status = "error"
+            record.reason = (f"output name {paths.name!r} holds the evidence of {holder.input} (another input): "
+                             "--overwrite replaces it, or choose another --out")
             flight.done = True
             return
-        record["reason"] = f"redone: replaced the evidence of {holder['input']}"
+        record.reason = f"redone: replaced the evidence of {holder.input}"
     if options.overwrite:
         return
-    reused, why = _reused(paths, paths.kinds(options.write_png), saved, record["provenance"], holder)
-    record["reason"] = record["reason"] or why
+    reused, why = _reused(paths, paths.kinds(options.write_png), saved, record.provenance, holder)
+    record.reason = record.reason or why
     if reused is not None:
-        record.update(reused)
+        flight.result.record = replace(record, **reused)
         flight.done = True
 
 
 def open_job(job: ImageJob, runner: Runner, options: AnalyzeOptions,
-             holder: Optional[dict] = None) -> ImageInFlight:
+             holder: Optional[Record] = None) -> ImageInFlight:
     """The image's record, before any stage; done already when its outputs can be reused, or
     when its output name is refused. `holder`: the results log's latest record naming the
     image's output name, which vouches for what its unit holds."""
     made_by = provenance(input_sha256(job.path, job.data), runner)
-    record = {"input": str(job.path), "outputs": {}, "status": "ok", "reason": None, "score": None,
-              "height": None, "width": None, "backend": runner.backend, "precision": runner.precision,
-              "times_ms": {}, "analysed_at": None, "provenance": made_by}
+    record = Record(str(job.path), backend=runner.backend, precision=runner.precision, provenance=made_by)
     flight = ImageInFlight(job, StageClock(), JobResult(record))
     if options.out_dir is None:
         return flight
@@ -186,7 +185,8 @@ def _contained(flight: ImageInFlight, stage, *args) -> None:
 
 
 def _failed(flight: ImageInFlight, exc: Exception) -> None:
-    flight.result.record.update(status="error", reason=_one_line(exc), outputs={})
+    record = flight.result.record
+    record.status, record.reason, record.outputs = "error", _one_line(exc), {}
     flight.result.error, flight.done = exc, True
     flight.rgb = flight.prepared = flight.raw = None
 
@@ -228,10 +228,10 @@ def _postprocess_and_write(flight: ImageInFlight, detection_head, options: Analy
     record = flight.result.record
     if flight.paths is not None:
         with flight.clock.stage("write"):
-            record["outputs"] = write_unit(flight.paths, flight.rgb, flight.analysis, record["provenance"],
-                                           options.save_noiseprint, options.write_png)
-    height, width = flight.rgb.shape[:2]
-    record.update(score=flight.analysis.score, height=height, width=width)
+            record.outputs = write_unit(flight.paths, flight.rgb, flight.analysis, record.provenance,
+                                        options.save_noiseprint, options.write_png)
+    record.height, record.width = flight.rgb.shape[:2]
+    record.score = flight.analysis.score
     flight.result.analysis = flight.analysis
 
 
@@ -240,15 +240,15 @@ def finish_job(flight: ImageInFlight, detection_head, options: AnalyzeOptions) -
     total being the image's own work (time spent waiting between stages is not its)."""
     _contained(flight, _postprocess_and_write, detection_head, options)
     flight.rgb = None
-    flight.result.record["analysed_at"] = utc_now()
+    flight.result.record.analysed_at = utc_now()
     if flight.clock.times_ms:  # some stage ran
         times = dict(flight.clock.times_ms)
         times["total"] = round(sum(times.values()), 3)
-        flight.result.record["times_ms"] = times
+        flight.result.record.times_ms = times
     return flight.result
 
 
-def run_job(job: ImageJob, runner: Runner, options: AnalyzeOptions, holder: Optional[dict] = None) -> JobResult:
+def run_job(job: ImageJob, runner: Runner, options: AnalyzeOptions, holder: Optional[Record] = None) -> JobResult:
     """One image through every stage in this thread; never raises for a bad image (the record
     says what happened), only RunnerFailure when the runner itself broke. `holder`: as open_job."""
     return complete_job(open_job(job, runner, options, holder), runner, options)

@@ -21,7 +21,7 @@ from trufor_trt.engine.runner import Runner
 from trufor_trt.engine.timing import StageClock
 from trufor_trt.batch.analyze import AnalyzeOptions, ImageInFlight, JobResult, decode_job, finish_job, infer_jobs, open_job
 from trufor_trt.batch.inputs import ImageJob
-from trufor_trt.batch.records import RecordIndex, utc_now
+from trufor_trt.batch.records import Record, RecordIndex, utc_now
 from trufor_trt.batch.results_log import ResultsLog
 
 POLL_S = 0.1
@@ -149,10 +149,9 @@ def claim_output_names(jobs: Iterable):
         yield job, None if owner == job.path else owner
 
 
-def name_taken_record(job: ImageJob, owner, backend: str, precision: str) -> dict:
-    return {"input": str(job.path), "outputs": {}, "status": "error",
-            "reason": f"output name {job.relative!r} already used by {owner}",
-            "backend": backend, "precision": precision, "analysed_at": utc_now()}
+def name_taken_record(job: ImageJob, owner, backend: str, precision: str) -> Record:
+    return Record(str(job.path), status="error", reason=f"output name {job.relative!r} already used by {owner}",
+                  backend=backend, precision=precision, analysed_at=utc_now())
 
 
 def open_jobs(jobs: Iterable, runner: Runner, options: AnalyzeOptions, index: Optional[RecordIndex] = None):

@@ -9,7 +9,7 @@ trusted; an output name in a record is used only if it stays inside the output f
 import datetime
 import json
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -17,6 +17,39 @@ from trufor_trt.batch.outputs import OutputNameError, safe_relative_name
 
 RESULTS_FILE = "results.jsonl"
 STATUSES = ("ok", "skipped", "error")
+
+
+@dataclass
+class Record:
+    """One line of results.jsonl: what one run did with one input. Every line has every field,
+    in this order (null where it does not apply)."""
+
+    input: str
+    outputs: dict = field(default_factory=dict)  # kind -> {"file": name in the output folder, "sha256"}
+    status: str = "ok"  # one of STATUSES
+    reason: Optional[str] = None
+    score: Optional[float] = None
+    height: Optional[int] = None
+    width: Optional[int] = None
+    backend: Optional[str] = None
+    precision: Optional[str] = None
+    times_ms: dict = field(default_factory=dict)  # stage -> ms, and "total"
+    analysed_at: Optional[str] = None  # UTC, ISO 8601
+    provenance: Optional[dict] = None  # what made the outputs (batch/provenance.py)
+    filed_to: Optional[str] = None  # watch --done / --failed: where the original went
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, value: dict) -> "Record":
+        """A parsed line that is_record accepted (lines of older versions may lack fields)."""
+        return cls(**{item.name: value[item.name] for item in fields(cls) if value.get(item.name) is not None})
+
+    @property
+    def npz_file(self) -> Optional[str]:
+        """The .npz this record names (relative to the output folder), or None."""
+        return (self.outputs.get("npz") or {}).get("file")
 
 
 def utc_now() -> str:
@@ -80,15 +113,10 @@ def read_records(out_dir) -> tuple:
         except ValueError:
             value = None
         if is_record(value):
-            records.append(value)
+            records.append(Record.from_json(value))
         else:
             passed_over += 1
     return records, passed_over
-
-
-def npz_file(record: dict) -> Optional[str]:
-    """The .npz a record names (relative to the output folder), or None."""
-    return ((record.get("outputs") or {}).get("npz") or {}).get("file")
 
 
 def output_path(out_dir, name: str) -> Optional[Path]:
@@ -119,27 +147,27 @@ class RecordIndex:
             index.add(record)
         return index
 
-    def add(self, record: dict) -> None:
+    def add(self, record: Record) -> None:
         self.records.append(record)
-        self.latest[record["input"]] = record
-        name = npz_file(record)
+        self.latest[record.input] = record
+        name = record.npz_file
         if name is not None:
             self.holders[name] = record
-            if record["status"] == "ok":
-                self.makers[(name, record["outputs"]["npz"]["sha256"])] = record
+            if record.status == "ok":
+                self.makers[(name, record.outputs["npz"]["sha256"])] = record
 
     def standing(self) -> list:
         """The records that say an image's state now, in the log's order: each input's latest,
         and every earlier one still holding its unit (an input can have several units: `watch
         --done` names a file that reuses a filed-away name afresh)."""
-        return [record for record in self.records if self.latest[record["input"]] is record
-                or self.holders.get(npz_file(record)) is record]
+        return [record for record in self.records if self.latest[record.input] is record
+                or self.holders.get(record.npz_file) is record]
 
-    def holder(self, relative: str) -> Optional[dict]:
+    def holder(self, relative: str) -> Optional[Record]:
         """The latest record naming the unit of this output name (the image's, without suffix)."""
         return self.holders.get(relative + ".npz")
 
-    def maker(self, record: dict) -> Optional[dict]:
+    def maker(self, record: Record) -> Optional[Record]:
         """The record that wrote the outputs `record` names (itself when it wrote them)."""
-        name = npz_file(record)
-        return self.makers.get((name, record["outputs"]["npz"]["sha256"])) if name else None
+        name = record.npz_file
+        return self.makers.get((name, record.outputs["npz"]["sha256"])) if name else None

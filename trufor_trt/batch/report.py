@@ -29,7 +29,7 @@ from trufor_trt.engine.postprocess import DECISION_THRESHOLD
 from trufor_trt.files import write_atomically
 from trufor_trt.batch.outputs import encoded, heatmap_bgr, thumbnail_jpeg
 from trufor_trt.batch.provenance import input_sha256
-from trufor_trt.batch.records import RESULTS_FILE, RecordIndex, output_path, read_records
+from trufor_trt.batch.records import RESULTS_FILE, Record, RecordIndex, output_path, read_records
 from trufor_trt.batch.summary import ImageRow, image_rows
 
 REPORT_FILE = "report.html"
@@ -64,12 +64,12 @@ def _link(path: Path, report_dir: Path) -> str:
     return Path(os.path.relpath(path.resolve(), report_dir.resolve())).as_posix()
 
 
-def _original(record: dict, out_dir: Path) -> Optional[str]:
+def _original(record: Record, out_dir: Path) -> Optional[str]:
     """A link to the analysed original where a file with its SHA-256 still is: where watch
     filed it, or at the recorded path (from the current folder, or beside the output folder
     for a relative one). The file is only hashed, never read into the page."""
-    expected = (record.get("provenance") or {}).get("input_sha256")
-    recorded = [record[key] for key in ("filed_to", "input") if record.get(key)]
+    expected = (record.provenance or {}).get("input_sha256")
+    recorded = [name for name in (record.filed_to, record.input) if name]
     candidates = [Path(name) for name in recorded] + [out_dir.parent / name for name in recorded
                                                       if not Path(name).is_absolute()]
     for candidate in dict.fromkeys(candidates):
@@ -87,10 +87,10 @@ def _pictures(files: dict) -> dict:
     return pictures
 
 
-def _thumbnails(row: ReportRow, record: dict, out_dir: Path, report_dir: Path) -> None:
+def _thumbnails(row: ReportRow, record: Record, out_dir: Path, report_dir: Path) -> None:
     """Write the row's thumbnails into OUT/report_files, and link each to its full-size file."""
-    files = {kind: output_path(out_dir, entry["file"]) for kind, entry in record["outputs"].items()}
-    stem = record["outputs"]["npz"]["sha256"][:16]
+    files = {kind: output_path(out_dir, entry["file"]) for kind, entry in record.outputs.items()}
+    stem = record.outputs["npz"]["sha256"][:16]
     folder = out_dir / THUMBNAILS
     for kind, bgr in _pictures(files).items():
         write_atomically(folder / f"{stem}-{kind}.jpg", thumbnail_jpeg(bgr))
@@ -103,17 +103,17 @@ def _thumbnails(row: ReportRow, record: dict, out_dir: Path, report_dir: Path) -
         if source is not None and thumbnail.is_file():
             row.thumbnails[kind] = _link(thumbnail, report_dir)
             row.links[kind] = _link(files[source], report_dir)
-            row.hashes[kind] = record["outputs"][source]["sha256"]
+            row.hashes[kind] = record.outputs[source]["sha256"]
     row.links["npz"] = _link(files["npz"], report_dir)
-    row.hashes["npz"] = record["outputs"]["npz"]["sha256"]
+    row.hashes["npz"] = record.outputs["npz"]["sha256"]
 
 
 def _row(image: ImageRow, out_dir: Path, report_dir: Path) -> ReportRow:
     record, made = image.record, image.made
-    row = ReportRow(name=record["input"], status=image.status, reason=image.reason, score=record.get("score"),
-                    analysed_at=made.get("analysed_at") or "", times_ms=made.get("times_ms") or {})
-    if record.get("height"):
-        row.size = f"{record['width']} x {record['height']}"
+    row = ReportRow(name=record.input, status=image.status, reason=image.reason, score=record.score,
+                    analysed_at=made.analysed_at or "", times_ms=made.times_ms)
+    if record.height:
+        row.size = f"{record.width} x {record.height}"
     if row.holds_evidence:
         _thumbnails(row, record, out_dir, report_dir)
         row.original = _original(record, out_dir)
@@ -128,7 +128,7 @@ def _legend_png_base64() -> str:
 def _models(records: list) -> list:
     """Each checkpoint SHA-256 the records name, with whether it is the official checkpoint."""
     made_by = {(entry.get("model_sha256"), entry.get("official")) for entry in
-               (record.get("provenance") or {} for record in records) if entry.get("model_sha256")}
+               (record.provenance or {} for record in records) if entry.get("model_sha256")}
     return [f"{sha} ({'the official checkpoint' if official else 'not the official checkpoint'})"
             for sha, official in sorted(made_by, key=str)]
 
@@ -141,13 +141,12 @@ def _summary(records: list, rows: list, passed_over: int) -> dict:
         "threshold": DECISION_THRESHOLD,
         "failed": [row for row in rows if row.status == "error"],
         "stale": [row for row in rows if row.status not in ("ok", "skipped", "error")],
-        "backends": sorted({f"{record.get('backend')} {record.get('precision')}" for record in records}),
+        "backends": sorted({f"{record.backend} {record.precision}" for record in records}),
         "models": _models(records),
-        "official": all((record.get("provenance") or {}).get("official") for record in records
-                        if record["status"] != "error"),
-        "versions": sorted({entry["trufor_trt"] for entry in (record.get("provenance") or {} for record in records)
+        "official": all((record.provenance or {}).get("official") for record in records if record.status != "error"),
+        "versions": sorted({entry["trufor_trt"] for entry in (record.provenance or {} for record in records)
                             if entry.get("trufor_trt")}),
-        "when": max((record.get("analysed_at") or "" for record in records), default="") or "unknown",
+        "when": max((record.analysed_at or "" for record in records), default="") or "unknown",
         "passed_over": passed_over,
         "report_version": __version__,
     }

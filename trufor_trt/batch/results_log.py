@@ -11,7 +11,7 @@ from pathlib import Path
 
 from trufor_trt.errors import TruforError
 from trufor_trt.files import remove_stale_temporaries
-from trufor_trt.batch.records import RESULTS_FILE, RecordIndex, read_records
+from trufor_trt.batch.records import RESULTS_FILE, Record, RecordIndex, read_records
 from trufor_trt.batch.summary import write_summary_csv
 
 
@@ -93,10 +93,10 @@ class ResultsLog:
         except OSError as exc:
             raise ResultsLogError(f"{self.out_dir / RESULTS_FILE} cannot be written: {exc.strerror or exc}") from None
 
-    def add(self, record: dict) -> None:
-        self._write(json.dumps(record) + "\n")
+    def add(self, record: Record) -> None:
+        self._write(json.dumps(record.to_json()) + "\n")
         self.index.add(record)
-        self.summary[record["status"]] += 1
+        self.summary[record.status] += 1
 
     def write_summary(self) -> None:
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from trufor_trt.files import sha256_file, write_atomically
-from trufor_trt.batch.records import RecordIndex, npz_file, output_path
+from trufor_trt.batch.records import Record, RecordIndex, output_path
 
 SUMMARY_FILE = "results.csv"
 COLUMNS = ("input", "status", "reason", "score", "height", "width", "backend", "precision", "official",
@@ -26,26 +26,26 @@ COLUMNS = ("input", "status", "reason", "score", "height", "width", "backend", "
 
 @dataclass(frozen=True)
 class ImageRow:
-    record: dict  # the input's latest record
+    record: Record  # the input's latest record
     status: str  # the record's, or superseded / missing / changed
     reason: Optional[str]
-    made: dict  # the record that wrote its outputs (the record itself unless they were reused)
+    made: Record  # the record that wrote its outputs (the record itself unless they were reused)
 
 
-def _superseded_by(record: dict, index: RecordIndex) -> Optional[dict]:
-    holder = index.holders.get(npz_file(record))
-    if holder is None or holder is record or holder["outputs"]["npz"] == record["outputs"]["npz"]:
+def _superseded_by(record: Record, index: RecordIndex) -> Optional[Record]:
+    holder = index.holders.get(record.npz_file)
+    if holder is None or holder is record or holder.outputs["npz"] == record.outputs["npz"]:
         return None
     return holder
 
 
-def _problem(record: dict, index: RecordIndex, out_dir: Path, verify: bool):
+def _problem(record: Record, index: RecordIndex, out_dir: Path, verify: bool):
     """(status, reason) when the record's outputs no longer hold its evidence, else None."""
     holder = _superseded_by(record, index)
     if holder is not None:
-        return "superseded", (f"its outputs now hold the evidence of {holder['input']} "
-                              f"(analysed {holder.get('analysed_at') or 'later'})")
-    for entry in record["outputs"].values():
+        return "superseded", (f"its outputs now hold the evidence of {holder.input} "
+                              f"(analysed {holder.analysed_at or 'later'})")
+    for entry in record.outputs.values():
         path = output_path(out_dir, entry["file"])
         if path is None:
             return "missing", f"{entry['file']} is gone from the output folder"
@@ -54,11 +54,11 @@ def _problem(record: dict, index: RecordIndex, out_dir: Path, verify: bool):
     return None
 
 
-def image_row(record: dict, index: RecordIndex, out_dir, verify: bool = False) -> ImageRow:
-    if record["status"] == "error" or not record.get("outputs"):
-        return ImageRow(record, record["status"], record.get("reason"), record)
+def image_row(record: Record, index: RecordIndex, out_dir, verify: bool = False) -> ImageRow:
+    if record.status == "error" or not record.outputs:
+        return ImageRow(record, record.status, record.reason, record)
     problem = _problem(record, index, Path(out_dir), verify)
-    status, reason = problem or (record["status"], record.get("reason"))
+    status, reason = problem or (record.status, record.reason)
     return ImageRow(record, status, reason, index.maker(record) or record)
 
 
@@ -68,14 +68,15 @@ def image_rows(index: RecordIndex, out_dir, verify: bool = False) -> list:
 
 def _csv_row(row: ImageRow) -> dict:
     record, made = row.record, row.made
-    made_by = record.get("provenance") or {}
-    npz = (record.get("outputs") or {}).get("npz") or {}
-    return {**{key: record.get(key) for key in ("input", "score", "height", "width", "backend", "precision")},
+    made_by = record.provenance or {}
+    npz = record.outputs.get("npz") or {}
+    return {"input": record.input, "score": record.score, "height": record.height, "width": record.width,
+            "backend": record.backend, "precision": record.precision,
             "status": row.status, "reason": row.reason, "official": made_by.get("official"),
-            "analysed_at": made.get("analysed_at"), "npz": npz.get("file"), "npz_sha256": npz.get("sha256"),
+            "analysed_at": made.analysed_at, "npz": npz.get("file"), "npz_sha256": npz.get("sha256"),
             **{key: made_by.get(key) for key in ("input_sha256", "model_sha256", "model_files_sha256", "trufor_trt")},
-            "total_ms": (made.get("times_ms") or {}).get("total"),
-            "outputs_sha256": json.dumps({entry["file"]: entry["sha256"] for entry in (record.get("outputs") or {}).values()})}
+            "total_ms": made.times_ms.get("total"),
+            "outputs_sha256": json.dumps({entry["file"]: entry["sha256"] for entry in record.outputs.values()})}
 
 
 def write_summary_csv(out_dir, index: RecordIndex) -> None:

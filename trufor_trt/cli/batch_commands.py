@@ -14,7 +14,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 
 from trufor_trt.batch.analyze import AnalyzeOptions
 from trufor_trt.batch.inputs import expand_inputs, output_folder_problem
-from trufor_trt.batch.records import RESULTS_FILE
+from trufor_trt.batch.records import RESULTS_FILE, Record
 from trufor_trt.batch.results_log import OutputFolderBusy, ResultsLogError, SummaryError
 from trufor_trt.batch.summary import SUMMARY_FILE
 from trufor_trt.cli.common import (BACKEND, CHECKPOINT, DEVICE, EXIT_FAILED, EXIT_STOPPED, MAX_MEMORY, MAX_PIXELS,
@@ -171,10 +171,10 @@ def _run_batch(analyse, total: int, what: str, quiet: bool, out: Path):
         with _progress(in_terminal) as progress, halt_on_signals(halt, stopped.append):
             task = progress.add_task(f"analysing ({what})", total=total)
 
-            def show(record: dict) -> None:
-                counts[record["status"]] += 1
-                noteworthy = record["status"] == "error" or (record["status"] == "ok" and record["reason"])
-                if record["status"] == "error" or (not quiet and (noteworthy or not in_terminal)):
+            def show(record: Record) -> None:
+                counts[record.status] += 1
+                noteworthy = record.status == "error" or (record.status == "ok" and record.reason)
+                if record.status == "error" or (not quiet and (noteworthy or not in_terminal)):
                     progress.console.print(record_line(record), soft_wrap=True)
                 progress.advance(task)
 

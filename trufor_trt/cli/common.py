@@ -164,14 +164,15 @@ def warn_unless_official(model_sha256: Optional[str]) -> None:
         warn(warning)
 
 
-def record_line(record: dict) -> str:
-    """One image's outcome as one line: what logs and `--quiet` keep (failures only)."""
-    name = escape(record["input"])
-    if record["status"] == "error":
-        return f"[red]failed[/] {name}: {escape(record['reason'])}"
-    score = f"score {record['score']:.4f}" if record.get("score") is not None else "no score"
-    if record["status"] == "skipped":
+def record_line(record) -> str:
+    """One image's outcome (a batch.records.Record) as one line: what logs and `--quiet` keep
+    (failures only)."""
+    name = escape(record.input)
+    if record.status == "error":
+        return f"[red]failed[/] {name}: {escape(record.reason)}"
+    score = f"score {record.score:.4f}" if record.score is not None else "no score"
+    if record.status == "skipped":
         return f"skipped {name}: {score} (outputs exist)"
-    seconds = record["times_ms"].get("total", 0) / 1000
-    why = f" ({escape(record['reason'])})" if record["reason"] else ""
+    seconds = record.times_ms.get("total", 0) / 1000
+    why = f" ({escape(record.reason)})" if record.reason else ""
     return f"{name}: {score}, {seconds:.1f} s{why}"

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from trufor_trt.batch.analyze import AnalyzeOptions
-from trufor_trt.batch.records import RESULTS_FILE
+from trufor_trt.batch.records import RESULTS_FILE, Record
 from trufor_trt.batch.results_log import OutputFolderBusy, ResultsLogError, SummaryError
 from trufor_trt.cli.common import (BACKEND, CHECKPOINT, DEVICE, EXIT_FAILED, EXIT_STOPPED, MAX_MEMORY, MAX_PIXELS,
                                    MODEL, NO_PNG, PRECISION, QUIET, SAVE_NOISEPRINT, Backend, Precision,
@@ -73,9 +73,9 @@ def watch(
 
     counts = Counter()
 
-    def report(record: dict) -> None:
-        counts[record["status"]] += 1
-        if record["status"] == "error" or not quiet:
+    def report(record: Record) -> None:
+        counts[record.status] += 1
+        if record.status == "error" or not quiet:
             console.print(record_line(record), soft_wrap=True)
 
     say(f"watching {inbox} ({runner.backend} {runner.precision}); SIGTERM or Ctrl-C stops after the image in hand")

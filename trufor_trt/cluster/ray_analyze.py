@@ -23,6 +23,7 @@ from typing import Callable
 from trufor_trt.batch.analyze import AnalyzeOptions, open_job
 from trufor_trt.batch.inputs import ImageJob
 from trufor_trt.batch.pipeline import Pipeline, claim_output_names, name_taken_record
+from trufor_trt.batch.records import Record
 from trufor_trt.batch.results_log import ResultsLog
 from trufor_trt.engine.runner_spec import MachineShare, RunnerSpec, make_runner, share_of_cores
 from trufor_trt.errors import RunnerFailure, TruforError
@@ -61,12 +62,13 @@ class AnalyzeImages:
     def __call__(self, batch: dict) -> dict:
         """Rows (path, relative, holder) -> their records as JSON lines; if the runner broke, a
         last row with the reason instead (an exception would reach the driver only as text)."""
-        flights = (open_job(_job(path, relative), self.runner, self.options, json.loads(holder) if holder else None)
+        flights = (open_job(_job(path, relative), self.runner, self.options,
+                            Record.from_json(json.loads(holder)) if holder else None)
                    for path, relative, holder in zip(batch["path"], batch["relative"], batch["holder"]))
         records, failures = [], []
         try:
             Pipeline([self.runner], self.options, batch=self.batch).run(
-                flights, lambda result: records.append(json.dumps(result.record)))
+                flights, lambda result: records.append(json.dumps(result.record.to_json())))
         except RunnerFailure as exc:
             failures.append(str(exc))
         return {"record": records + [""] * len(failures), "runner_failure": [""] * len(records) + failures}
@@ -106,7 +108,7 @@ def _pool(ray, spec: ActorSpec, workers: int) -> tuple:
 
 
 def analyze_on_ray(jobs, address: str, spec: ActorSpec, options: AnalyzeOptions, workers: int = 0,
-                   on_record: Callable[[dict], None] = lambda record: None, halt=None,
+                   on_record: Callable[[Record], None] = lambda record: None, halt=None,
                    on_start: Callable[[int, dict], None] = lambda workers, needs: None) -> Counter:
     """Every job analysed by actors on the cluster at `address` (LOCAL: a Ray instance started for
     this run); one line per image in results.jsonl as records come back. Returns records per
@@ -117,7 +119,7 @@ def analyze_on_ray(jobs, address: str, spec: ActorSpec, options: AnalyzeOptions,
             device = "cuda" if ray.cluster_resources().get("GPU") else "cpu"
             spec = replace(spec, runner=replace(spec.runner, device=device))
         with ResultsLog(options.out_dir) as log:
-            def keep(record: dict) -> None:
+            def keep(record: Record) -> None:
                 log.add(record)
                 on_record(record)
 
@@ -126,7 +128,7 @@ def analyze_on_ray(jobs, address: str, spec: ActorSpec, options: AnalyzeOptions,
                 if owner is None:
                     holder = log.index.holder(job.relative)
                     rows.append({"path": str(job.path), "relative": job.relative,
-                                 "holder": json.dumps(holder) if holder else ""})
+                                 "holder": json.dumps(holder.to_json()) if holder else ""})
                 else:
                     keep(name_taken_record(job, owner, spec.runner.backend, spec.runner.precision))
             if rows and _run_dataset(ray, rows, spec, options, workers, keep, halt, on_start):
@@ -139,7 +141,7 @@ def analyze_on_ray(jobs, address: str, spec: ActorSpec, options: AnalyzeOptions,
 
 
 def _run_dataset(ray, rows: list, spec: ActorSpec, options: AnalyzeOptions, workers: int,
-                 keep: Callable[[dict], None], halt, on_start) -> bool:
+                 keep: Callable[[Record], None], halt, on_start) -> bool:
     """Whether every row came back (False: halted)."""
     actors, needs = _pool(ray, spec, workers)
     on_start(actors, needs)
@@ -150,7 +152,7 @@ def _run_dataset(ray, rows: list, spec: ActorSpec, options: AnalyzeOptions, work
     for row in dataset.iter_rows():
         if row["runner_failure"]:
             raise RunnerFailure(row["runner_failure"])  # the actors stop with the Ray instance
-        keep(json.loads(row["record"]))
+        keep(Record.from_json(json.loads(row["record"])))
         if halt is not None and halt.is_set():
             return False  # the actors stop with the Ray instance; a resumed run does the rest
     return True

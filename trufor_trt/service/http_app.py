@@ -188,14 +188,14 @@ class AnalysisService:
         self.metrics.request_seconds.observe(time.perf_counter() - started)
         if result.error is not None:
             status = 422 if isinstance(result.error, ImageError) else 500
-            return _error(status, result.record["reason"])
+            return _error(status, result.record.reason)
         return JSONResponse(self._answer(result, request.query_params.get("outputs") == "map"))
 
     def _answer(self, result, with_maps: bool) -> dict:
         record = result.record
-        answer = {key: record[key] for key in ("score", "height", "width", "backend", "precision", "times_ms")}
+        answer = {key: getattr(record, key) for key in ("score", "height", "width", "backend", "precision", "times_ms")}
         if with_maps:
-            npz = npz_bytes(result.analysis, self.settings.analyze.save_noiseprint, record["provenance"])
+            npz = npz_bytes(result.analysis, self.settings.analyze.save_noiseprint, record.provenance)
             answer["npz"] = base64.b64encode(npz).decode("ascii")
         return answer
 

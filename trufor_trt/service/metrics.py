@@ -32,11 +32,12 @@ class ServiceMetrics:
             self.images.labels(outcome)  # present from the start, at 0
         self._job_seconds, self._jobs = 0.0, 0
 
-    def observe(self, record: dict) -> None:
-        self.images.labels("failed" if record["status"] == "error" else "analysed").inc()
-        for stage, milliseconds in record["times_ms"].items():
+    def observe(self, record) -> None:
+        """One image's record (batch.records.Record): its outcome and stage times."""
+        self.images.labels("failed" if record.status == "error" else "analysed").inc()
+        for stage, milliseconds in record.times_ms.items():
             self.stage_seconds.labels(stage).observe(milliseconds / 1000)
-        self._job_seconds += record["times_ms"].get("total", 0) / 1000
+        self._job_seconds += record.times_ms.get("total", 0) / 1000
         self._jobs += 1
 
     def mean_job_seconds(self) -> float:

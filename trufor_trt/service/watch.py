@@ -18,6 +18,7 @@ from typing import Callable, Optional
 from trufor_trt.batch.analyze import AnalyzeOptions, complete_job, open_job
 from trufor_trt.batch.inputs import ImageJob
 from trufor_trt.batch.provenance import input_sha256
+from trufor_trt.batch.records import Record
 from trufor_trt.batch.results_log import ResultsLog, SummaryError
 from trufor_trt.engine.runner import Runner
 from trufor_trt.errors import one_line
@@ -70,8 +71,8 @@ class WakeUps:
         self._changed.clear()
 
 
-def _analysed_sha256(record: dict) -> Optional[str]:
-    return (record.get("provenance") or {}).get("input_sha256")
+def _analysed_sha256(record: Record) -> Optional[str]:
+    return (record.provenance or {}).get("input_sha256")
 
 
 class Watch:
@@ -79,7 +80,7 @@ class Watch:
     away, wait for a change or the next poll; until `stop` is set."""
 
     def __init__(self, inbox: Path, runner: Runner, options: WatchOptions, stop: threading.Event,
-                 on_record: Callable[[dict], None], on_notice: Callable[[str], None]):
+                 on_record: Callable[[Record], None], on_notice: Callable[[str], None]):
         self.runner, self.options, self.stop = runner, options, stop
         self.on_record, self.on_notice = on_record, on_notice
         out_dir = options.analyze.out_dir
@@ -123,10 +124,10 @@ class Watch:
         return replace(job, relative=place.relative_to(self.options.done_dir).as_posix())
 
     @staticmethod
-    def _place(folder: Path, relative: str, earlier: Optional[dict]) -> Path:
+    def _place(folder: Path, relative: str, earlier: Optional[Record]) -> Path:
         """Where the original goes in `folder`: where its record says, after a restart that came
         between the record and the move; else the first free name."""
-        recorded = Path(earlier["filed_to"]) if earlier and earlier.get("filed_to") else None
+        recorded = Path(earlier.filed_to) if earlier and earlier.filed_to else None
         if recorded is not None and recorded.parent.is_relative_to(folder) and not recorded.exists():
             return recorded
         return free_place(Path(folder) / relative)
@@ -138,14 +139,14 @@ class Watch:
         inbox_name, job = job.relative, self._named_as_filed(job, earlier)
         holder = log.index.holder(job.relative)
         flight = open_job(job, self.runner, self.options.analyze, holder)
-        analysed = not (earlier is not None and earlier is holder and flight.result.record["status"] == "skipped")
+        analysed = not (earlier is not None and earlier is holder and flight.result.record.status == "skipped")
         record = complete_job(flight, self.runner, self.options.analyze).record if analysed else earlier
-        place = self._destination(inbox_name if record["status"] == "error" else job.relative, record)
+        place = self._destination(inbox_name if record.status == "error" else job.relative, record)
         if place is not None and input_sha256(job.path) != _analysed_sha256(record):
             self._changed_since(job)
             place = None
         if analysed:
-            record["filed_to"] = str(place) if place is not None else None
+            record.filed_to = str(place) if place is not None else None
             log.add(record)
             self.on_record(record)
         if place is not None:
@@ -156,11 +157,11 @@ class Watch:
         self.handled.pop(job.path, None)  # its new bytes are analysed on a later pass
         self.on_notice(f"{job.path} changed after it was analysed: left in place, to be analysed again")
 
-    def _destination(self, relative: str, record: dict) -> Optional[Path]:
-        folder = self.options.failed_dir if record["status"] == "error" else self.options.done_dir
+    def _destination(self, relative: str, record: Record) -> Optional[Path]:
+        folder = self.options.failed_dir if record.status == "error" else self.options.done_dir
         return None if folder is None else self._place(folder, relative, record)
 
-    def _file_away(self, job: ImageJob, record: dict, place: Path) -> None:
+    def _file_away(self, job: ImageJob, record: Record, place: Path) -> None:
         try:
             filed = file_away(job.path, place, _analysed_sha256(record))
         except OriginalChanged:  # in the instant since it was checked
