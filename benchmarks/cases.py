@@ -10,8 +10,7 @@ from typing import Optional
 from trufor_trt.batch.analyze import AnalyzeOptions, analyse_file
 from trufor_trt.batch.inputs import ImageJob
 from trufor_trt.batch.pipeline import Pipeline, open_jobs
-from trufor_trt.engine import create_runner
-from trufor_trt.engine.runner_spec import share_among
+from trufor_trt.engine.runner_spec import MachineShare, RunnerSpec, close_all, make_runner, share_among
 from trufor_trt.engine.timing import StageClock
 
 from trufor_trt.benchmarks.memory import peak_rss_bytes, rss_bytes
@@ -34,14 +33,16 @@ class CaseSpec:
     official: bool = False  # the torch reference, computed the official way
 
 
-def make_runner(spec: CaseSpec, threads: int = 0):
+def case_runner(spec: CaseSpec, threads: int = 0):
+    """The case's runner, not yet loaded: the spec's, or the official-formulation torch reference."""
     if spec.official:
         from trufor_trt.engine.torch_runner import TorchRunner
 
         return TorchRunner(spec.checkpoint, device=spec.device, precision=spec.precision,
                            threads=threads, official=True)
-    return create_runner(spec.backend, checkpoint=spec.checkpoint, model=spec.model,
-                         device=spec.device, precision=spec.precision, threads=threads)
+    runner_spec = RunnerSpec(spec.backend, spec.precision, model=spec.model, checkpoint=spec.checkpoint,
+                             device=spec.device)
+    return make_runner(runner_spec, MachineShare(threads))
 
 
 def _elapsed_ms(start_ns: int) -> float:
@@ -91,7 +92,7 @@ def offline(spec: CaseSpec) -> dict:
     """Throughput of `streams` runners fed by one decoding thread, drained by one postprocessing
     thread (the calling one). CPU runners share the cores instead of each taking all of them."""
     threads = share_among(spec.streams, None).threads if spec.backend in CPU_BACKENDS else 0
-    runners = [make_runner(spec, threads) for _ in range(spec.streams)]
+    runners = [case_runner(spec, threads) for _ in range(spec.streams)]
     try:
         for runner in runners:
             runner.load()
@@ -103,8 +104,7 @@ def offline(spec: CaseSpec) -> dict:
         wall_ms = pipeline.run(open_jobs(jobs, runners[0], options), _raise_failure)
         device = [runner.device_memory_bytes() for runner in runners]
     finally:
-        for runner in runners:
-            runner.close()
+        close_all(runners)
     return {"streams": spec.streams, "threads_per_runner": threads, "images": count,
             "wall_ms": wall_ms, "busy_ms": pipeline.busy_ms,
             "workers": {"decode+preprocess": 1, "inference": spec.streams, "postprocess": 1},
@@ -114,7 +114,7 @@ def offline(spec: CaseSpec) -> dict:
 
 def run_case(spec: CaseSpec) -> dict:
     """The whole case; meant to be the only work of a fresh process."""
-    runner = make_runner(spec)
+    runner = case_runner(spec)
     start = time.perf_counter_ns()
     runner.load()
     result = {"backend": runner.backend, "precision": runner.precision, "load_ms": _elapsed_ms(start),
