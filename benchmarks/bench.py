@@ -47,6 +47,8 @@ class BenchOptions:
     compare_torch: bool = False
     device: str = "auto"
     peak_gflops: Optional[float] = None
+    host_only: bool = False
+    workers: int = 0  # host-only: 1..workers (0: every core)
 
 
 @dataclass(frozen=True)
@@ -66,14 +68,15 @@ def in_fresh_process(function, *args):
         return pool.submit(function, *args).result()
 
 
+def synthetic_file(height: int, width: int, folder: Path, suffix: str = ".png") -> Path:
+    """A deterministic synthetic photograph of this size, as a file (decoding is measured too)."""
+    path = folder / f"synthetic_{height}x{width}{suffix}"
+    cv2.imwrite(str(path), synthetic_image(height, width, seed=height * 7919 + width)[:, :, ::-1])
+    return path
+
+
 def synthetic_groups(sizes, folder: Path) -> list:
-    """One deterministic synthetic photograph per size, as a PNG (decoding is measured too)."""
-    groups = []
-    for height, width in sizes:
-        path = folder / f"synthetic_{height}x{width}.png"
-        cv2.imwrite(str(path), synthetic_image(height, width, seed=height * 7919 + width)[:, :, ::-1])
-        groups.append(InputGroup(f"{height}x{width}", (str(path),)))
-    return groups
+    return [InputGroup(f"{height}x{width}", (str(synthetic_file(height, width, folder)),)) for height, width in sizes]
 
 
 def image_group(folder: Path) -> InputGroup:
@@ -203,6 +206,28 @@ def _variant_flops(model, precision: str) -> list:
     from trufor_trt.engine.model_dir import ModelDir
 
     return ModelDir.open(model).manifest["variants"].get(precision, {}).get("flops_by_precision", [])
+
+
+def run_host_only_bench(options: BenchOptions, on_step=print) -> dict:
+    """`bench --host-only` (host_only.py): the network's outputs replayed, the host timed; the
+    outputs come from the model folder given, else from PyTorch on the CPU (no export needed)."""
+    from trufor_trt.benchmarks.host_only import run_host_only, worker_counts
+    from trufor_trt.engine.runner_spec import RunnerSpec, make_runner
+
+    workers = worker_counts(options.workers)
+    model, checkpoint, weights = resolve_sources(replace(options, backend="torch") if options.model is None
+                                                 else options, on_step)
+    if model is None:
+        spec = RunnerSpec("torch", "fp32", checkpoint=checkpoint, device="cpu")
+    else:
+        spec = RunnerSpec(options.backend, options.precision, model=model).resolved(on_notice=on_step)
+    with tempfile.TemporaryDirectory(prefix="trufor-bench-") as scratch:
+        # JPEGs: what photographs arrive as, and what decoding costs most often
+        images = {size: synthetic_file(*size, Path(scratch), ".jpg") for size in options.sizes}
+        with make_runner(spec) as runner:
+            report = run_host_only(images, runner, workers, in_fresh_process, on_step)
+    report["weights"] = weights
+    return report
 
 
 def run_bench(options: BenchOptions, on_step=print) -> dict:

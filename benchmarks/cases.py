@@ -10,13 +10,14 @@ from typing import Optional
 from trufor_trt.batch.analyze import AnalyzeOptions, analyse_file
 from trufor_trt.batch.inputs import ImageJob
 from trufor_trt.batch.pipeline import Pipeline, open_jobs
-from trufor_trt.engine.runner_spec import MachineShare, RunnerSpec, close_all, make_runner, share_among
+from trufor_trt.engine.runner_spec import (MachineShare, RunnerSpec, close_all, host_workers, make_runner,
+                                           share_among)
 from trufor_trt.engine.timing import StageClock
 
 from trufor_trt.benchmarks.memory import peak_rss_bytes, rss_bytes
 
 CPU_BACKENDS = ("onnxruntime", "torch")
-DEVICE_STAGES = ("host_to_device", "inference", "device_to_host")
+DEVICE_STAGES = ("host_to_device", "inference", "device_postprocess", "device_to_host")
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,8 @@ def _raise_failure(result) -> None:
 
 
 def offline(spec: CaseSpec) -> dict:
-    """Throughput of `streams` runners fed by one decoding thread, drained by one postprocessing
-    thread (the calling one). CPU runners share the cores instead of each taking all of them."""
+    """Throughput of `streams` runners in `analyze`'s pipeline, its host workers as analyze
+    sizes them, nothing written. CPU runners share the cores instead of each taking all of them."""
     threads = share_among(spec.streams, None).threads if spec.backend in CPU_BACKENDS else 0
     runners = [case_runner(spec, threads) for _ in range(spec.streams)]
     try:
@@ -100,14 +101,14 @@ def offline(spec: CaseSpec) -> dict:
         count = max(spec.repeat, 2 * spec.streams)
         jobs = [ImageJob(Path(spec.images[index % len(spec.images)]), str(index)) for index in range(count)]
         options = AnalyzeOptions(out_dir=None)
-        pipeline = Pipeline(runners, options)
+        pipeline = Pipeline(runners, options, host_workers=host_workers(runners))
         wall_ms = pipeline.run(open_jobs(jobs, runners[0], options), _raise_failure)
         device = [runner.device_memory_bytes() for runner in runners]
     finally:
         close_all(runners)
     return {"streams": spec.streams, "threads_per_runner": threads, "images": count,
             "wall_ms": wall_ms, "busy_ms": pipeline.busy_ms,
-            "workers": {"decode+preprocess": 1, "inference": spec.streams, "postprocess": 1},
+            "workers": {"host": pipeline.host_workers, "inference": spec.streams},
             "device_peak_bytes": sum(device) if all(value is not None for value in device) else None,
             "host_peak_rss_bytes": peak_rss_bytes()}
 

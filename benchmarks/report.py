@@ -5,10 +5,13 @@ from pathlib import Path
 
 from trufor_trt.files import write_atomically
 
-STAGES = ("decode", "preprocess", "host_to_device", "inference", "device_to_host", "postprocess")
+STAGES = ("decode", "preprocess", "host_to_device", "inference", "device_postprocess", "device_to_host",
+          "postprocess")
 PARTS = ("noiseprint", "encoder", "decoders")  # the network's parts, as runners time them
 MARKDOWN_BEGIN = "<!-- trufor-trt bench: begin -->"
 MARKDOWN_END = "<!-- trufor-trt bench: end -->"
+HOST_ONLY_BEGIN = "<!-- trufor-trt bench --host-only: begin -->"
+HOST_ONLY_END = "<!-- trufor-trt bench --host-only: end -->"
 GIB = 1024 ** 3
 
 
@@ -144,10 +147,20 @@ def markdown_table(report: dict) -> str:
 
 def write_markdown(report: dict, path: Path) -> None:
     """The table alone, or, where the file has the bench markers, the block between them."""
-    block = f"{MARKDOWN_BEGIN}\n{markdown_table(report)}{MARKDOWN_END}"
+    if report.get("host_only"):
+        from trufor_trt.benchmarks import host_only
+
+        write_marked_block(path, host_only.markdown_table(report), HOST_ONLY_BEGIN, HOST_ONLY_END)
+    else:
+        write_marked_block(path, markdown_table(report), MARKDOWN_BEGIN, MARKDOWN_END)
+
+
+def write_marked_block(path: Path, table: str, begin: str, end: str) -> None:
+    """`table` between the markers where the file has them, else the file is the block alone."""
+    block = f"{begin}\n{table}{end}"
     text = path.read_text(encoding="utf-8") if path.is_file() else ""
-    if MARKDOWN_BEGIN in text and MARKDOWN_END in text:
-        pattern = re.escape(MARKDOWN_BEGIN) + ".*?" + re.escape(MARKDOWN_END)
+    if begin in text and end in text:
+        pattern = re.escape(begin) + ".*?" + re.escape(end)
         text = re.sub(pattern, lambda _: block, text, count=1, flags=re.S)
     else:
         text = block + "\n"

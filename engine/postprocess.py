@@ -1,19 +1,23 @@
 """The CPU postprocessor: from the engines' raw outputs to the official TruFor outputs.
 
 numpy only (no torch), so every backend, on every machine, finishes the same way:
-- logits upsampled from the 1/4 grid to H x W exactly as F.interpolate(bilinear,
-  align_corners=False) does;
+- logits upsampled from the 1/4 grid to H x W as F.interpolate(bilinear, align_corners=False)
+  does;
 - `map` = softmax over the two localization logits, class 1; `conf` = sigmoid;
 - `score` = sigmoid(detection MLP(weighted statistics pooling of conf and of the logit
-  difference, weighted by log-sigmoid(conf))), computed in float64.
+  difference, weighted by log-sigmoid(conf))).
+In float32 like the official network, sums and the MLP in float64, every exponential taken of a
+difference to its maximum: within float32 rounding of the official float64 tail, at the speed
+of memory (tests/test_postprocess.py holds both).
 """
 
+import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
-from trufor_trt.bands import bilinear_taps
-from trufor_trt.engine.runner import RawOutputs
+from trufor_trt.engine.runner import FinishedOutputs, RawOutputs
 
 
 @dataclass(frozen=True)
@@ -52,21 +56,17 @@ class Analysis:
 
 
 def upsample_bilinear(planes: np.ndarray, height: int, width: int) -> np.ndarray:
-    """C x h x w -> C x H x W (float64), equal to F.interpolate(bilinear, align_corners=False)."""
-    planes = planes.astype(np.float64, copy=False)
-    top, bottom, down = bilinear_taps(planes.shape[1], height)
-    rows = planes[:, top, :] * (1.0 - down)[:, None] + planes[:, bottom, :] * down[:, None]
-    left, right, across = bilinear_taps(planes.shape[2], width)
-    return rows[:, :, left] * (1.0 - across) + rows[:, :, right] * across
+    """C x h x w -> C x H x W float32: F.interpolate(bilinear, align_corners=False).
 
-
-def _logsumexp(values: np.ndarray) -> float:
-    peak = values.max()
-    return float(peak + np.log(np.exp(values - peak).sum()))
-
-
-def _log_softmax(values: np.ndarray) -> np.ndarray:
-    return values - _logsumexp(values)
+    OpenCV's linear resize follows the same half-pixel rule and clamps at the edges the same
+    way; its float32 weights put it within float32 rounding (1e-7 relative) of the float64
+    interpolation, at a few milliseconds per megapixel instead of gathers over every pixel.
+    Each output pixel is computed on its own, so the bits do not depend on OpenCV's threads."""
+    planes = np.asarray(planes, dtype=np.float32)
+    upsampled = np.empty((planes.shape[0], height, width), np.float32)
+    for index, plane in enumerate(planes):
+        cv2.resize(plane, (width, height), dst=upsampled[index], interpolation=cv2.INTER_LINEAR)
+    return upsampled
 
 
 def _products_summed(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
@@ -74,52 +74,100 @@ def _products_summed(matrix: np.ndarray, vector: np.ndarray) -> np.ndarray:
     return np.sum(matrix.astype(np.float64) * vector, axis=1)
 
 
+def _sum(values: np.ndarray) -> float:
+    """A float64 sum of float32 values; numpy's pairwise order, the same on every thread setting
+    (BLAS dot products are not)."""
+    return float(np.sum(values, dtype=np.float64))
+
+
+def _exp_sum(values: np.ndarray, shift: float) -> float:
+    """sum(exp(values - shift)), the exponentials in float32 (shift = the maximum: each <= 1)."""
+    terms = values - np.float32(shift)
+    np.exp(terms, out=terms)
+    return _sum(terms)
+
+
 def _log_sigmoid(values: np.ndarray) -> np.ndarray:
-    return -np.logaddexp(0.0, -values)
+    """log(sigmoid(x)) = min(x, 0) - log1p(exp(-|x|)), finite for every finite x."""
+    tail = np.abs(values)
+    np.negative(tail, out=tail)
+    np.exp(tail, out=tail)
+    np.log1p(tail, out=tail)
+    return np.minimum(values, np.float32(0.0)) - tail
 
 
-def _sigmoid(values):
-    return np.exp(_log_sigmoid(values))
+def _sigmoid(values: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # exp(-x) -> inf for x < -88 gives 1/inf = 0, the limit
+        result = np.negative(values)
+        np.exp(result, out=result)
+        result += np.float32(1.0)
+        return np.reciprocal(result, out=result)
 
 
-def weighted_statistics(values: np.ndarray, log_weights: np.ndarray) -> np.ndarray:
-    """[soft min, soft max, mean, mean square] of values under softmax(log_weights)."""
-    values = values.ravel().astype(np.float64, copy=False)
-    log_w = _log_softmax(log_weights.ravel().astype(np.float64, copy=False))
-    weights = np.exp(log_w)
-    return np.array([
-        -_logsumexp(log_w - values),
-        _logsumexp(log_w + values),
-        float(np.sum(weights * values)),
-        float(np.sum(weights * values * values)),
-    ])
+def _uniform_statistics(values: np.ndarray) -> list:
+    """[soft min, soft max, mean, mean square] of values under equal weights."""
+    low, high, log_count = float(values.min()), float(values.max()), math.log(values.size)
+    return [low - math.log(_exp_sum(-values, -low)) + log_count,
+            high + math.log(_exp_sum(values, high)) - log_count,
+            _sum(values) / values.size,
+            _sum(np.square(values)) / values.size]
 
 
-def detection_features(localization_logits: np.ndarray, confidence_logits: np.ndarray) -> np.ndarray:
-    """The 8 pooled features of the official 'confpool' detector, from full-size logits."""
-    confidence = confidence_logits.reshape(-1)
-    evidence = localization_logits[1] - localization_logits[0]
-    return np.concatenate([
-        weighted_statistics(confidence, np.zeros_like(confidence)),
-        weighted_statistics(evidence, _log_sigmoid(confidence)),
-    ])
+def _weighted_statistics(values: np.ndarray, log_weights: np.ndarray) -> list:
+    """[soft min, soft max, mean, mean square] of values under softmax(log_weights).
+
+    Every exponential is taken of a difference to its maximum (each term <= 1, the largest 1),
+    so float32 terms lose nothing that float64 sums of the official float64 terms would keep."""
+    top = float(log_weights.max())
+    weights = log_weights - np.float32(top)
+    np.exp(weights, out=weights)
+    log_total = top + math.log(_sum(weights))  # logsumexp(log_weights)
+    above, below = log_weights + values, log_weights - values
+    above_max, below_max = float(above.max()), float(below.max())
+    return [-(below_max + math.log(_exp_sum(below, below_max)) - log_total),
+            above_max + math.log(_exp_sum(above, above_max)) - log_total,
+            _sum(weights * values) / _sum(weights),
+            _sum(weights * np.square(values)) / _sum(weights)]
+
+
+def detection_features(evidence: np.ndarray, confidence_logits: np.ndarray) -> np.ndarray:
+    """The 8 pooled features of the official 'confpool' detector: statistics of the confidence
+    logits (equal weights) and of the evidence (logit difference) weighted by sigmoid(conf)."""
+    confidence = confidence_logits.ravel()
+    return np.array(_uniform_statistics(confidence)
+                    + _weighted_statistics(evidence.ravel(), _log_sigmoid(confidence)))
+
+
+def _score(logit: float) -> float:
+    """sigmoid, in float64 and finite at both ends."""
+    return 1.0 / (1.0 + math.exp(-logit)) if logit >= 0 else math.exp(logit) / (1.0 + math.exp(logit))
 
 
 def analysis_from_full_logits(localization_logits: np.ndarray, confidence_logits: np.ndarray,
                               noiseprint: np.ndarray, head: DetectionHead) -> Analysis:
-    """From 2 x H x W and H x W logits (the official network's own outputs) to its results."""
-    logit = head.logit(detection_features(localization_logits, confidence_logits))
+    """From 2 x H x W and H x W logits (the official network's own outputs) to its results, in
+    float32 like the official network (the pooled sums in float64)."""
+    localization_logits = np.asarray(localization_logits, dtype=np.float32)
+    confidence_logits = np.asarray(confidence_logits, dtype=np.float32)
+    evidence = localization_logits[1] - localization_logits[0]  # softmax's class 1 = its sigmoid
+    logit = head.logit(detection_features(evidence, confidence_logits))
     return Analysis(
-        localization_map=_sigmoid(localization_logits[1] - localization_logits[0]).astype(np.float32),
-        confidence_map=_sigmoid(confidence_logits).astype(np.float32),
-        score=float(_sigmoid(logit)),
+        localization_map=_sigmoid(evidence),
+        confidence_map=_sigmoid(confidence_logits),
+        score=_score(logit),
         detection_logit=logit,
         noiseprint=np.asarray(noiseprint, dtype=np.float32),
     )
 
 
-def postprocess(raw: RawOutputs, head: DetectionHead) -> Analysis:
-    """The engines' 1/4-resolution logits -> the official outputs at the input size."""
+def postprocess(raw: RawOutputs | FinishedOutputs, head: DetectionHead) -> Analysis:
+    """The engines' 1/4-resolution logits (RawOutputs) -> the official outputs at the input size;
+    outputs finished on a device (FinishedOutputs) get their score here."""
+    if isinstance(raw, FinishedOutputs):
+        logit = head.logit(raw.detection_features)
+        return Analysis(localization_map=raw.localization_map, confidence_map=raw.confidence_map,
+                        score=_score(logit), detection_logit=logit,
+                        noiseprint=np.asarray(raw.noiseprint, dtype=np.float32))
     height, width = raw.noiseprint.shape
     localization = upsample_bilinear(raw.localization_logits, height, width)
     confidence = upsample_bilinear(raw.confidence_logits, height, width)[0]

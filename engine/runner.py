@@ -36,6 +36,18 @@ class RawOutputs:
                     noiseprint=noiseprint[index, 0]) for index in range(localization.shape[0])]
 
 
+@dataclass(frozen=True)
+class FinishedOutputs:
+    """One image's outputs at its own size, postprocessed where the network ran (a GPU runner's
+    choice: upsampling and pooling there cost less than the copies and the CPU's time); the
+    detection MLP, 8 -> 1, is left to the CPU postprocessor, which finishes every runner's score."""
+
+    localization_map: np.ndarray  # H x W float32
+    confidence_map: np.ndarray  # H x W float32
+    detection_features: np.ndarray  # the 8 pooled features, float64
+    noiseprint: np.ndarray  # H x W
+
+
 class Runner(ABC):
     """load() -> infer() per image -> close(); also a context manager.
 
@@ -43,7 +55,8 @@ class Runner(ABC):
     `model_sha256` the SHA-256 of the checkpoint it came from and `model_files_sha256` one
     SHA-256 over the files it loaded (model_dir.files_sha256): the outputs' provenance.
     Runners on a GPU also time their device stages: after infer(), `last_stage_ms` holds
-    host_to_device, inference and device_to_host in milliseconds (CUDA events); CPU runners
+    host_to_device, inference (and device_postprocess, where they postprocess there) and
+    device_to_host in milliseconds (CUDA events); CPU runners
     leave it empty, their inference being the infer() call itself. Runners that run the
     network as separate graphs (ONNX Runtime FP32) record each part's milliseconds in
     `last_parts_ms` (noiseprint, encoder, decoders), so that `bench` shows where time goes.
@@ -67,7 +80,8 @@ class Runner(ABC):
 
     @abstractmethod
     def infer(self, prepared: np.ndarray) -> RawOutputs:
-        """One prepared input -> its raw outputs."""
+        """One prepared input -> its raw outputs (or FinishedOutputs, from runners that
+        postprocess on their device)."""
 
     def batch_limit(self, height: int, width: int) -> int:
         """How many images of this size infer_batch() computes together (1: one at a time)."""

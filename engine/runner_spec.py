@@ -55,6 +55,26 @@ def share_of_cores(cpus: int, budget: int | None) -> MachineShare:
     return MachineShare(cpus, budget or (memory * min(cpus, cores) // cores if memory else None))
 
 
+CPU_RUNNER_HOST_WORKERS = 2  # decoding and finishing beside CPU inference, which has the cores
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, or every core)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def host_workers(runners: list, cores: int = 0) -> int:
+    """Threads for the CPU stages (decode, prepare, postprocess, write) of a pipeline: beside GPU
+    runners every core (`cores`, else the process's), so that the host keeps up with the
+    device; beside CPU runners two, which overlap inference without taking its cores."""
+    if runners and all(runner.on_gpu() for runner in runners):
+        return cores or usable_cores()
+    return CPU_RUNNER_HOST_WORKERS
+
+
 def make_runner(spec: RunnerSpec, share: MachineShare = MachineShare()):
     """One runner of a resolved spec, not yet loaded."""
     return create_runner(spec.backend, checkpoint=spec.checkpoint,

@@ -48,11 +48,12 @@ class TorchRunner(Runner):
     backend = "torch"
 
     def __init__(self, checkpoint, device: str = "auto", precision: str = "fp32", threads: int = 0,
-                 official: bool = False, max_memory_bytes=None):
+                 official: bool = False, max_memory_bytes=None, postprocess_on_device: bool = True):
         """`official`: compute as the official code does (explicit attention score matrices,
         the decoders' 2048-channel concatenation), not in bounded memory; the benchmarks'
         reference. `max_memory_bytes`: the host budget the row bands are sized from on the CPU
-        (default: the machine's physical memory)."""
+        (default: the machine's physical memory). `postprocess_on_device`: on a GPU, return
+        FinishedOutputs postprocessed there (engine/device_postprocess.py), else raw logits."""
         super().__init__()
         self.max_memory_bytes = max_memory_bytes or physical_memory()
         self.checkpoint = checkpoint
@@ -60,6 +61,7 @@ class TorchRunner(Runner):
         self.precision = precision
         self.threads = threads
         self.official = official
+        self.postprocess_on_device = postprocess_on_device
         self.network = None
         self.device = None
         self.dtype = None
@@ -134,20 +136,31 @@ class TorchRunner(Runner):
             raise RunnerFailure(f"PyTorch on {self.device} failed: {one_line(exc)}") from exc
 
     def _infer_timed_on_gpu(self, torch, prepared: np.ndarray, form) -> list:
-        start, copied_in, computed, copied_out = (torch.cuda.Event(enable_timing=True) for _ in range(4))
+        start, copied_in, computed, postprocessed, copied_out = (torch.cuda.Event(enable_timing=True)
+                                                                 for _ in range(5))
         start.record()
         image = torch.from_numpy(prepared).to(device=self.device, dtype=self.dtype)
         copied_in.record()
         with exact_fp32_on_cuda(torch):
             outputs = self.network(image, form)
         computed.record()
-        results = [out.cpu().numpy() for out in outputs]
+        if self.postprocess_on_device:
+            from trufor_trt.engine.device_postprocess import finish_batch, to_host
+
+            finished = finish_batch(*outputs)
+            postprocessed.record()
+            results = to_host(finished)
+        else:
+            postprocessed.record()
+            results = RawOutputs.from_batch(*(out.cpu().numpy() for out in outputs))
         copied_out.record()
         torch.cuda.synchronize(self.device)
         self.last_stage_ms = {"host_to_device": start.elapsed_time(copied_in),
                               "inference": copied_in.elapsed_time(computed),
-                              "device_to_host": computed.elapsed_time(copied_out)}
-        return RawOutputs.from_batch(*results)
+                              "device_to_host": postprocessed.elapsed_time(copied_out)}
+        if self.postprocess_on_device:
+            self.last_stage_ms["device_postprocess"] = computed.elapsed_time(postprocessed)
+        return results
 
     def device_memory_bytes(self):
         if self.device is None or self.device == "cpu":

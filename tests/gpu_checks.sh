@@ -9,7 +9,7 @@
 #                                    then the conv16 speed benchmark and `pytest -m gpu` (further
 #                                    arguments go to pytest, e.g. -k "not tensorrt"); log and
 #                                    measurements go to $OUT (or ./gpu-results): gpu-checks.log,
-#                                    gpu-report.json, conv16-speed.json
+#                                    gpu-report.json, conv16-speed.json, gpu-throughput.json
 # The GPU image is expected to hold Python 3.12 with PyTorch (CUDA), cuda-bindings, onnx,
 # onnxruntime, OpenCV, numpy, typer, rich, pytest and setuptools; TensorRT tests skip without it.
 set -euo pipefail
@@ -47,6 +47,10 @@ run() {
   python3 -m trufor_trt doctor | tee "$out/doctor.txt"
   set -o pipefail
   python3 -m trufor_trt.benchmarks.conv16_speed --json "$out/conv16-speed.json" || true
+  # analyze's throughput against the runner's own rate (torch on CUDA, FP32, every core)
+  python3 "$TRUFOR_SHARED/reference/make_checkpoint.py" /tmp/trufor-seed0.pth.tar --seed 0 >/dev/null
+  python3 -m trufor_trt.benchmarks.gpu_throughput --checkpoint /tmp/trufor-seed0.pth.tar \
+    --json "$out/gpu-throughput.json" || true
   python3 -m pytest "$repo/tests" -m gpu -v -rs -p no:cacheprovider "$@" 2>&1 | tee "$out/gpu-checks.log"
 }
 

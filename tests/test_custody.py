@@ -24,7 +24,7 @@ import pytest
 from typer.testing import CliRunner
 
 from trufor_trt.batch.analyze import AnalyzeOptions
-from trufor_trt.batch.outputs import heatmap_bgr, thumbnail_bgr
+from trufor_trt.batch.pictures import heatmap_bgr, thumbnail_bgr
 from trufor_trt.batch.provenance import OFFICIAL_CHECKPOINT_SHA256, PROVENANCE_KEY
 from trufor_trt.batch.report import build_report
 from trufor_trt.cli import app

@@ -385,6 +385,36 @@ def test_bench_times_device_stages_of_the_torch_network_on_cuda(torch_cuda, tmp_
     assert "fraction_of_gemm_rate" not in run  # a CPU rate says nothing about a GPU run
 
 
+@pytest.mark.parametrize("size", [(1024, 1024), (173, 229)], ids=["1024px", "173x229"])
+def test_device_postprocessing_on_cuda_equals_the_cpu_postprocessor(torch_cuda, checkpoint_seed0, size):
+    """The torch runner's postprocessing on the GPU (its default there) against the CPU
+    postprocessor on the same logits; and what each costs at this size."""
+    import time
+
+    from trufor_trt.engine.decode import decode_image
+    from trufor_trt.engine.runner import FinishedOutputs
+    from trufor_trt.engine.torch_runner import TorchRunner
+
+    prepared = prepare_input(np.ascontiguousarray(decode_image(LARGE_IMAGE)[:size[0], :size[1]]))
+    with TorchRunner(checkpoint_seed0, device="cuda") as runner:
+        runner.postprocess_on_device = False
+        raw = runner.infer(prepared)
+        start = time.perf_counter()
+        cpu = postprocess(raw, runner.detection_head)
+        cpu_ms = (time.perf_counter() - start) * 1e3
+        runner.postprocess_on_device = True
+        finished = runner.infer(prepared)
+        device_ms = runner.last_stage_ms["device_postprocess"] + runner.last_stage_ms["device_to_host"]
+        ours = postprocess(finished, runner.detection_head)
+    assert isinstance(finished, FinishedOutputs) and ours.localization_map.shape == size
+    errors = {"map": float(np.max(np.abs(ours.localization_map - cpu.localization_map))),
+              "conf": float(np.max(np.abs(ours.confidence_map - cpu.confidence_map))),
+              "score": abs(ours.score - cpu.score), "detection_logit": abs(ours.detection_logit - cpu.detection_logit)}
+    record(f"torch cuda device postprocess vs CPU postprocess {size[0]}x{size[1]}",
+           {**errors, "cpu_postprocess_ms": cpu_ms, "device_postprocess_and_copy_ms": device_ms})
+    assert errors["map"] < 1e-5 and errors["conf"] < 1e-5 and errors["score"] < 1e-6, errors
+
+
 def _batch_against_one_at_a_time(runner, count: int) -> dict:
     """Worst change of each output when `count` same-size images run as one batch."""
     from trufor_trt.export.measure import output_errors

@@ -16,7 +16,6 @@ from trufor_trt.bands import NOISEPRINT_HALO, decoder_groups, noiseprint_row_ban
 from trufor_trt.cli import app
 from trufor_trt.engine.memory_budget import GIB, MemoryBudgetError, MemoryModel, parse_memory
 from trufor_trt.engine.onnxruntime_runner import MEMORY, OnnxRuntimeRunner
-from trufor_trt.engine.postprocess import upsample_bilinear
 from trufor_trt.engine.preprocess import prepare_input
 from trufor_trt.export.synthetic import synthetic_image
 from trufor_trt.export.verify import raw_deviation
@@ -34,6 +33,12 @@ def test_noiseprint_bands_cover_every_row_once_with_the_halo_clipped_at_the_bord
         (60 - NOISEPRINT_HALO, 100), (90 - NOISEPRINT_HALO, 100)]  # 90 + 17 > 100: clipped
 
 
+def _interpolated(planes: np.ndarray, size: tuple) -> np.ndarray:
+    """F.interpolate(bilinear, align_corners=False) in float64: the exact reference."""
+    return torch.nn.functional.interpolate(torch.from_numpy(planes)[None], size=size, mode="bilinear",
+                                           align_corners=False)[0].numpy()
+
+
 @pytest.mark.parametrize("coarse, grid, group_rows", [((7, 9), (25, 33), 4), ((2, 3), (7, 11), 3),
                                                       ((13, 17), (25, 33), 25), ((13, 17), (25, 33), 19)])
 def test_decoder_groups_rebuild_the_whole_bilinear_upsampling(coarse, grid, group_rows):
@@ -41,8 +46,8 @@ def test_decoder_groups_rebuild_the_whole_bilinear_upsampling(coarse, grid, grou
     only the coarse rows its group holds and it reads, give F.interpolate's upsampling of the
     whole map; every 1/4-grid row is in exactly one band."""
     planes = np.random.default_rng(0).standard_normal((3, *coarse))
-    whole = upsample_bilinear(planes, *grid)
-    widened = upsample_bilinear(planes, coarse[0], grid[1])  # rows keep their positions
+    whole = _interpolated(planes, grid)
+    widened = _interpolated(planes, (coarse[0], grid[1]))  # rows keep their positions
     banded = np.full_like(whole, np.nan)
     for group in decoder_groups([coarse[0]], grid[0], group_rows):
         (first, last), = group.coarse_rows

@@ -96,7 +96,7 @@ def few_images(tmp_path, shared_images) -> Path:
     return folder
 
 
-def test_two_runners_write_what_the_sequential_job_writes_with_a_bad_image_and_a_resume(
+def test_two_runners_and_three_host_workers_write_what_the_sequential_job_writes_with_a_bad_image_and_a_resume(
         tmp_path, shared_images, names, sequential, model_seed0):
     images = shutil.copytree(shared_images, tmp_path / "images")
     (images / "zz-broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
@@ -104,7 +104,7 @@ def test_two_runners_write_what_the_sequential_job_writes_with_a_bad_image_and_a
     done_before = names[::9]  # a batch that stopped after some images (two large ones among them)
     _copy_outputs(sequential, out, done_before)
 
-    result = _analyze(images, out, model_seed0, "--streams", "2")
+    result = _analyze(images, out, model_seed0, "--streams", "2", "--workers", "3")
 
     assert result.exit_code == 1, result.output  # the broken image failed, the others were done
     assert f"{len(names) - len(done_before)} analysed, {len(done_before)} skipped (outputs exist), 1 failed" \

@@ -14,18 +14,15 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from trufor_trt.engine.postprocess import Analysis
 from trufor_trt.errors import TruforError
 from trufor_trt.files import sha256_bytes, write_atomically
+from trufor_trt.batch.pictures import pictures
 from trufor_trt.batch.provenance import PROVENANCE_KEY, provenance_array
 
-OVERLAY_OPACITY = 0.6  # opacity of the heatmap where the map is 1
 NPZ_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip member can carry
-THUMBNAIL_SIDE = 192  # px, the longer side of a thumbnail
-JPEG_QUALITY = 85
 
 # Each output of a unit: its kind and the suffix added to the image's name.
 SUFFIXES = {"npz": ".npz", "heatmap": ".heatmap.png", "conf": ".conf.png", "overlay": ".overlay.png",
@@ -104,61 +101,12 @@ def _npz(arrays: dict) -> bytes:
     return buffer.getvalue()
 
 
-def encoded(suffix: str, bgr: np.ndarray, *params: int) -> bytes:
-    """An image as the bytes of a file with this suffix (".png", ".jpg"), OpenCV's parameters."""
-    ok, data = cv2.imencode(suffix, bgr, list(params))
-    if not ok:
-        raise RuntimeError(f"{suffix} encoding failed")
-    return data.tobytes()
-
-
-def _png(bgr: np.ndarray) -> bytes:
-    return encoded(".png", bgr)
-
-
-def heatmap_bgr(values: np.ndarray) -> np.ndarray:
-    """A map of values in [0, 1] in the JET colour scale: 0 blue (pristine, or unreliable for
-    the confidence map) .. 1 red (forged, or reliable)."""
-    levels = np.rint(np.clip(values, 0.0, 1.0) * 255).astype(np.uint8)
-    return cv2.applyColorMap(levels, cv2.COLORMAP_JET)
-
-
-def heatmap_png(values: np.ndarray) -> bytes:
-    return _png(heatmap_bgr(values))
-
-
-def overlay_png(rgb: np.ndarray, localization_map: np.ndarray) -> bytes:
-    """The image with the heatmap laid over it, more opaque where forgery is more likely."""
-    opacity = (OVERLAY_OPACITY * np.clip(localization_map, 0.0, 1.0))[:, :, None]
-    blended = rgb[:, :, ::-1] * (1.0 - opacity) + heatmap_bgr(localization_map) * opacity
-    return _png(np.rint(blended).astype(np.uint8))
-
-
-def thumbnail_bgr(bgr: np.ndarray) -> np.ndarray:
-    """At most THUMBNAIL_SIDE px a side, area-averaged."""
-    height, width = bgr.shape[:2]
-    scale = min(1.0, THUMBNAIL_SIDE / max(height, width))
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return cv2.resize(bgr, size, interpolation=cv2.INTER_AREA) if scale < 1.0 else bgr
-
-
-def thumbnail_jpeg(bgr: np.ndarray) -> bytes:
-    return encoded(".jpg", thumbnail_bgr(bgr), cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY)
-
-
-def _pictures(rgb: np.ndarray, analysis: Analysis) -> dict:
-    return {"heatmap": heatmap_png(analysis.localization_map),
-            "conf": heatmap_png(analysis.confidence_map),
-            "overlay": overlay_png(rgb, analysis.localization_map),
-            "thumbnail": thumbnail_jpeg(np.ascontiguousarray(rgb[:, :, ::-1]))}
-
-
 def write_unit(paths: OutputPaths, rgb: np.ndarray, analysis: Analysis, made_by: dict,
                save_noiseprint: bool, with_pictures: bool) -> dict:
     """Write the image's unit, the .npz last; pictures an earlier analysis left under this name
     are removed when this one has none (they are not this analysis'). Returns the record's
     outputs: kind -> {"file": name relative to the output folder, "sha256": ...}."""
-    contents = _pictures(rgb, analysis) if with_pictures else {}
+    contents = pictures(rgb, analysis.localization_map, analysis.confidence_map) if with_pictures else {}
     contents["npz"] = npz_bytes(analysis, save_noiseprint, made_by)
     if not with_pictures:
         for kind in PICTURES:

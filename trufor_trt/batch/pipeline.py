@@ -1,23 +1,31 @@
-"""Images through the per-image job's stages on overlapping threads: decode + prepare (one
-thread) -> inference (one thread per runner) -> postprocess + write (the calling thread), joined
-by bounded queues, so the CPU stages overlap inference and only a few prepared images wait in
-memory whatever the input holds. `analyze` and `bench`'s Offline mode both run it.
+"""Images through the per-image job's stages, overlapped: opening jobs (one thread) -> decode +
+prepare (the host workers) -> inference (one thread per runner) -> postprocess + write (the host
+workers), joined by bounded queues and windows, so the CPU stages overlap inference and only a
+few images wait in memory whatever the input holds. `analyze`, `watch`'s rounds, the Ray actors
+and `bench`'s Offline and host-only modes all run it.
 
-Records come out in the order images finish: with one runner that is the input order.
-Setting the `halt` event (Ctrl-C) stops taking images: those inferred already are still
-written, the rest get no record, so a resumed run does them; nothing is half-written either
-way. With `batch` > 1, consecutive decoded images of one size go to the runner together, up to
-what it takes for that size (runner.batch_limit); an image of another size closes the group:
-nothing is padded.
+The host workers are one pool of threads shared by both CPU stages: decoding (OpenCV, Pillow),
+the postprocessor (numpy, OpenCV), PNG and zip writing (zlib), hashing and file writes all
+release the GIL, so threads scale over cores (README, "Host side"). Each image's outputs are
+computed by the same functions whichever worker takes it: the bytes do not depend on the count.
+
+Records come out in the order images leave inference (with one runner: the input order), each
+once finished. Setting the `halt` event (Ctrl-C) stops taking images: those inferred already
+are still written, the rest get no record, so a resumed run does them; nothing is half-written
+either way. With `batch` > 1, consecutive decoded images of one size go to the runner together,
+up to what it takes for that size (runner.batch_limit); an image of another size closes the
+group: nothing is padded.
 """
 
 import queue
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Optional
 
 from trufor_trt.engine.runner import Runner
+from trufor_trt.engine.runner_spec import host_workers
 from trufor_trt.engine.timing import StageClock
 from trufor_trt.batch.analyze import AnalyzeOptions, ImageInFlight, JobResult, decode_job, finish_job, infer_jobs, open_job
 from trufor_trt.batch.inputs import ImageJob
@@ -25,25 +33,29 @@ from trufor_trt.batch.records import Record, RecordIndex, utc_now
 from trufor_trt.batch.results_log import ResultsLog
 
 POLL_S = 0.1
+END = "end of stream"  # what each producer puts last on a queue (None: nothing came in a poll)
 QUEUE_DEPTH_PER_RUNNER = 2
-BUSY_STAGES = {"decode+preprocess": ("decode", "preprocess"), "inference": ("inference",),
-               "postprocess": ("postprocess", "write")}
+BUSY_STAGES = {"host": ("decode", "preprocess", "postprocess", "write"), "inference": ("inference",)}
 
 
 class Pipeline:
     """One run over a stream of jobs. A failure of the pipeline itself (not of an image: those
     are records), or of a runner (RunnerFailure), stops every thread and is raised again by run().
     `halt`: an event that, once set, stops the run cleanly (see above); `batch`: the most
-    same-size images inferred together."""
+    same-size images inferred together; `host_workers`: the threads of the CPU stages
+    (runner_spec.host_workers gives the machine's default)."""
 
     def __init__(self, runners: list, options: AnalyzeOptions, halt: Optional[threading.Event] = None,
-                 batch: int = 1):
+                 batch: int = 1, host_workers: int = 2):
         self.runners, self.options, self.batch = runners, options, batch
+        self.host_workers = max(1, host_workers)
         depth = QUEUE_DEPTH_PER_RUNNER * len(runners)
+        self._window = self.host_workers + depth  # images in each CPU stage at once, at most
         self._opened, self._inferred = queue.Queue(maxsize=depth), queue.Queue(maxsize=depth)
         self._stop = threading.Event()  # a failure: every thread returns at once
         self._halt = halt or threading.Event()
         self._errors = []
+        self._pool: Optional[ThreadPoolExecutor] = None
         self.busy_ms = {stage: 0.0 for stage in BUSY_STAGES}
 
     def _put(self, channel: queue.Queue, item) -> None:
@@ -53,13 +65,15 @@ class Pipeline:
             except queue.Full:
                 continue
 
-    def _get(self, channel: queue.Queue):
-        """The next item; None once the stream ends or the run stops."""
+    def _get(self, channel: queue.Queue, once: bool = False):
+        """The next item (END once the stream ends); None if the run stops (`once`: or if nothing
+        comes within one poll)."""
         while not self._stop.is_set():
             try:
                 return channel.get(timeout=POLL_S)
             except queue.Empty:
-                continue
+                if once:
+                    return None
         return None
 
     def _guarded(self, work: Callable, *args) -> None:
@@ -69,16 +83,31 @@ class Pipeline:
             self._errors.append(exc)
             self._stop.set()
 
+    def _decoded_in_order(self, flights: Iterable):
+        """The flights, decoded by the host workers, in input order (batches of consecutive
+        images must be the same whatever the worker count); at most a window ahead."""
+        runner = self.runners[0]  # any runner: they share the model, so its size limits
+        pending = deque()  # (flight, its decoding)
+
+        def oldest() -> ImageInFlight:
+            flight, decoding = pending.popleft()
+            decoding.result()  # a failure of the pipeline itself is raised here
+            return flight
+
+        for flight in flights:
+            if self._stop.is_set() or self._halt.is_set():
+                break
+            pending.append((flight, self._pool.submit(decode_job, flight, runner, self.options)))
+            if len(pending) >= self._window:
+                yield oldest()
+        while pending and not self._stop.is_set() and not self._halt.is_set():
+            yield oldest()
+
     def _produce(self, flights: Iterable) -> None:
         """Decoded images, in groups for the inference threads (of one each, unless batching)."""
-        runner = self.runners[0]  # any runner: they share the model, so its size and batch limits
+        runner = self.runners[0]  # any runner: they share the model, so its batch limits
         group = []
-        for flight in flights:
-            if self._stop.is_set():
-                return
-            if self._halt.is_set():
-                break
-            decode_job(flight, runner, self.options)
+        for flight in self._decoded_in_order(flights):
             if flight.done:  # nothing to infer: it passes any group waiting to fill
                 self._put(self._opened, [flight])
                 continue
@@ -89,19 +118,19 @@ class Pipeline:
             if len(group) >= min(self.batch, runner.batch_limit(*flight.prepared.shape[2:])):
                 self._put(self._opened, group)
                 group = []
-        if group and not self._halt.is_set():
+        if group and not self._halt.is_set() and not self._stop.is_set():
             self._put(self._opened, group)
         for _ in self.runners:
-            self._put(self._opened, None)
+            self._put(self._opened, END)
 
     def _infer(self, runner: Runner) -> None:
-        while (group := self._get(self._opened)) is not None:
+        while (group := self._get(self._opened)) is not None and group is not END:
             if self._halt.is_set():
                 continue  # not inferred: no record, a resumed run does them
             infer_jobs(group, runner)
             for flight in group:
                 self._put(self._inferred, flight)
-        self._put(self._inferred, None)
+        self._put(self._inferred, END)
 
     def _account(self, flight: ImageInFlight) -> None:
         times = flight.clock.times_ms
@@ -111,34 +140,43 @@ class Pipeline:
     def run(self, flights: Iterable, on_result: Callable[[JobResult], None]) -> float:
         """Every flight (from open_job, or finished already) through the stages; on_result gets
         each in the calling thread. Returns the wall-clock ms."""
-        workers = [threading.Thread(target=self._guarded, args=(self._produce, flights), daemon=True)]
-        workers += [threading.Thread(target=self._guarded, args=(self._infer, runner), daemon=True)
-                    for runner in self.runners]
         start = time.perf_counter_ns()
-        for worker in workers:
-            worker.start()
-        try:
-            self._guarded(self._drain, on_result)
-        finally:
-            self._stop.set()
+        with ThreadPoolExecutor(self.host_workers, thread_name_prefix="trufor-host") as self._pool:
+            workers = [threading.Thread(target=self._guarded, args=(self._produce, flights), daemon=True)]
+            workers += [threading.Thread(target=self._guarded, args=(self._infer, runner), daemon=True)
+                        for runner in self.runners]
             for worker in workers:
-                worker.join()
+                worker.start()
+            try:
+                self._guarded(self._drain, on_result)
+            finally:
+                self._stop.set()
+                for worker in workers:
+                    worker.join()
         if self._errors:
             raise self._errors[0]
         return (time.perf_counter_ns() - start) / 1e6
 
+    def _finish(self, flight: ImageInFlight) -> JobResult:
+        result = finish_job(flight, self.runners[0].detection_head, self.options)
+        self._account(flight)
+        return result
+
     def _drain(self, on_result) -> None:
-        finished = 0
-        while finished < len(self.runners):
-            flight = self._get(self._inferred)
-            if flight is None:
-                if self._stop.is_set():
-                    return
-                finished += 1
+        """Inferred images to the host workers; their records to on_result, in inference order,
+        each as soon as it and those before it are written."""
+        ended, pending = 0, deque()
+        while ended < len(self.runners) or pending:
+            if pending and (pending[0].done() or len(pending) >= self._window or ended == len(self.runners)):
+                on_result(pending.popleft().result())
                 continue
-            result = finish_job(flight, self.runners[0].detection_head, self.options)
-            self._account(flight)
-            on_result(result)
+            flight = self._get(self._inferred, once=bool(pending))
+            if self._stop.is_set():
+                return
+            if flight is END:
+                ended += 1
+            elif flight is not None:
+                pending.append(self._pool.submit(self._finish, flight))
 
 
 def claim_output_names(jobs: Iterable):
@@ -167,9 +205,9 @@ def open_jobs(jobs: Iterable, runner: Runner, options: AnalyzeOptions, index: Op
 
 
 def analyze_batch(jobs, runners: list, options: AnalyzeOptions, on_record=None,
-                  halt: Optional[threading.Event] = None, batch: int = 1) -> Counter:
+                  halt: Optional[threading.Event] = None, batch: int = 1, workers: int = 0) -> Counter:
     """Every job through the pipeline, one line each appended to results.jsonl as it finishes,
-    then results.csv rewritten. Returns how many records had each status (ok, error, skipped);
+    then results.csv rewritten. `workers`: the CPU stages' threads (0: runner_spec.host_workers). Returns how many records had each status (ok, error, skipped);
     fewer than the jobs when `halt` was set. RunnerFailure passes through, the log closed;
     OutputFolderBusy when another run holds the output folder, ResultsLogError when the log
     cannot be written."""
@@ -179,5 +217,6 @@ def analyze_batch(jobs, runners: list, options: AnalyzeOptions, on_record=None,
             if on_record is not None:
                 on_record(result.record)
 
-        Pipeline(runners, options, halt, batch).run(open_jobs(jobs, runners[0], options, log.index), keep)
+        pipeline = Pipeline(runners, options, halt, batch, workers or host_workers(runners))
+        pipeline.run(open_jobs(jobs, runners[0], options, log.index), keep)
     return log.summary

@@ -27,7 +27,7 @@ import numpy as np
 from trufor_trt import __version__
 from trufor_trt.engine.postprocess import DECISION_THRESHOLD
 from trufor_trt.files import write_atomically
-from trufor_trt.batch.outputs import encoded, heatmap_bgr, thumbnail_jpeg
+from trufor_trt.batch.pictures import encoded, heatmap_bgr, thumbnail_jpeg
 from trufor_trt.batch.provenance import input_sha256
 from trufor_trt.batch.records import RESULTS_FILE, Record, RecordIndex, output_path, read_records
 from trufor_trt.batch.summary import ImageRow, image_rows

@@ -27,7 +27,7 @@ from trufor_trt.files import sha256_file
 from trufor_trt.signals import halt_on_signals
 
 
-def _in_this_process(jobs: list, runners: list, options: AnalyzeOptions, batch: int):
+def _in_this_process(jobs: list, runners: list, options: AnalyzeOptions, batch: int, workers: int):
     """analyze's batch on loaded runners: (what runs it, a function (on_record, halt) -> records
     per status)."""
     from trufor_trt.batch.pipeline import analyze_batch
@@ -40,7 +40,8 @@ def _in_this_process(jobs: list, runners: list, options: AnalyzeOptions, batch: 
 
     def analyse(on_record, halt):
         try:
-            return analyze_batch(jobs, runners, options, on_record=on_record, halt=halt, batch=batch)
+            return analyze_batch(jobs, runners, options, on_record=on_record, halt=halt, batch=batch,
+                                 workers=workers)
         finally:
             close_all(runners)
     return what, analyse
@@ -103,6 +104,9 @@ def analyze(
     max_memory: Optional[str] = MAX_MEMORY,
     streams: int = typer.Option(0, "--streams", min=0,
                                 help="Runners side by side in the pipeline (0: 2 with TensorRT, else 1)."),
+    workers: int = typer.Option(0, "--workers", min=0,
+                                help="Threads decoding, postprocessing and writing (0: every core beside "
+                                     "GPU runners, 2 beside CPU runners); outputs are the same bytes for any N."),
     batch: int = typer.Option(1, "--batch", min=1,
                               help="Infer up to N same-size images together (TensorRT engines built "
                                    "with --max-batch, torch on a GPU); never padded or resized."),
@@ -112,7 +116,8 @@ def analyze(
              "cluster this machine joined) or HOST:PORT; paths must be the same on every node."),
     ray_workers: int = typer.Option(0, "--ray-workers", min=0,
                                     help="--ray: actors, one runner each (0: one per GPU, or per --ray-cpus CPUs)."),
-    ray_cpus: int = typer.Option(1, "--ray-cpus", min=1, help="--ray, CPU backends: cores per actor."),
+    ray_cpus: int = typer.Option(1, "--ray-cpus", min=1, help="--ray: cores per actor (CPU backends: its inference threads; "
+                                         "GPU backends: its decoding and postprocessing threads)."),
     report: bool = typer.Option(False, "--report", help="Also write the batch's HTML report, OUT/report.html."),
     report_to: Optional[Path] = typer.Option(None, "--report-to", metavar="FILE",
                                              help="The report elsewhere than OUT/report.html (implies --report)."),
@@ -128,13 +133,14 @@ def analyze(
         fail_setup(problem)
     check_results_folder(out)
     check_checkpoint(checkpoint)
-    if ray_address is not None and streams:
-        fail_setup("--streams sets runners in this process; with --ray, --ray-workers sets the actors")
+    if ray_address is not None and (streams or workers):
+        fail_setup("--streams and --workers set this process's pipeline; with --ray, --ray-workers sets the "
+                   "actors and --ray-cpus each one's cores")
     options = AnalyzeOptions(out_dir=out, save_noiseprint=save_noiseprint, write_png=not no_png,
                              overwrite=overwrite, max_pixels=max_pixels)
     spec = runner_spec(backend.value, model, checkpoint, device, precision.value, max_memory)
     if ray_address is None:
-        what, analyse = _in_this_process(jobs, load_runners(spec, streams), options, batch)
+        what, analyse = _in_this_process(jobs, load_runners(spec, streams), options, batch, workers)
     else:
         what = f"{spec.backend} {spec.precision} on Ray"
         analyse = _on_ray(jobs, ray_address, _actor_spec(spec, ray_cpus, batch), options, ray_workers)

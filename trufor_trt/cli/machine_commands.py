@@ -74,6 +74,24 @@ def doctor(
             typer.echo(line)
 
 
+def _write_bench_files(report: dict, json_path: Optional[Path], markdown: Optional[Path],
+                       plot: Optional[Path]) -> None:
+    import json
+
+    from trufor_trt.benchmarks.report import write_markdown, write_plot
+    from trufor_trt.files import write_atomically
+
+    if json_path is not None:
+        write_atomically(json_path, (json.dumps(report, indent=2) + "\n").encode())
+    if markdown is not None:
+        write_markdown(report, markdown)
+    if plot is not None:
+        try:
+            write_plot(report, plot)
+        except ModuleNotFoundError:
+            fail_setup('--plot needs matplotlib: pip install "trufor-trt[bench]"')
+
+
 def bench(
     model: Optional[Path] = typer.Option(None, "--model", help="Model folder from `trufor-trt export`."),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint",
@@ -97,32 +115,35 @@ def bench(
     markdown: Optional[Path] = typer.Option(None, "--markdown",
                                             help="Write the results table here (between the bench "
                                                  "markers if the file has them)."),
+    host_only: bool = typer.Option(False, "--host-only",
+                                   help="The host side alone: the network's outputs replayed, decode, "
+                                        "postprocess and writing timed for 1..--workers workers."),
+    workers: int = typer.Option(0, "--workers", min=0, help="--host-only: up to N workers (0: every core)."),
 ) -> None:
     """Benchmark per stage: latency (SingleStream), throughput (Offline), memory, FLOP/s."""
-    import json
-
-    from trufor_trt.files import write_atomically
-
     if compare not in (None, "torch"):
         fail_setup(f"--compare {compare}: only torch (the PyTorch reference) can be compared")
     from trufor_trt.benchmarks.bench import BenchOptions, parse_sizes, run_bench
-    from trufor_trt.benchmarks.report import print_tables, write_markdown, write_plot
+    from trufor_trt.benchmarks.report import print_tables
 
+    if host_only and (images is not None or compare is not None or plot is not None):
+        fail_setup("--host-only times synthetic photographs of --sizes; --images, --compare and --plot are "
+                   "for the network's benchmark")
     options = BenchOptions(model=model, checkpoint=checkpoint, backend=backend.value,
                            precision=precision.value, sizes=parse_sizes(sizes), images=images,
                            warmup=warmup, repeat=repeat, streams=streams,
-                           compare_torch=compare == "torch", device=device, peak_gflops=peak_gflops)
-    report = run_bench(options, on_step=say)
-    print_tables(report, Console(highlight=False, width=200))
-    if json_path is not None:
-        write_atomically(json_path, (json.dumps(report, indent=2) + "\n").encode())
-    if markdown is not None:
-        write_markdown(report, markdown)
-    if plot is not None:
-        try:
-            write_plot(report, plot)
-        except ModuleNotFoundError:
-            fail_setup('--plot needs matplotlib: pip install "trufor-trt[bench]"')
+                           compare_torch=compare == "torch", device=device, peak_gflops=peak_gflops,
+                           host_only=host_only, workers=workers)
+    if host_only:
+        from trufor_trt.benchmarks.bench import run_host_only_bench
+        from trufor_trt.benchmarks.host_only import print_table
+
+        report = run_host_only_bench(options, on_step=say)
+        print_table(report, Console(highlight=False, width=200))
+    else:
+        report = run_bench(options, on_step=say)
+        print_tables(report, Console(highlight=False, width=200))
+    _write_bench_files(report, json_path, markdown, plot)
     failed = [run for run in report["runs"] if "error" in run]
     for run in failed:
         console.print(f"[red]failed[/] {escape(run['input'])} {run['backend']}: {escape(run['error'])}")

@@ -25,7 +25,7 @@ from trufor_trt.batch.inputs import ImageJob
 from trufor_trt.batch.pipeline import Pipeline, claim_output_names, name_taken_record
 from trufor_trt.batch.records import Record
 from trufor_trt.batch.results_log import ResultsLog
-from trufor_trt.engine.runner_spec import MachineShare, RunnerSpec, make_runner, share_of_cores
+from trufor_trt.engine.runner_spec import MachineShare, RunnerSpec, host_workers, make_runner, share_of_cores
 from trufor_trt.errors import RunnerFailure, TruforError
 from trufor_trt.files import remove_stale_temporaries
 
@@ -39,7 +39,7 @@ class ActorSpec:
     a resolved runner spec whose model and checkpoint are path strings."""
 
     runner: RunnerSpec
-    cpus: int = 1  # CPU backends: cores (and threads) per actor
+    cpus: int = 1  # cores per actor: CPU backends' inference threads, GPU backends' host workers
     folder: str = "."  # the driver's working folder: relative paths mean the same on every node
     batch: int = 1  # the most same-size images inferred together (runners that take batches)
 
@@ -54,7 +54,7 @@ class AnalyzeImages:
 
     def __init__(self, spec: ActorSpec, options: AnalyzeOptions):
         os.chdir(spec.folder)  # this process is the actor's alone
-        self.options, self.batch = options, spec.batch
+        self.options, self.batch, self.cpus = options, spec.batch, spec.cpus
         share = MachineShare() if spec.on_gpu else share_of_cores(spec.cpus, spec.runner.max_memory)
         self.runner = make_runner(spec.runner, share)
         self.runner.load()
@@ -67,7 +67,8 @@ class AnalyzeImages:
                    for path, relative, holder in zip(batch["path"], batch["relative"], batch["holder"]))
         records, failures = [], []
         try:
-            Pipeline([self.runner], self.options, batch=self.batch).run(
+            Pipeline([self.runner], self.options, batch=self.batch,
+                     host_workers=host_workers([self.runner], self.cpus)).run(
                 flights, lambda result: records.append(json.dumps(result.record.to_json())))
         except RunnerFailure as exc:
             failures.append(str(exc))
@@ -97,7 +98,7 @@ def _pool(ray, spec: ActorSpec, workers: int) -> tuple:
     """(actors, resources per actor), checked against what the cluster has."""
     resources = ray.cluster_resources()
     if spec.on_gpu:
-        available, needs = int(resources.get("GPU", 0)), {"num_gpus": 1, "num_cpus": 1}
+        available, needs = int(resources.get("GPU", 0)), {"num_gpus": 1, "num_cpus": spec.cpus}
         if available == 0:
             raise TruforError(f"the {spec.runner.backend} backend needs GPUs, and the Ray cluster has none")
     else:
