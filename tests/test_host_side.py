@@ -158,3 +158,20 @@ def test_bench_host_only_reports_every_size_png_setting_and_worker_count(tmp_pat
     text = markdown.read_text()
     assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
     assert text.count("| 64x96 |") == 4
+
+
+def test_a_runner_that_breaks_stops_the_batch_and_what_it_inferred_is_written(tmp_path, replayed_folder):
+    from trufor_trt.errors import RunnerFailure
+
+    from conftest import BreaksAfter
+
+    images, stored, head = replayed_folder
+    replay = ReplayRunner(stored, head, model_sha256="0" * 64)
+    runner = BreaksAfter(replay, images=5)
+    runner.load()
+    out = tmp_path / "out"
+    with pytest.raises(RunnerFailure, match="fell off the bus"):
+        analyze_batch(expand_inputs([str(images)]), [runner], AnalyzeOptions(out_dir=out), workers=4)
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert sum(line["status"] == "ok" for line in lines) == 5  # each inferred image, written and recorded
+    assert not list(out.rglob(".*.tmp"))

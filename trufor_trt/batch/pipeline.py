@@ -162,6 +162,19 @@ class Pipeline:
         self._account(flight)
         return result
 
+    def _write_what_was_inferred(self, pending: deque, on_result) -> None:
+        """After a failure elsewhere (a runner that broke): the images inferred before it are
+        finished and recorded, as they would have been; nothing more is taken."""
+        while True:
+            try:
+                flight = self._inferred.get_nowait()
+            except queue.Empty:
+                break
+            if flight is not END:
+                pending.append(self._pool.submit(self._finish, flight))
+        while pending:
+            on_result(pending.popleft().result())
+
     def _drain(self, on_result) -> None:
         """Inferred images to the host workers; their records to on_result, in inference order,
         each as soon as it and those before it are written."""
@@ -171,12 +184,13 @@ class Pipeline:
                 on_result(pending.popleft().result())
                 continue
             flight = self._get(self._inferred, once=bool(pending))
-            if self._stop.is_set():
-                return
             if flight is END:
                 ended += 1
             elif flight is not None:
                 pending.append(self._pool.submit(self._finish, flight))
+            if self._stop.is_set():  # another stage failed: what was inferred is still written
+                self._write_what_was_inferred(pending, on_result)
+                return
 
 
 def claim_output_names(jobs: Iterable):
