@@ -14,8 +14,6 @@ import onnx
 
 QUANTIZED_OPERATORS = ("Conv", "MatMul", "Gemm")
 CALIBRATION_METHODS = ("MinMax", "Percentile", "Entropy")
-# What INT8 must keep to be usable as evidence (max abs vs FP32, and no decision flipped).
-INT8_TARGET = {"map": 5e-2, "score": 2e-2}
 
 
 class _Reader:

@@ -14,6 +14,17 @@ from trufor_trt.errors import EngineError
 NAME_BYTES = 256
 
 
+def native_handle(cuda_object) -> int:
+    """The address a cuda-bindings object stands for (a device pointer, a stream): through
+    get_cuda_native_handle where the bindings have it (int(object) is deprecated since 13.0),
+    int() on the releases before it."""
+    try:
+        from cuda.bindings.utils import get_cuda_native_handle
+    except ImportError:
+        return int(cuda_object)
+    return int(get_cuda_native_handle(cuda_object))
+
+
 class CudaPythonLayer(CudaLayer):
     name = "cuda-python"
 
@@ -99,7 +110,7 @@ class CudaPythonLayer(CudaLayer):
 
 class _Device(DeviceBuffer):
     def __init__(self, layer: CudaPythonLayer, pointer):
-        self.layer, self.pointer, self.address = layer, pointer, int(pointer)
+        self.layer, self.pointer, self.address = layer, pointer, native_handle(pointer)
 
     def free(self) -> None:
         self.layer._call(self.layer.cu.cuMemFree(self.pointer))
@@ -117,7 +128,7 @@ class _Pinned(PinnedBuffer):
 
 class _Stream(Stream):
     def __init__(self, layer: CudaPythonLayer, stream):
-        self.layer, self.stream, self.handle = layer, stream, int(stream)
+        self.layer, self.stream, self.handle = layer, stream, native_handle(stream)
 
     def synchronize(self) -> None:
         self.layer._call(self.layer.cu.cuStreamSynchronize(self.stream))

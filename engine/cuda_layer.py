@@ -10,8 +10,9 @@ from trufor_trt.errors import EngineError, one_line
 
 LAYER_ENV = "TRUFOR_TRT_CUDA"
 LAYERS = ("pycuda", "cuda-python")
-INSTALL = {"pycuda": 'pip install "trufor-trt[trt]" (pycuda builds against the local CUDA toolkit)',
-           "cuda-python": 'pip install "trufor-trt[trt-cuda-python]"'}
+INSTALL = {"pycuda": 'pip install "trufor-trt[trt-cu13]" or "[trt-cu12]" by driver (pycuda builds against '
+                     'the local CUDA toolkit: nvcc must be on PATH, on a Jetson /usr/local/cuda/bin)',
+           "cuda-python": 'pip install "trufor-trt[trt-cu13-cuda-python]" or "[trt-cu12-cuda-python]" by driver'}
 
 
 def _load(name: str) -> CudaLayer:

@@ -134,6 +134,11 @@ class ModelDir:
                                 f"(it has: {', '.join(sorted(variants))})")
         return self.path / variants[name]["file"]
 
+    def variant_sha256(self, name: str) -> str:
+        """The variant graph's SHA-256, as checked when the folder was opened (no second read:
+        on a GPU machine the graphs are hundreds of MB, and every runner needs this)."""
+        return self.manifest["files"][self.variant_path(name).name]
+
     def files_sha256(self, files) -> str:
         """One SHA-256 for the listed files a runner loaded (names and hashes): what the outputs'
         provenance names as the model files, beside the checkpoint the manifest records."""

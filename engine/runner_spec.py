@@ -20,13 +20,15 @@ class RunnerSpec:
     checkpoint: object = None  # the torch backend's checkpoint
     device: str = "auto"  # torch: cpu, cuda or auto
     max_memory: int | None = None  # host budget per image, for all runners together; None: physical
+    accept_unvalidated: bool = False  # TensorRT: run FP16 / INT8 engines not validated within budget
 
     def resolved(self, on_notice=None) -> "RunnerSpec":
         """The spec with "auto" replaced by the backend that runs here (engine.pick_backend)."""
         if self.backend == "torch":
             return self
-        folder = getattr(self.model, "path", self.model)
-        return replace(self, backend=pick_backend(self.backend, folder, self.precision, on_notice=on_notice))
+        # the opened folder where there is one: its files were checked when it was opened
+        return replace(self, backend=pick_backend(self.backend, self.model, self.precision, on_notice=on_notice,
+                                                  accept_unvalidated=self.accept_unvalidated))
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,8 @@ def make_runner(spec: RunnerSpec, share: MachineShare = MachineShare()):
     """One runner of a resolved spec, not yet loaded."""
     return create_runner(spec.backend, checkpoint=spec.checkpoint,
                          model=None if spec.backend == "torch" else spec.model, device=spec.device,
-                         precision=spec.precision, threads=share.threads, max_memory_bytes=share.max_memory_bytes)
+                         precision=spec.precision, threads=share.threads, max_memory_bytes=share.max_memory_bytes,
+                         accept_unvalidated=spec.accept_unvalidated)
 
 
 def open_runners(spec: RunnerSpec, count: int = 0) -> list:

@@ -107,11 +107,11 @@ class BuildSettings:
 
 
 def build_settings(tensorrt_version: str) -> BuildSettings:
-    """The same on every supported release; older ones are refused (JetPack 5 has 8.5)."""
+    """The same on every supported release; older ones are refused (JetPack 6.0 has 8.6, 5 has 8.5)."""
     if version_tuple(tensorrt_version) < MIN_TENSORRT:
         raise EngineError(f"TensorRT {tensorrt_version} is too old: trufor-trt needs TensorRT >= "
-                          f"{MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} (JetPack 6 or newer) for strongly "
-                          "typed builds")
+                          f"{MIN_TENSORRT[0]}.{MIN_TENSORRT[1]} (JetPack 6.1 or newer; JetPack 6.0 has 8.6) "
+                          "for strongly typed builds")
     return BuildSettings(strongly_typed=True, precision_flags=(), cleared_flags=CLEARED_BUILDER_FLAGS,
                          tf32=False)
 
@@ -159,6 +159,9 @@ class Sidecar:
     workspace_gib: float
     build_seconds: float
     engine_sha256: str  # the engine file's: an engine that differs is never loaded
+    # FP16 / INT8: the engine measured on this GPU against the FP32 graph (validation_record);
+    # None until then. FP32 engines need none.
+    validation: dict | None = None
 
     def write(self, path: Path) -> None:
         write_atomically(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
@@ -188,6 +191,18 @@ class Sidecar:
 
     def profile_object(self) -> Profile:
         return Profile(**{key: value if key == "max_batch" else tuple(value) for key, value in self.profile.items()})
+
+    def validation_problem(self) -> str:
+        """Why a reduced-precision engine may not be trusted as evidence ('' if it may): never
+        validated on its GPU, or validated over its precision's budget (with the numbers)."""
+        if self.precision == "fp32":
+            return ""
+        if self.validation is None:
+            return (f"not validated on its GPU (build validates {self.precision} engines: build it again, "
+                    "or pass --accept-unvalidated)")
+        if not self.validation["within_budget"]:
+            return f"over its budget when validated: {self.validation['summary']} (--accept-unvalidated runs it anyway)"
+        return ""
 
     def mismatch(self, gpu: Gpu, tensorrt_version: str, onnx_sha256: str) -> str:
         """Why this engine cannot run here ('' if it can)."""
@@ -239,13 +254,20 @@ def _profile_area(sidecar: Sidecar) -> tuple:
     return height * width, height, width, -profile.max_batch
 
 
-def survey_engines(model_dir, gpu: Gpu, tensorrt_version: str, precision: str, onnx_sha256: str) -> EngineSurvey:
-    """Read every sidecar of the precision's engines for this GPU and TensorRT, and check it."""
+def survey_engines(model_dir, gpu: Gpu, tensorrt_version: str, precision: str, onnx_sha256: str,
+                   accept_unvalidated: bool = False, only=None) -> EngineSurvey:
+    """Read every sidecar of the precision's engines for this GPU and TensorRT, and check it;
+    a reduced-precision engine that is not validated within its budget is rejected unless
+    `accept_unvalidated`. `only`: that engine file alone."""
     usable, rejected = [], []
     for path in find_engines(model_dir, gpu, tensorrt_version, precision):
+        if only is not None and path != Path(only):
+            continue
         try:
             sidecar = Sidecar.read(sidecar_path(path))
             why = sidecar.mismatch(gpu, tensorrt_version, onnx_sha256)
+            if not why and not accept_unvalidated:
+                why = sidecar.validation_problem()
         except EngineError as exc:
             why = str(exc)
         if why:
@@ -254,6 +276,24 @@ def survey_engines(model_dir, gpu: Gpu, tensorrt_version: str, precision: str, o
             usable.append((path, sidecar))
     usable.sort(key=lambda entry: _profile_area(entry[1]))
     return EngineSurvey(usable=usable, rejected=rejected)
+
+
+# What a validation record compares, as validate.ValidationReport.overall() names the worst
+# errors, against the budget's keys.
+VALIDATED_OUTPUTS = {"map": "map_max", "conf": "conf_max", "score": "score_error_max", "np++": "noiseprint_max"}
+
+
+def validation_record(overall: dict, budget: dict, images: str) -> dict:
+    """The sidecar's record of an engine measured against the FP32 graph: the worst errors, the
+    flips, the budget and whether it holds (every budgeted output within, no decision flipped)."""
+    worst = {output: overall[key] for output, key in VALIDATED_OUTPUTS.items()}
+    over = [f"{output} {worst[output]:.2g} > {limit:.2g}" for output, limit in budget.items()
+            if not worst[output] <= limit]
+    if overall["decisions_flipped"]:
+        over.append(f"{overall['decisions_flipped']} decision(s) flipped")
+    return {"reference": "fp32 graph, onnxruntime", "images": images, "image_count": overall["images"],
+            "max_abs": worst, "decisions_flipped": overall["decisions_flipped"], "budget": budget,
+            "within_budget": not over, "summary": "; ".join(over) or "within budget"}
 
 
 def build_command(model_dir, precision: str, profile: Profile) -> str:

@@ -27,6 +27,7 @@ import onnx
 from trufor_trt.engine.preprocess import size_label
 from trufor_trt.engine.runner import INPUT_NAME, OUTPUT_NAMES
 from trufor_trt.precision.blocks import attention_chains, block_of, pixel_sum_chains
+from trufor_trt.precision.budgets import FP16_BUDGET
 from trufor_trt.precision.conv16 import channel_centers, lower_convolutions
 from trufor_trt.precision.flops import node_flops
 from trufor_trt.precision.fp16 import KERNEL_MODELS, STRESS_MODEL, lower_to_fp16, tensor_types, upcast_fp16
@@ -34,10 +35,6 @@ from trufor_trt.export.measure import OUTPUTS, create_session_from_model, deviat
 
 ALWAYS_FP32 = frozenset({"LayerNormalization", "Softmax", "Cast", "Constant"})
 FP16_RANGE_LIMIT = 2.0 ** 14
-# Deviation allowed for the FP16 variant against FP32, max abs on the published outputs:
-# 5x the core floors for the maps and the score (far from moving a decision at 0.5), and
-# the core floor itself for Noiseprint++, the network's evidence.
-FP16_BUDGET = {"map": 5e-3, "conf": 2.5e-3, "score": 1.5e-3, "np++": 4e-3}
 UNIT_SHARE = 0.5
 CENTERED_SHARE = 0.1
 PLAN_MARGIN = 0.8  # of the budget on the crops: full-size images deviate more (more pixels)

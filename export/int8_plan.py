@@ -22,10 +22,11 @@ from pathlib import Path
 
 import onnx
 
-from trufor_trt.calibration.int8 import (CALIBRATION_METHODS, INT8_TARGET, QUANTIZED_OPERATORS, describe,
+from trufor_trt.calibration.int8 import (CALIBRATION_METHODS, QUANTIZED_OPERATORS, describe,
                                          keep_int8_only, quantize_nodes)
 from trufor_trt.engine.preprocess import size_label
 from trufor_trt.precision.blocks import attention_chains, pixel_sum_chains
+from trufor_trt.precision.budgets import INT8_TARGET
 from trufor_trt.precision.flops import node_flops
 from trufor_trt.export.fp16_plan import (FLOP_SIZE, NOISEPRINT, Measure, candidate_units, give_back_until_within,
                                          lower_plan)

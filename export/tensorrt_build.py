@@ -1,4 +1,5 @@
-"""`trufor-trt build`: one TensorRT engine from a model folder's graph variant, for this GPU.
+"""`trufor-trt build`: one TensorRT engine from a model folder's graph variant, for this GPU
+(its validation, for FP16 / INT8, is trufor_trt/validate.py's validate_engine).
 
 Strongly typed on every release, no precision flag, TF32 cleared (engine/tensorrt_plan.py says
 why, and decides it where it is tested): the engine computes in exactly the types the ONNX
@@ -13,9 +14,9 @@ from trufor_trt.engine.model_dir import ModelDir
 from trufor_trt.engine.runner import INPUT_NAME
 from trufor_trt.engine.tensorrt_plan import (BuildSettings, Profile, Sidecar, build_settings, engine_path,
                                              profile_from_options, sidecar_path)
-from trufor_trt.engine.tensorrt_runner import import_tensorrt, tensorrt_logger
+from trufor_trt.engine.tensorrt_start import import_tensorrt, start_builder, tensorrt_logger
 from trufor_trt.errors import EngineError
-from trufor_trt.files import sha256_bytes, sha256_file, write_atomically
+from trufor_trt.files import sha256_bytes, write_atomically
 
 
 def _network_flags(trt) -> int:
@@ -35,15 +36,18 @@ def _parse(trt, builder, onnx_path: Path):
 
 
 def _timing_cache(config, cached: bytes, on_step):
-    """The builder's timing cache from `cached`; one from another device or TensorRT is refused
-    by set_timing_cache, and then a fresh one is used (and saved) instead."""
-    cache = config.create_timing_cache(cached)
-    if config.set_timing_cache(cache, ignore_mismatch=False):
-        return cache
-    on_step("warning: the timing cache was made on another GPU or TensorRT; starting a fresh one")
+    """The builder's timing cache from `cached`. One TensorRT cannot read (create_timing_cache
+    returns None: a truncated or foreign file) or that set_timing_cache refuses (made on another
+    GPU or TensorRT) is replaced by a fresh one, used and saved instead."""
+    if cached:
+        cache = config.create_timing_cache(cached)
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return cache
+        on_step("warning: the timing cache is unreadable or was made on another GPU or TensorRT; "
+                "starting a fresh one")
     cache = config.create_timing_cache(b"")
-    if not config.set_timing_cache(cache, ignore_mismatch=False):
-        raise EngineError("TensorRT refused a fresh timing cache")
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise EngineError("TensorRT could not create a timing cache")
     return cache
 
 
@@ -60,10 +64,10 @@ def _config(trt, builder, settings: BuildSettings, profile: Profile, workspace_g
 
 
 def _serialize(trt, settings: BuildSettings, onnx_path: Path, profile: Profile, workspace_gib: float,
-               cache_path, on_step) -> bytes:
+               cache_path, driver_version: str, on_step) -> bytes:
     """The serialized engine. Called with the primary context current: every TensorRT object
     made here dies when this returns, while its context still is current."""
-    builder = trt.Builder(tensorrt_logger(trt))
+    builder = start_builder(trt, driver_version)
     network, _parser = _parse(trt, builder, onnx_path)
     cached = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
     config, cache = _config(trt, builder, settings, profile, workspace_gib, cached, on_step)
@@ -92,7 +96,8 @@ def coverage_warning(variant: dict, profile: Profile) -> str:
 def build_engine(model_dir, precision: str, profile: Profile = None, workspace_gib: float = 4.0,
                  timing_cache_path=None, min_shape=None, opt_shape=None, max_shape=None,
                  max_batch: int = 1, on_step=print) -> Path:
-    """Build and write the engine and its sidecar; returns the engine's path."""
+    """Build and write the engine and its sidecar (unvalidated: validate.validate_engine
+    measures an FP16 / INT8 one next); returns the engine's path."""
     trt = import_tensorrt()
     settings = build_settings(trt.__version__)
     cuda = cuda_layer()
@@ -109,16 +114,19 @@ def build_engine(model_dir, precision: str, profile: Profile = None, workspace_g
     started = time.perf_counter()
     with cuda.current():
         serialized = _serialize(trt, settings, onnx_path, profile, workspace_gib,
-                                Path(timing_cache_path) if timing_cache_path else None, on_step)
+                                Path(timing_cache_path) if timing_cache_path else None, cuda.driver_version(),
+                                on_step)
     seconds = time.perf_counter() - started
-    # The sidecar first: an engine that exists always has one, and the engine's SHA-256 in it
-    # keeps an interrupted rewrite's old engine from ever being loaded under the new sidecar.
-    Sidecar(precision=precision, profile=profile.as_dict(),
-            tensorrt_version=trt.__version__, device=gpu.name,
-            compute_capability=list(gpu.compute_capability), onnx_file=onnx_path.name,
-            onnx_sha256=sha256_file(onnx_path), strongly_typed=settings.strongly_typed,
-            builder_flags=list(settings.precision_flags), cleared_flags=list(settings.cleared_flags),
-            tf32=settings.tf32, workspace_gib=workspace_gib,
-            build_seconds=round(seconds, 1), engine_sha256=sha256_bytes(serialized)).write(sidecar_path(target))
+    # The engine first, then its sidecar: a sidecar never names an engine that is not there
+    # yet, and an interrupted rewrite (new engine, old sidecar) is refused by the SHA-256 the
+    # old sidecar holds. Each file is renamed into place whole.
     write_atomically(target, serialized)
+    sidecar = Sidecar(precision=precision, profile=profile.as_dict(),
+                      tensorrt_version=trt.__version__, device=gpu.name,
+                      compute_capability=list(gpu.compute_capability), onnx_file=onnx_path.name,
+                      onnx_sha256=model.variant_sha256(precision), strongly_typed=settings.strongly_typed,
+                      builder_flags=list(settings.precision_flags), cleared_flags=list(settings.cleared_flags),
+                      tf32=settings.tf32, workspace_gib=workspace_gib,
+                      build_seconds=round(seconds, 1), engine_sha256=sha256_bytes(serialized))
+    sidecar.write(sidecar_path(target))
     return target

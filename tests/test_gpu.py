@@ -37,6 +37,20 @@ def _layer(name: str):
         pytest.skip(f"CUDA layer {name}: {exc}")
 
 
+def _available_layers() -> list:
+    from trufor_trt.engine.cuda_layer import LAYERS, cuda_layer
+    from trufor_trt.errors import EngineError
+
+    available = []
+    for name in LAYERS:
+        try:
+            cuda_layer(name)
+            available.append(name)
+        except EngineError as exc:
+            print(f"CUDA layer {name} not checked: {exc}")
+    return available
+
+
 # Session-scoped, so that pytest asks them before it builds a test's module-scoped fixtures.
 @pytest.fixture(scope="session")
 def torch_cuda():
@@ -50,7 +64,7 @@ def torch_cuda():
 @pytest.fixture(scope="session")
 def tensorrt_ready():
     from trufor_trt.errors import EngineError
-    from trufor_trt.engine.tensorrt_runner import import_tensorrt
+    from trufor_trt.engine.tensorrt_start import import_tensorrt
 
     try:
         import_tensorrt()
@@ -285,7 +299,7 @@ def test_torch_fp16_plan_in_real_float16_on_cuda(torch_cuda, fp16_model, checkpo
     from trufor_trt.engine.model_dir import ModelDir
     from trufor_trt.benchmarks.conv16_speed import cuda_time_ms
     from trufor_trt.engine.torch_runner import TorchRunner
-    from trufor_trt.export.fp16_plan import FP16_BUDGET
+    from trufor_trt.precision.budgets import FP16_BUDGET
     from trufor_trt.export.measure import output_errors
 
     variant = ModelDir.open(fp16_model).manifest["variants"]["fp16"]
@@ -339,7 +353,7 @@ def _simulated_noiseprint(model_dir: Path, prepared, plan: dict) -> dict:
 def test_tensorrt_engine_matches_onnxruntime(tensorrt_ready, tmp_path, fp16_model, precision):
     from trufor_trt.engine.decode import decode_image
     from trufor_trt.engine.onnxruntime_runner import OnnxRuntimeRunner
-    from trufor_trt.engine.tensorrt_plan import Profile
+    from trufor_trt.engine.tensorrt_plan import Profile, Sidecar, sidecar_path
     from trufor_trt.engine.tensorrt_runner import TensorRTRunner
     from trufor_trt.errors import ImageError
     from trufor_trt.export.measure import output_errors
@@ -350,10 +364,18 @@ def test_tensorrt_engine_matches_onnxruntime(tensorrt_ready, tmp_path, fp16_mode
     if precision == "int8":
         add_precision_variant(model, "int8", IMAGES_DIR / "cocoglide_sample", on_step=lambda message: None)
     large = decode_image(LARGE_IMAGE)
-    build_engine(model, precision, Profile(min=(32, 32), opt=(256, 256), max=large.shape[:2]),
-                 workspace_gib=8, on_step=lambda message: None)
+    path = build_engine(model, precision, Profile(min=(32, 32), opt=(256, 256), max=large.shape[:2]),
+                        workspace_gib=8, on_step=lambda message: None)
+    if precision != "fp32":  # what `build` does next: validation on this GPU, into the sidecar
+        from trufor_trt.engine.model_dir import ModelDir
+        from trufor_trt.validate import validate_engine
+
+        validate_engine(ModelDir.open(model), path, None, print)
+    sidecar = Sidecar.read(sidecar_path(path))
+    assert precision == "fp32" or sidecar.validation is not None
     measured = {}
-    with OnnxRuntimeRunner(model) as reference, TensorRTRunner(model, precision=precision) as engine:
+    with OnnxRuntimeRunner(model) as reference, \
+            TensorRTRunner(model, precision=precision, accept_unvalidated=True) as engine:
         for name, rgb in (("61x83", synthetic_image(61, 83, seed=1)), ("large", large)):
             prepared = prepare_input(rgb)
             ours = postprocess(engine.infer(prepared), engine.detection_head)
@@ -363,11 +385,16 @@ def test_tensorrt_engine_matches_onnxruntime(tensorrt_ready, tmp_path, fp16_mode
             assert set(engine.last_stage_ms) == {"host_to_device", "inference", "device_to_host"}
         with pytest.raises(ImageError, match="--max-shape"):
             engine.infer(prepare_input(synthetic_image(large.shape[0] + 8, 64)))
+    record(f"tensorrt {precision} vs onnxruntime fp32", {**measured, "validation": sidecar.validation})
     if precision == "fp32":
         from trufor_trt.selftest import BOUNDS
 
         assert all(measured["61x83"][key] <= bound for key, bound in BOUNDS.items()), measured
-    record(f"tensorrt {precision} vs onnxruntime fp32", measured)
+    else:  # TensorRT's own float16 kernels (accumulation not promised in FP32) against the budget
+        from trufor_trt.precision.budgets import BUDGETS
+
+        budget = BUDGETS[precision]
+        assert all(measured[size][key] <= limit for size in measured for key, limit in budget.items()), measured
 
 
 def test_bench_times_device_stages_of_the_torch_network_on_cuda(torch_cuda, tmp_path, checkpoint_seed0):
@@ -452,3 +479,38 @@ def test_tensorrt_batch_engine_takes_same_size_images_together(tensorrt_ready, t
         worst = _batch_against_one_at_a_time(engine, 3)
     record("tensorrt fp32 batch of 3 vs one at a time", worst)
     assert worst["map"] < 1e-3 and worst["score"] < 1e-3, worst
+
+
+def test_tensorrt_timing_cache_reused_and_a_corrupt_one_replaced_two_runners_share_one_engine(
+        tensorrt_ready, tmp_path, model_seed0, monkeypatch):
+    """One small FP32 engine built twice (the second time on a truncated timing cache), then two
+    runners on two threads under each CUDA layer: one deserialized engine, the same outputs."""
+    from trufor_trt.engine.tensorrt_plan import Profile
+    from trufor_trt.engine.tensorrt_runner import SHARED_ENGINES, TensorRTRunner
+    from trufor_trt.export.tensorrt_build import build_engine
+
+    model = Path(shutil.copytree(model_seed0, tmp_path / "model"))
+    cache, profile = tmp_path / "timing.cache", Profile(min=(32, 32), opt=(96, 128), max=(128, 160))
+    build_engine(model, "fp32", profile, timing_cache_path=cache, on_step=lambda message: None)
+    cache.write_bytes(cache.read_bytes()[:64])
+    said = []
+    build_engine(model, "fp32", profile, timing_cache_path=cache, on_step=said.append)
+    assert any("timing cache is unreadable" in line for line in said) and cache.stat().st_size > 64
+    images = [prepare_input(synthetic_image(96, 128, seed=seed)) for seed in range(4)]
+    for layer_name in _available_layers():
+        monkeypatch.setenv("TRUFOR_TRT_CUDA", layer_name)
+        with TensorRTRunner(model, precision="fp32") as first, TensorRTRunner(model, precision="fp32") as second:
+            alone = [first.infer(image).noiseprint.copy() for image in images]
+            outputs = {}
+
+            def run(runner, key):
+                outputs[key] = [runner.infer(image).noiseprint.copy() for image in images]
+            threads = [threading.Thread(target=run, args=(runner, key)) for key, runner in (("a", first), ("b", second))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert len(SHARED_ENGINES._engines) == 1  # two contexts, one engine
+        for key in ("a", "b"):
+            assert all(np.array_equal(ours, theirs) for ours, theirs in zip(outputs[key], alone)), (layer_name, key)
+        assert not SHARED_ENGINES._engines  # released with the last runner

@@ -90,15 +90,16 @@ def test_doctor_here_no_gpu_onnxruntime_and_torch_usable_tensorrt_not():
     assert result.returncode == 0, result.stderr
     assert "backend onnxruntime: usable" in result.stdout and "backend torch: usable" in result.stdout
     assert "backend tensorrt: not usable: TensorRT is not installed" in result.stdout
-    assert 'pip install "trufor-trt[trt]"' in result.stdout
+    assert 'pip install "trufor-trt[trt-cu13]"' in result.stdout and '"trufor-trt[trt-cu12]"' in result.stdout
     report = json.loads(_trufor(["doctor", "--json"]).stdout)
     assert report["cuda"]["gpus"] == [] and report["cuda"]["problem"].startswith("no CUDA layer")
     backends = report["backends"]
     assert backends["onnxruntime"]["usable"] and backends["torch"]["usable"]
     assert not backends["tensorrt"]["usable"] and "not installed" in backends["tensorrt"]["problem"]
-    assert "trufor-trt[trt-cuda-python]" in backends["tensorrt"]["install"]
-    assert report["tensorrt"] == {"version": None, "can_build": False,
-                                  "problem": backends["tensorrt"]["problem"]}
+    assert "driver >= 580" in backends["tensorrt"]["install"]
+    not_tried = {"ok": False, "problem": "not tried: no usable TensorRT and GPU"}
+    assert report["tensorrt"] == {"version": None, "can_build": False, "problem": backends["tensorrt"]["problem"],
+                                  "runtime": not_tried, "builder": not_tried}
     assert report["packages"]["numpy"] and report["packages"]["tensorrt"] is None
     assert report["cpu_memory"]["physical_gib"] > 0
     height, width = map(int, report["cpu_memory"]["onnxruntime_largest_square_image"].split("x"))

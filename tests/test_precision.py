@@ -131,7 +131,7 @@ def _within(errors: dict, budget: dict) -> bool:
 
 
 def test_fp16_plan_puts_most_flops_in_fp16_within_budget_up_to_its_max_shape(reduced_model):
-    from trufor_trt.export.fp16_plan import FP16_BUDGET
+    from trufor_trt.precision.budgets import FP16_BUDGET
     from trufor_trt.precision.kernel_models import KERNEL_MODELS, STRESS_MODEL
 
     fp16 = ModelDir.open(reduced_model).manifest["variants"]["fp16"]  # file hashes check out
@@ -160,7 +160,8 @@ def test_fp16_plan_puts_most_flops_in_fp16_within_budget_up_to_its_max_shape(red
 
 
 def test_int8_plan_compares_calibrations_and_keeps_the_target_at_every_size(reduced_model):
-    from trufor_trt.calibration.int8 import CALIBRATION_METHODS, INT8_TARGET
+    from trufor_trt.calibration.int8 import CALIBRATION_METHODS
+    from trufor_trt.precision.budgets import INT8_TARGET
 
     int8 = ModelDir.open(reduced_model).manifest["variants"]["int8"]
     plan = int8["int8_plan"]
@@ -260,7 +261,7 @@ def test_fp16_keeps_every_decision_on_the_shared_images_under_both_kernel_models
 @pytest.mark.xfail(strict=True, reason="FP16 exceeds its budget on 3 of the 52 shared images (score 3.0e-3 "
                    "vs 1.5e-3, np++ 6.2e-3 vs 4e-3 under the rounded-output kernel model)")
 def test_fp16_stays_within_its_budget_on_every_shared_image(shared_validation):
-    from trufor_trt.export.fp16_plan import FP16_BUDGET
+    from trufor_trt.precision.budgets import FP16_BUDGET
 
     limits = {"map_max": FP16_BUDGET["map"], "conf_max": FP16_BUDGET["conf"],
               "score_error_max": FP16_BUDGET["score"], "noiseprint_max": FP16_BUDGET["np++"]}

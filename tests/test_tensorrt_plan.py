@@ -13,11 +13,13 @@ from trufor_trt.cli import app
 from trufor_trt.engine.cuda import Gpu
 from trufor_trt.engine.tensorrt_plan import (DEFAULT_PROFILES, IO_CONTRACT, Profile, Sidecar, build_command,
                                              build_settings, engine_path, find_engines, io_contract_problems,
-                                             profile_from_options, sidecar_path, survey_engines)
+                                             profile_from_options, sidecar_path, survey_engines, validation_record)
 from trufor_trt.errors import EngineError, TruforError
 from trufor_trt.shapes import parse_shape
 from trufor_trt.engine.tensorrt_runner import output_shape
 from trufor_trt.files import sha256_bytes
+
+from trufor_trt.precision.budgets import FP16_BUDGET, INT8_TARGET
 
 H100 = Gpu(name="NVIDIA H100 80GB HBM3", compute_capability=(9, 0), integrated=False)
 ORIN = Gpu(name="Orin", compute_capability=(8, 7), integrated=True)
@@ -89,12 +91,20 @@ def test_engine_paths_name_gpu_compute_capability_and_tensorrt(tmp_path):
     assert find_engines(tmp_path, H100, "10.13.0", "int8") == []
 
 
+def _overall(map_max=1e-3, conf_max=5e-4, score=2e-4, noiseprint=1e-3, flipped=0) -> dict:
+    """validate.ValidationReport.overall()'s worst errors, as a validation measured them."""
+    return {"images": 3, "map_max": map_max, "map_mean": map_max / 10, "conf_max": conf_max,
+            "conf_mean": conf_max / 10, "score_error_max": score, "noiseprint_max": noiseprint,
+            "decisions_flipped": flipped}
+
+
 def _sidecar(**changes):
     values = dict(precision="fp16", profile={"min": [32, 32], "opt": [64, 64], "max": [96, 96]},
                   tensorrt_version="10.3.0", device=ORIN.name, compute_capability=[8, 7],
                   onnx_file="trufor_fp16.onnx", onnx_sha256="abc", strongly_typed=True,
                   builder_flags=[], cleared_flags=["TF32"], tf32=False, workspace_gib=4.0,
-                  build_seconds=12.5, engine_sha256=sha256_bytes(b""))
+                  build_seconds=12.5, engine_sha256=sha256_bytes(b""),
+                  validation=validation_record(_overall(), FP16_BUDGET, "synthetic"))
     values.update(changes)
     return Sidecar(**values)
 
@@ -165,6 +175,36 @@ def test_each_image_gets_the_smallest_engine_whose_profile_admits_it(tmp_path):
     assert "trufor-trt build" in none_usable.problem("fp16", ORIN, "10.3.0", tmp_path)
 
 
+def test_a_validation_record_holds_the_precisions_budget_and_no_flip():
+    within = validation_record(_overall(), FP16_BUDGET, "calib")
+    assert within["within_budget"] and within["summary"] == "within budget"
+    assert within["max_abs"] == {"map": 1e-3, "conf": 5e-4, "score": 2e-4, "np++": 1e-3}
+    over = validation_record(_overall(map_max=7.9e-2, score=4.4e-2, flipped=1), INT8_TARGET, "calib")
+    assert not over["within_budget"]
+    assert over["summary"] == "map 0.079 > 0.05; score 0.044 > 0.02; 1 decision(s) flipped"
+    assert not validation_record(_overall(noiseprint=float("inf")), FP16_BUDGET, "calib")["within_budget"]
+
+
+def test_reduced_precision_engines_run_only_validated_within_budget_unless_accepted(tmp_path):
+    validated = _engine(tmp_path, Profile(min=(32, 32), opt=(64, 64), max=(96, 96)))
+    never = _engine(tmp_path, Profile(min=(32, 32), opt=(64, 64), max=(128, 128)), validation=None)
+    over = _engine(tmp_path, Profile(min=(32, 32), opt=(64, 64), max=(160, 160)),
+                   validation=validation_record(_overall(map_max=2e-2), FP16_BUDGET, "calib"))
+    survey = survey_engines(tmp_path, ORIN, "10.3.0", "fp16", "abc")
+    assert [path for path, _ in survey.usable] == [validated]
+    reasons = dict(survey.rejected)
+    assert reasons[never].startswith("not validated on its GPU") and "--accept-unvalidated" in reasons[never]
+    assert reasons[over] == "over its budget when validated: map 0.02 > 0.005 (--accept-unvalidated runs it anyway)"
+    accepted = survey_engines(tmp_path, ORIN, "10.3.0", "fp16", "abc", accept_unvalidated=True)
+    assert [path for path, _ in accepted.usable] == [validated, never, over]
+    only = survey_engines(tmp_path, ORIN, "10.3.0", "fp16", "abc", accept_unvalidated=True, only=over)
+    assert [path for path, _ in only.usable] == [over]
+
+
+def test_fp32_engines_need_no_validation():
+    assert _sidecar(precision="fp32", validation=None).validation_problem() == ""
+
+
 def test_build_command_reproduces_the_profile():
     profile = Profile(min=(32, 32), opt=(64, 80), max=(96, 128))
     assert build_command(Path("m"), "int8", profile) == (
@@ -203,7 +243,7 @@ def test_build_without_tensorrt_exits_2_with_one_line():
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "TensorRT is not installed" in lines[0]
-    assert 'pip install "trufor-trt[trt]"' in lines[0] and "JetPack" in lines[0]
+    assert '"trufor-trt[trt-cu13]"' in lines[0] and '"trufor-trt[trt-cu12]"' in lines[0] and "JetPack" in lines[0]
 
 
 def test_build_needs_exactly_one_precision():

@@ -10,15 +10,15 @@ import sys
 from pathlib import Path
 
 from trufor_trt import __version__
-from trufor_trt.errors import EngineError, TruforError, one_line
+from trufor_trt.engine.tensorrt_start import INSTALL_BY_DRIVER
+from trufor_trt.errors import TruforError, one_line
 from trufor_trt.installed import distribution_versions, install_command
 
 # Distributions worth naming in a report; what to install for each backend that is missing.
 DISTRIBUTIONS = ("numpy", "opencv-python-headless", "typer", "rich", "onnxruntime", "onnx",
                  "onnx-graphsurgeon", "torch", "tensorrt", "pycuda", "cuda-bindings")
 INSTALL = {"onnxruntime": install_command("onnxruntime"), "torch": install_command("torch"),
-           "tensorrt": 'on a Jetson: JetPack (apt install nvidia-jetpack) and pip install pycuda; '
-                       'elsewhere: pip install "trufor-trt[trt]" or "trufor-trt[trt-cuda-python]"'}
+           "tensorrt": INSTALL_BY_DRIVER}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -44,17 +44,40 @@ def _cuda_report() -> dict:
         return {"layer": None, "driver_cuda_version": None, "gpus": [], "problem": _one_line(exc)}
 
 
+def _started(start, trt, layer) -> dict:
+    """Whether TensorRT can create this object (its Runtime, its Builder) under the GPU's context."""
+    try:
+        with layer.current():
+            start(trt, layer.driver_version())
+    except TruforError as exc:
+        return {"ok": False, "problem": _one_line(exc)}
+    return {"ok": True, "problem": None}
+
+
 def _tensorrt_report(cuda: dict) -> dict:
+    """TensorRT's version and, where a GPU answers, whether it starts a Runtime (what running an
+    engine needs) and a Builder (what `build` needs): the real check, as importing proves
+    neither (a CUDA 13 build on an older driver imports, then fails there)."""
+    not_started = {"ok": False, "problem": "not tried: no usable TensorRT and GPU"}
     try:
         from trufor_trt.engine.tensorrt_plan import build_settings
-        from trufor_trt.engine.tensorrt_runner import import_tensorrt
+        from trufor_trt.engine.tensorrt_start import import_tensorrt, start_builder, start_runtime
 
-        version = import_tensorrt().__version__
+        trt = import_tensorrt()
+        version = trt.__version__
         build_settings(version)  # refuses releases older than 10.0
     except (TruforError, ImportError, OSError) as exc:
-        return {"version": None, "can_build": False, "problem": _one_line(exc)}
-    problem = None if cuda["gpus"] else f"no GPU to build on ({cuda['problem']})"
-    return {"version": version, "can_build": problem is None, "problem": problem}
+        return {"version": None, "can_build": False, "problem": _one_line(exc), "runtime": not_started,
+                "builder": not_started}
+    if not cuda["gpus"]:
+        return {"version": version, "can_build": False, "problem": f"no GPU to build on ({cuda['problem']})",
+                "runtime": not_started, "builder": not_started}
+    from trufor_trt.engine.cuda_layer import cuda_layer
+
+    layer = cuda_layer()
+    runtime, builder = _started(start_runtime, trt, layer), _started(start_builder, trt, layer)
+    return {"version": version, "can_build": builder["ok"], "problem": runtime["problem"] or builder["problem"],
+            "runtime": runtime, "builder": builder}
 
 
 def _onnxruntime_report() -> dict:
@@ -78,7 +101,8 @@ def _torch_report() -> dict:
 
 
 def _backends(cuda: dict, tensorrt: dict) -> dict:
-    problem = tensorrt["problem"] or (None if cuda["gpus"] else cuda["problem"])
+    problem = tensorrt["runtime"]["problem"] if tensorrt["version"] and cuda["gpus"] else \
+        tensorrt["problem"] or cuda["problem"]
     trt = {"usable": problem is None, "problem": problem}
     if problem is not None:
         trt["install"] = INSTALL["tensorrt"]
@@ -88,7 +112,6 @@ def _backends(cuda: dict, tensorrt: dict) -> dict:
 def _engine_entries(model_dir: Path, here: tuple) -> list:
     """Every engine in the folder, and whether it can run on this GPU and TensorRT."""
     from trufor_trt.engine.model_dir import ModelDir
-    from trufor_trt.files import sha256_file
     from trufor_trt.engine.tensorrt_plan import ENGINES_FOLDER, Sidecar, sidecar_path
 
     model = ModelDir.open(model_dir)
@@ -98,14 +121,16 @@ def _engine_entries(model_dir: Path, here: tuple) -> list:
         try:
             sidecar = Sidecar.read(sidecar_path(path))
             entry.update(precision=sidecar.precision, device=sidecar.device,
-                         tensorrt=sidecar.tensorrt_version, profile_max=list(sidecar.profile["max"]))
+                         tensorrt=sidecar.tensorrt_version, profile_max=list(sidecar.profile["max"]),
+                         validation=sidecar.validation, validation_problem=sidecar.validation_problem() or None)
+            sidecar.engine_bytes(path)  # EngineError where the engine is not the one it describes
             if here is None:
                 entry["runs_here"], entry["why_not"] = False, "TensorRT or a GPU is not usable here"
             else:
                 gpu, version = here
-                why = sidecar.mismatch(gpu, version, sha256_file(model.variant_path(sidecar.precision)))
+                why = sidecar.mismatch(gpu, version, model.variant_sha256(sidecar.precision))
                 entry["runs_here"], entry["why_not"] = not why, why or None
-        except (EngineError, OSError) as exc:
+        except (TruforError, OSError) as exc:  # an engine's sidecar, or a variant the folder lacks
             entry["runs_here"], entry["why_not"] = False, _one_line(exc)
         entries.append(entry)
     return entries
@@ -121,7 +146,7 @@ def _model_report(model_dir: Path, backends: dict) -> dict:
     here = None
     if backends["tensorrt"]["usable"]:
         from trufor_trt.engine.cuda_layer import gpu_info
-        from trufor_trt.engine.tensorrt_runner import import_tensorrt
+        from trufor_trt.engine.tensorrt_start import import_tensorrt
 
         here = (gpu_info(), import_tensorrt().__version__)
     return {"path": str(model_dir), "ok": True, "problem": None,
@@ -159,6 +184,18 @@ def diagnose(model_dir: Path = None) -> dict:
     return report
 
 
+def _validation_words(entry: dict) -> str:
+    """An engine's validation, as the doctor's line says it."""
+    if entry.get("validation_problem"):
+        return f"; {entry['validation_problem']}"
+    validation = entry.get("validation")
+    if validation:
+        worst = ", ".join(f"{name} {value:.2g}" for name, value in validation["max_abs"].items())
+        return (f"; validated on {validation['image_count']} images: {worst}, "
+                f"{validation['decisions_flipped']} flipped")
+    return ""
+
+
 def report_lines(report: dict) -> list:
     """The doctor's report as plain lines: what a user pastes into a bug report."""
     cuda, tensorrt = report["cuda"], report["tensorrt"]
@@ -188,5 +225,6 @@ def report_lines(report: dict) -> list:
         lines.append(f"model {model['path']}: {state}")
         lines += [f"  engine {entry['engine']}: "
                   + ("runs here" if entry["runs_here"] else f"not here ({entry['why_not']})")
+                  + _validation_words(entry)
                   for entry in model.get("engines", [])]
     return lines

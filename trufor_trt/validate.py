@@ -10,7 +10,8 @@ measured once per kernel model (precision/kernel_models.py): one report each.
 
 import io
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -20,7 +21,9 @@ from trufor_trt.engine.decode import decode_image
 from trufor_trt.engine.postprocess import decision_flipped, postprocess
 from trufor_trt.engine.preprocess import prepare_input
 from trufor_trt.export.synthetic import synthetic_image
+from trufor_trt.engine.tensorrt_plan import Sidecar, sidecar_path, validation_record
 from trufor_trt.files import write_atomically
+from trufor_trt.precision.budgets import BUDGETS
 
 SYNTHETIC_SIZES = ((256, 256), (173, 229), (384, 256))
 
@@ -121,23 +124,29 @@ def _kernel_models(backend: str, precision: str) -> tuple:
     return KERNEL_MODELS if backend == "onnxruntime" and precision != "fp32" else ("",)
 
 
-def validate(model, candidates: list, images=None, on_image=None, checkpoint=None) -> list:
+def validate(model, candidates: list, images=None, on_image=None, checkpoint=None, runner_options=None) -> list:
     """One ValidationReport per (backend, precision) of `candidates` and, for a simulated
     reduced precision, per kernel model, all against one FP32 reference run per image.
     `model`: a checked ModelDir. `images`: a folder (default: synthetic images). `checkpoint`:
-    the model folder's checkpoint, for the torch backend."""
+    the model folder's checkpoint, for the torch backend. `runner_options`: more arguments for
+    the candidates' runners (create_runner's). Images a candidate refuses (outside a TensorRT
+    engine's profile) are left out for all."""
     variants = model.manifest["variants"]
     reports = [ValidationReport(backend=backend, precision=precision, kernel_model=kernel,
                                 flops_by_precision=variants.get(precision, {}).get("flops_by_precision", []))
                for backend, precision in candidates for kernel in _kernel_models(backend, precision)]
+    # A TensorRT engine is measured here whether or not it was validated before: that is the point.
+    options = {"accept_unvalidated": True, **(runner_options or {})}
     with ExitStack() as stack:
         reference = stack.enter_context(create_runner("onnxruntime", model=model, precision="fp32"))
         runners = [stack.enter_context(create_runner(report.backend, model=model, precision=report.precision,
-                                                     checkpoint=checkpoint,
+                                                     checkpoint=checkpoint, **options,
                                                      **({"kernel_model": report.kernel_model}
                                                         if report.kernel_model else {})))
                    for report in reports]
         for name, rgb in _images(images):
+            if any(runner.refusal(*rgb.shape[:2]) for runner in runners):
+                continue
             prepared = prepare_input(rgb)
             truth = postprocess(reference.infer(prepared), reference.detection_head)
             for report, runner in zip(reports, runners):
@@ -219,3 +228,33 @@ def print_validation(report, out) -> None:
     for record in report.flops_by_precision:
         shares = ", ".join(f"{name} {share:.0%}" for name, share in record["network_share"].items() if share)
         out.print(f"{report.precision} FLOPs at {record['size']}: {shares}")
+
+
+def validate_engine(model, engine: Path, images, on_step) -> Sidecar:
+    """A reduced-precision engine (`build`'s) run against the FP32 graph (ONNX Runtime) on
+    `images` (a folder; default: the synthetic images) on the GPU it was built for, and
+    recorded in its sidecar (record_validation); returns the sidecar."""
+    sidecar = Sidecar.read(sidecar_path(engine))
+    what = f"the images in {images}" if images else "synthetic images"
+    on_step(f"validating the {sidecar.precision} engine against the FP32 graph (ONNX Runtime) on {what}")
+    [report] = validate(model, [("tensorrt", sidecar.precision)], images,
+                        runner_options={"engine": engine, "accept_unvalidated": True})
+    return record_validation(engine, sidecar, report, str(images or "synthetic"), on_step)
+
+
+def record_validation(engine: Path, sidecar: Sidecar, report, images: str, on_step) -> Sidecar:
+    """The engine's sidecar rewritten with the validation record of `report` (a
+    validate.ValidationReport of this engine). One over budget is kept, and marked: runners
+    refuse it unless told --accept-unvalidated. Without any image measured it stays unvalidated."""
+    if not report.images:
+        on_step("warning: no image fits the engine's profile: the engine stays unvalidated")
+        return sidecar
+    record = validation_record(report.overall(), BUDGETS[sidecar.precision], images)
+    validated = replace(sidecar, validation=record)
+    validated.write(sidecar_path(engine))
+    if record["within_budget"]:
+        on_step(f"validated on {record['image_count']} images: within the {sidecar.precision} budget")
+    else:
+        on_step(f"warning: over the {sidecar.precision} budget on {record['image_count']} images "
+                f"({record['summary']}): kept, but runners refuse it unless --accept-unvalidated")
+    return validated

@@ -17,7 +17,7 @@ from trufor_trt.batch.inputs import expand_inputs, output_folder_problem
 from trufor_trt.batch.records import RESULTS_FILE, Record
 from trufor_trt.batch.results_log import OutputFolderBusy, ResultsLogError, SummaryError
 from trufor_trt.batch.summary import SUMMARY_FILE
-from trufor_trt.cli.common import (BACKEND, CHECKPOINT, DEVICE, EXIT_FAILED, EXIT_STOPPED, MAX_MEMORY, MAX_PIXELS,
+from trufor_trt.cli.common import (ACCEPT_UNVALIDATED, BACKEND, CHECKPOINT, DEVICE, EXIT_FAILED, EXIT_STOPPED, MAX_MEMORY, MAX_PIXELS,
                                    MODEL, NO_PNG, PRECISION, QUIET, SAVE_NOISEPRINT, Backend, Precision,
                                    check_checkpoint, check_results_folder, console, fail_setup, load_runners,
                                    missing_package, record_line, runner_spec, say, warn_unless_official)
@@ -81,6 +81,18 @@ def _on_ray(jobs: list, address: str, spec, options: AnalyzeOptions, workers: in
     return analyse
 
 
+def _checked_jobs(inputs: list, out: Path) -> list:
+    """The images the inputs name, once the output folder is known to be a safe place for them."""
+    jobs = expand_inputs(inputs)
+    if not jobs:
+        fail_setup("no input images found in: " + " ".join(inputs))
+    problem = output_folder_problem(out, inputs, jobs)
+    if problem:
+        fail_setup(problem)
+    check_results_folder(out)
+    return jobs
+
+
 def _progress(enabled: bool) -> Progress:
     """A bar with the time left, in a terminal only (elsewhere `analyze` prints a line per image)."""
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -102,6 +114,7 @@ def analyze(
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo images even where matching outputs exist."),
     max_pixels: int = MAX_PIXELS,
     max_memory: Optional[str] = MAX_MEMORY,
+    accept_unvalidated: bool = ACCEPT_UNVALIDATED,
     streams: int = typer.Option(0, "--streams", min=0,
                                 help="Runners side by side in the pipeline (0: 2 with TensorRT, else 1)."),
     workers: int = typer.Option(0, "--workers", min=0,
@@ -125,20 +138,15 @@ def analyze(
 ) -> None:
     """Analyse images: per image an .npz with map, conf, score, imgsize (+ PNGs), a line in
     results.jsonl (the log of runs) and a row in results.csv (each image's latest state)."""
-    jobs = expand_inputs(inputs)
-    if not jobs:
-        fail_setup("no input images found in: " + " ".join(inputs))
-    problem = output_folder_problem(out, inputs, jobs)
-    if problem:
-        fail_setup(problem)
-    check_results_folder(out)
+    jobs = _checked_jobs(inputs, out)
     check_checkpoint(checkpoint)
     if ray_address is not None and (streams or workers):
         fail_setup("--streams and --workers set this process's pipeline; with --ray, --ray-workers sets the "
                    "actors and --ray-cpus each one's cores")
     options = AnalyzeOptions(out_dir=out, save_noiseprint=save_noiseprint, write_png=not no_png,
                              overwrite=overwrite, max_pixels=max_pixels)
-    spec = runner_spec(backend.value, model, checkpoint, device, precision.value, max_memory)
+    spec = runner_spec(backend.value, model, checkpoint, device, precision.value, max_memory,
+                      accept_unvalidated)
     if ray_address is None:
         what, analyse = _in_this_process(jobs, load_runners(spec, streams), options, batch, workers)
     else:

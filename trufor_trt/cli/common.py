@@ -78,6 +78,9 @@ PRECISION = typer.Option(Precision.fp32, "--precision", help="Numeric precision.
 DEVICE = typer.Option("auto", "--device", help="torch backend: cpu, cuda or auto.")
 SAVE_NOISEPRINT = typer.Option(False, "--save-noiseprint", help="Also store np++ in the .npz.")
 NO_PNG = typer.Option(False, "--no-png", help="Skip the heatmap and overlay PNGs.")
+ACCEPT_UNVALIDATED = typer.Option(False, "--accept-unvalidated",
+                                  help="TensorRT: also run FP16 / INT8 engines not validated within their "
+                                       "budget on their GPU (their measured deviation is not evidence-grade).")
 MAX_PIXELS = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1,
                           help="Refuse images with more pixels (decompression bombs).")
 MAX_MEMORY = typer.Option(None, "--max-memory",
@@ -133,7 +136,7 @@ def open_model(model: Optional[Path], checkpoint: Optional[Path]):
 
 
 def runner_spec(backend: str, model: Optional[Path], checkpoint: Optional[Path], device: str, precision: str,
-                max_memory: Optional[str]):
+                max_memory: Optional[str], accept_unvalidated: bool = False):
     """The runner spec the options ask for, its backend resolved ("auto": TensorRT where it can
     run here, said when it cannot), its model folder opened and checked."""
     from trufor_trt.engine.memory_budget import parse_memory
@@ -145,7 +148,8 @@ def runner_spec(backend: str, model: Optional[Path], checkpoint: Optional[Path],
             fail_setup("the torch backend runs from --checkpoint FILE")
         return RunnerSpec("torch", precision, checkpoint=checkpoint, device=device, max_memory=budget)
     opened = open_model(model, checkpoint)
-    return RunnerSpec(backend, precision, model=opened, device=device, max_memory=budget).resolved(on_notice=say)
+    return RunnerSpec(backend, precision, model=opened, device=device, max_memory=budget,
+                      accept_unvalidated=accept_unvalidated).resolved(on_notice=say)
 
 
 def load_runners(spec, streams: int = 1) -> list:

@@ -77,8 +77,12 @@ def build(
                                   help="Largest batch of same-size images (analyze --batch); default 1."),
     workspace: float = typer.Option(4.0, "--workspace", min=0.25, help="Builder workspace, GiB."),
     timing_cache: Optional[Path] = typer.Option(None, "--timing-cache", help="Loaded and saved."),
+    images: Optional[Path] = typer.Option(None, "--images",
+                                          help="FP16 / INT8: validate the engine on these images (default: "
+                                               "synthetic ones); the deviation goes into its sidecar."),
 ) -> None:
-    """Build a TensorRT engine for this GPU (like trtexec): one profile, timing cache, sidecar."""
+    """Build a TensorRT engine for this GPU (like trtexec): one profile, timing cache, sidecar;
+    an FP16 / INT8 engine is then validated against the FP32 graph on this GPU."""
     chosen = [name for name, wanted in (("fp16", fp16), ("int8", int8), ("fp32", fp32)) if wanted]
     if len(chosen) != 1:
         fail_setup("choose exactly one of --fp16, --int8, --fp32")
@@ -88,11 +92,15 @@ def build(
                           min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape, max_batch=max_batch,
                           on_step=say)
     console.print(f"wrote {escape(str(engine))}")
+    if chosen[0] != "fp32":
+        from trufor_trt.engine.model_dir import ModelDir
+        from trufor_trt.validate import validate_engine
+
+        validate_engine(ModelDir.open(model), engine, images, say)
 
 
 def _map_budgets() -> dict:
-    from trufor_trt.calibration.int8 import INT8_TARGET
-    from trufor_trt.export.fp16_plan import FP16_BUDGET
+    from trufor_trt.precision.budgets import FP16_BUDGET, INT8_TARGET
 
     return {"fp16": FP16_BUDGET["map"], "int8": INT8_TARGET["map"]}
 

@@ -11,7 +11,7 @@ from rich.markup import escape
 from trufor_trt.batch.analyze import AnalyzeOptions
 from trufor_trt.batch.records import RESULTS_FILE, Record
 from trufor_trt.batch.results_log import OutputFolderBusy, ResultsLogError, SummaryError
-from trufor_trt.cli.common import (BACKEND, CHECKPOINT, DEVICE, EXIT_FAILED, EXIT_STOPPED, MAX_MEMORY, MAX_PIXELS,
+from trufor_trt.cli.common import (ACCEPT_UNVALIDATED, BACKEND, CHECKPOINT, DEVICE, EXIT_FAILED, EXIT_STOPPED, MAX_MEMORY, MAX_PIXELS,
                                    MODEL, NO_PNG, PRECISION, QUIET, SAVE_NOISEPRINT, Backend, Precision,
                                    check_checkpoint, check_not_busy_folder, check_output_folder,
                                    check_results_folder, console, fail_setup, load_runners, record_line,
@@ -55,6 +55,7 @@ def watch(
     no_png: bool = NO_PNG,
     max_pixels: int = MAX_PIXELS,
     max_memory: Optional[str] = MAX_MEMORY,
+    accept_unvalidated: bool = ACCEPT_UNVALIDATED,
     quiet: bool = QUIET,
 ) -> None:
     """Analyse every image that appears in INBOX (and those there at start), one runner kept
@@ -66,7 +67,8 @@ def watch(
                if folder is not None}
     _check_watch_folders(inbox, folders)
     check_checkpoint(checkpoint)
-    [runner] = load_runners(runner_spec(backend.value, model, checkpoint, device, precision.value, max_memory))
+    [runner] = load_runners(runner_spec(backend.value, model, checkpoint, device, precision.value, max_memory,
+                      accept_unvalidated))
     options = WatchOptions(AnalyzeOptions(out_dir=out, save_noiseprint=save_noiseprint, write_png=not no_png,
                                           max_pixels=max_pixels),
                            done_dir=done, failed_dir=failed, poll=poll, settle=settle)
@@ -116,6 +118,7 @@ def serve(
     no_png: bool = NO_PNG,
     max_pixels: int = MAX_PIXELS,
     max_memory: Optional[str] = MAX_MEMORY,
+    accept_unvalidated: bool = ACCEPT_UNVALIDATED,
 ) -> None:
     """HTTP API: POST /v1/analyze (the image as the body or multipart field "image"; ?outputs=map
     adds the maps), GET /healthz, /readyz, /metrics. One runner, one inference at a time."""
@@ -135,7 +138,8 @@ def serve(
     if out is not None:
         check_results_folder(out)
     check_checkpoint(checkpoint)
-    [runner] = load_runners(runner_spec(backend.value, model, checkpoint, device, precision.value, max_memory))
+    [runner] = load_runners(runner_spec(backend.value, model, checkpoint, device, precision.value, max_memory,
+                      accept_unvalidated))
     say(f"serving {runner.backend} {runner.precision} on http://{host}:{port}; SIGTERM or Ctrl-C "
         "stops after the requests in hand")
     app = create_app(runner, settings)
