@@ -21,6 +21,7 @@ from trufor_trt.engine.runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs, Runne
 from trufor_trt.engine.tensorrt_plan import Sidecar, io_contract_problems, survey_engines
 from trufor_trt.engine.tensorrt_start import import_tensorrt, start_runtime
 
+
 def output_shape(name: str, height: int, width: int) -> tuple:
     if name == "noiseprint":
         return (1, 1, height, width)
