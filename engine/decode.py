@@ -109,25 +109,35 @@ def separate_python_stderr() -> None:
                            errors=sys.stderr.errors)
 
 
+_QUIET = {"decoding": 0, "saved": None, "log_level": None}  # guarded by _STDERR_LOCK
+
+
 @contextmanager
 def _quiet_decoders():
     """A corrupt file is reported once, by us: OpenCV's log and the codec libraries' own
     warnings (libjpeg's "Corrupt JPEG data", libpng's), which they write straight to file
-    descriptor 2, are silenced while a file is decoded (the process's descriptor 2: this
-    program's own messages go through separate_python_stderr's duplicate of it)."""
-    previous = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    descriptor 2, are silenced while files are decoded (the process's descriptor 2: this
+    program's own messages go through separate_python_stderr's duplicate of it). Several
+    threads decode at once (the pipeline's host workers): the first to start silences, the
+    last to finish restores, so no decode waits for another and the settings always return."""
     with _STDERR_LOCK:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        try:
+        if _QUIET["decoding"] == 0:
+            _QUIET["log_level"] = cv2.utils.logging.getLogLevel()
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+            sys.stderr.flush()
+            _QUIET["saved"] = os.dup(2)
             with open(os.devnull, "wb") as devnull:
                 os.dup2(devnull.fileno(), 2)
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            cv2.utils.logging.setLogLevel(previous)
+        _QUIET["decoding"] += 1
+    try:
+        yield
+    finally:
+        with _STDERR_LOCK:
+            _QUIET["decoding"] -= 1
+            if _QUIET["decoding"] == 0:
+                os.dup2(_QUIET["saved"], 2)
+                os.close(_QUIET["saved"])
+                cv2.utils.logging.setLogLevel(_QUIET["log_level"])
 
 
 def _check_size(path, height: int, width: int, max_pixels: int) -> None:

@@ -1,6 +1,8 @@
 """Decoding gives Pillow's `Image.open(p).convert("RGB")`, and refuses bad input in one line."""
 
+import os
 import struct
+import threading
 import zlib
 
 import cv2
@@ -198,3 +200,35 @@ def test_a_corrupt_jpeg_is_reported_by_us_alone(tmp_path, capfd):
     capfd.readouterr()
     decode_image(tmp_path / "damaged.jpg")
     assert capfd.readouterr().err == ""
+
+
+def test_decoders_are_quiet_for_several_threads_at_once_and_everything_is_restored():
+    """The pipeline's host workers decode at once: one decode must not wait for another to
+    finish, and descriptor 2 and OpenCV's log level come back when the last one ends."""
+    from trufor_trt.engine.decode import _quiet_decoders
+
+    before = (os.fstat(2).st_ino, os.fstat(2).st_dev), cv2.utils.logging.getLogLevel()
+    inside, leave, second_done = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with _quiet_decoders():
+            inside.set()
+            leave.wait(10)
+
+    def second() -> None:
+        inside.wait(10)
+        with _quiet_decoders():
+            pass
+        second_done.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    try:
+        assert second_done.wait(5), "a decode waited for another one to finish"
+        assert (os.fstat(2).st_ino, os.fstat(2).st_dev) != before[0]  # still silenced: the first decodes on
+    finally:
+        leave.set()
+        for thread in threads:
+            thread.join(10)
+    assert ((os.fstat(2).st_ino, os.fstat(2).st_dev), cv2.utils.logging.getLogLevel()) == before
