@@ -101,7 +101,7 @@ def run_host_case(case: HostCase) -> dict:
     with tempfile.TemporaryDirectory(prefix="trufor-host-", dir=scratch_root()) as scratch:
         jobs = _copies(case.image, Path(scratch) / "in", case.images + 1)
         options = AnalyzeOptions(out_dir=Path(scratch) / "out", write_png=case.pngs)
-        Pipeline([runner], options, host_workers=1).run(open_jobs(jobs[:1], runner, options), _no_failure)
+        Pipeline([runner], options, host_workers=1).run(open_jobs(jobs[:1], runner, options), _checked)
         times, pipeline = [], Pipeline([runner], options, host_workers=case.workers)
         wall_ms = pipeline.run(open_jobs(jobs[1:], runner, options),
                                lambda result: times.append(_checked(result).record.times_ms))
@@ -119,10 +119,6 @@ def _checked(result):
     if result.record.status != "ok":
         raise RuntimeError(f"{result.record.input}: {result.record.reason}")
     return result
-
-
-def _no_failure(result) -> None:
-    _checked(result)
 
 
 def capture_outputs(runner: Runner, images: dict) -> dict:

@@ -15,9 +15,7 @@ import io
 import os
 import struct
 import sys
-import threading
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -25,6 +23,7 @@ import numpy as np
 
 from trufor_trt.architecture import MIN_SIDE
 from trufor_trt.errors import ImageError
+from trufor_trt.held_setting import HeldSetting
 
 DEFAULT_MAX_PIXELS = 150_000_000
 SIXTEEN_BIT_STEP = 257  # 65535 / 255
@@ -90,12 +89,9 @@ def _jpeg_is_complete(data: bytes) -> bool:
     return layout is not None and data.find(b"\xff\xd9", layout[2]) != -1
 
 
-_STDERR_LOCK = threading.Lock()
-
-
 def separate_python_stderr() -> None:
     """Point Python's sys.stderr at a duplicate of file descriptor 2, so that silencing the
-    codecs (which write to descriptor 2 itself: _quiet_decoders) never swallows a message of
+    codecs (which write to descriptor 2 itself: quiet_decoders) never swallows a message of
     this program's own, printed from another thread meanwhile. A command's process calls it
     once, before anything is decoded; where sys.stderr is not descriptor 2 already (a test's
     capture), nothing changes."""
@@ -109,35 +105,30 @@ def separate_python_stderr() -> None:
                            errors=sys.stderr.errors)
 
 
-_QUIET = {"decoding": 0, "saved": None, "log_level": None}  # guarded by _STDERR_LOCK
+def _silence_decoders():
+    """OpenCV's log off and descriptor 2 on /dev/null; returns what they were."""
+    log_level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    return log_level, saved
 
 
-@contextmanager
-def _quiet_decoders():
-    """A corrupt file is reported once, by us: OpenCV's log and the codec libraries' own
-    warnings (libjpeg's "Corrupt JPEG data", libpng's), which they write straight to file
-    descriptor 2, are silenced while files are decoded (the process's descriptor 2: this
-    program's own messages go through separate_python_stderr's duplicate of it). Several
-    threads decode at once (the pipeline's host workers): the first to start silences, the
-    last to finish restores, so no decode waits for another and the settings always return."""
-    with _STDERR_LOCK:
-        if _QUIET["decoding"] == 0:
-            _QUIET["log_level"] = cv2.utils.logging.getLogLevel()
-            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-            sys.stderr.flush()
-            _QUIET["saved"] = os.dup(2)
-            with open(os.devnull, "wb") as devnull:
-                os.dup2(devnull.fileno(), 2)
-        _QUIET["decoding"] += 1
-    try:
-        yield
-    finally:
-        with _STDERR_LOCK:
-            _QUIET["decoding"] -= 1
-            if _QUIET["decoding"] == 0:
-                os.dup2(_QUIET["saved"], 2)
-                os.close(_QUIET["saved"])
-                cv2.utils.logging.setLogLevel(_QUIET["log_level"])
+def _restore_decoders(previous) -> None:
+    log_level, saved = previous
+    os.dup2(saved, 2)
+    os.close(saved)
+    cv2.utils.logging.setLogLevel(log_level)
+
+
+# A corrupt file is reported once, by us: OpenCV's log and the codec libraries' own warnings
+# (libjpeg's "Corrupt JPEG data", libpng's), which they write straight to file descriptor 2,
+# are silenced while files are decoded (the process's descriptor 2: this program's own messages
+# go through separate_python_stderr's duplicate of it). The pipeline's host workers decode at
+# once: the first decode silences, the last restores.
+quiet_decoders = HeldSetting(_silence_decoders, _restore_decoders).held
 
 
 def _check_size(path, height: int, width: int, max_pixels: int) -> None:
@@ -213,7 +204,7 @@ def decode_bytes(data: bytes, label, max_pixels: int = DEFAULT_MAX_PIXELS, admit
         raise ImageError(label, "truncated or corrupt JPEG (no end-of-image marker)")
     if kind == "JPEG" and _jpeg_layout(data)[3] == 4:
         return _decode_with_pillow(label, data)
-    with _quiet_decoders():
+    with quiet_decoders():
         pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if pixels is None:
         raise ImageError(label, f"truncated or corrupt {kind} (the decoder could not read it)")

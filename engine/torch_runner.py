@@ -1,14 +1,13 @@
 """The PyTorch reference backend: our checkpoint-compatible network, eager; on a GPU it also
 takes batches of same-size images."""
 
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from trufor_trt.errors import RunnerFailure, one_line
 from trufor_trt.files import sha256_file
+from trufor_trt.held_setting import HeldSetting
 from trufor_trt.engine.memory_budget import MemoryModel, physical_memory
 from trufor_trt.engine.model_dir import files_sha256
 from trufor_trt.engine.postprocess import DetectionHead
@@ -20,28 +19,25 @@ CPU_MEMORY = MemoryModel(fixed_bytes=0.8e9, bytes_per_pixel=400, noiseprint_byte
 # Same-size images one forward pass takes on a GPU (analyze --batch asks for up to this many).
 GPU_BATCH_LIMIT = 64
 
-_TF32_LOCK = threading.Lock()
-_TF32_STATE = {"users": 0, "saved": None}
+def _tf32_off():
+    """TF32 off for CUDA matrix products and cuDNN convolutions; returns the user's setting."""
+    import torch
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    return saved
 
 
-@contextmanager
-def exact_fp32_on_cuda(torch):
-    """TF32 off for CUDA matrix products and cuDNN convolutions while any runner computes, the
-    user's setting restored when the last one is done (the switches are process-wide, and runners
-    may run side by side on threads). PyTorch leaves cuDNN's TF32 on by default, which rounds
-    FP32 inputs to 10-bit mantissas on Ampere and newer."""
-    with _TF32_LOCK:
-        if _TF32_STATE["users"] == 0:
-            _TF32_STATE["saved"] = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        _TF32_STATE["users"] += 1
-    try:
-        yield
-    finally:
-        with _TF32_LOCK:
-            _TF32_STATE["users"] -= 1
-            if _TF32_STATE["users"] == 0:
-                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = _TF32_STATE["saved"]
+def _tf32_restored(saved) -> None:
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+# TF32 off while any runner computes, the user's setting restored when the last one is done (the
+# switches are process-wide, and runners may run side by side on threads). PyTorch leaves
+# cuDNN's TF32 on by default, which rounds FP32 inputs to 10-bit mantissas on Ampere and newer.
+exact_fp32_on_cuda = HeldSetting(_tf32_off, _tf32_restored).held
 
 
 class TorchRunner(Runner):
@@ -141,7 +137,7 @@ class TorchRunner(Runner):
         start.record()
         image = torch.from_numpy(prepared).to(device=self.device, dtype=self.dtype)
         copied_in.record()
-        with exact_fp32_on_cuda(torch):
+        with exact_fp32_on_cuda():
             outputs = self.network(image, form)
         computed.record()
         if self.postprocess_on_device:

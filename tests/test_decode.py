@@ -205,19 +205,19 @@ def test_a_corrupt_jpeg_is_reported_by_us_alone(tmp_path, capfd):
 def test_decoders_are_quiet_for_several_threads_at_once_and_everything_is_restored():
     """The pipeline's host workers decode at once: one decode must not wait for another to
     finish, and descriptor 2 and OpenCV's log level come back when the last one ends."""
-    from trufor_trt.engine.decode import _quiet_decoders
+    from trufor_trt.engine.decode import quiet_decoders
 
     before = (os.fstat(2).st_ino, os.fstat(2).st_dev), cv2.utils.logging.getLogLevel()
     inside, leave, second_done = threading.Event(), threading.Event(), threading.Event()
 
     def first() -> None:
-        with _quiet_decoders():
+        with quiet_decoders():
             inside.set()
             leave.wait(10)
 
     def second() -> None:
         inside.wait(10)
-        with _quiet_decoders():
+        with quiet_decoders():
             pass
         second_done.set()
 

@@ -24,7 +24,7 @@ def tf32_on():
 
 
 def test_tf32_is_off_inside_and_restored_after(tf32_on):
-    with exact_fp32_on_cuda(torch):
+    with exact_fp32_on_cuda():
         assert _switches() == (False, False)
     assert _switches() == (True, True)
 
@@ -34,14 +34,14 @@ def test_overlapping_runners_on_threads_keep_tf32_off_until_the_last_is_done(tf3
     seen = []
 
     def first():
-        with exact_fp32_on_cuda(torch):
+        with exact_fp32_on_cuda():
             first_inside.set()
             second_inside.wait(5)
         first_done.set()
 
     def second():
         first_inside.wait(5)
-        with exact_fp32_on_cuda(torch):
+        with exact_fp32_on_cuda():
             second_inside.set()
             first_done.wait(5)
             seen.append(_switches())  # the first runner has left; this one still computes
