@@ -91,7 +91,8 @@ def create_runner(backend: str, *, checkpoint=None, model=None, device: str = "a
     """The runner for a backend name, not yet loaded. `model` is a model folder (or ModelDir)
     for the ONNX and TensorRT backends; `checkpoint` feeds the torch backend. `threads`: CPU
     threads per runner for the CPU backends (0: one per core), for runners side by side.
-    `max_memory_bytes`: host budget per image for the CPU backends (default: physical memory).
+    `max_memory_bytes`: host budget per image for the CPU backends (default: physical memory);
+    for TensorRT the most device memory one engine or chain may take (a Jetson's is the host's).
     `kernel_model`: how ONNX Runtime simulates the float16 convolutions of an FP16 / INT8
     variant (precision/fp16.py's KERNEL_MODELS). TensorRT: `accept_unvalidated` runs reduced-
     precision engines not validated within budget on their GPU; `engine`: that engine alone."""
@@ -108,7 +109,8 @@ def create_runner(backend: str, *, checkpoint=None, model=None, device: str = "a
     if backend == "tensorrt":
         from trufor_trt.engine.tensorrt_runner import TensorRTRunner
 
-        return TensorRTRunner(model, precision=precision, accept_unvalidated=accept_unvalidated, engine=engine)
+        return TensorRTRunner(model, precision=precision, accept_unvalidated=accept_unvalidated, engine=engine,
+                              max_memory_bytes=max_memory_bytes)
     raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
 
 

@@ -35,6 +35,17 @@ class DeviceBuffer(ABC):
     @abstractmethod
     def free(self) -> None: ...
 
+    def at(self, offset: int) -> "DeviceSpan":
+        """The memory `offset` bytes into this buffer, as the copies and TensorRT take it."""
+        return DeviceSpan(self.address + offset)
+
+
+@dataclass(frozen=True)
+class DeviceSpan:
+    """Device memory inside a buffer (not owned): a chained part's rows of a hand-off buffer."""
+
+    address: int
+
 
 class PinnedBuffer(ABC):
     """Page-locked host memory, seen as a flat numpy array of bytes (`array`)."""
@@ -130,6 +141,10 @@ class CudaLayer(ABC):
 
     @abstractmethod
     def copy_to_host(self, target: np.ndarray, source: DeviceBuffer, stream: Stream) -> None: ...
+
+    @abstractmethod
+    def copy_on_device(self, target, source, nbytes: int, stream: Stream) -> None:
+        """`nbytes` from `source` to `target` (DeviceBuffer or DeviceSpan), on the stream."""
 
 
 def format_driver_version(version: int) -> str:

@@ -107,6 +107,9 @@ class CudaPythonLayer(CudaLayer):
         self._call(self.cu.cuMemcpyDtoHAsync(target.ctypes.data, source.address, target.nbytes,
                                              stream.stream))
 
+    def copy_on_device(self, target, source, nbytes: int, stream: Stream) -> None:
+        self._call(self.cu.cuMemcpyDtoDAsync(target.address, source.address, nbytes, stream.stream))
+
 
 class _Device(DeviceBuffer):
     def __init__(self, layer: CudaPythonLayer, pointer):

@@ -146,3 +146,7 @@ class PycudaLayer(CudaLayer):
     @converted
     def copy_to_host(self, target: np.ndarray, source: DeviceBuffer, stream: Stream) -> None:
         self.driver.memcpy_dtoh_async(target, source.address, stream.stream)
+
+    @converted
+    def copy_on_device(self, target, source, nbytes: int, stream: Stream) -> None:
+        self.driver.memcpy_dtod_async(target.address, source.address, nbytes, stream.stream)

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from trufor_trt.architecture import stage_grids
+from trufor_trt.architecture import MIN_SIDE, stage_grids
 from trufor_trt.bands import NOISEPRINT_HALO
 from trufor_trt.errors import TruforError
 
@@ -69,24 +69,58 @@ class MemoryModel:
             room = min(room, budget_bytes - self.without_bands(height, width))
         return room
 
-    def plan(self, height: int, width: int, budget_bytes: Optional[int]) -> BandPlan:
-        """Band heights for this image within the budget (the two kinds of band run one after
-        the other, so each may use the room); MemoryBudgetError when the smallest do not fit."""
-        room = self._band_room(height, width, budget_bytes)
+    def band_bytes(self, height: int, width: int, plan: "BandPlan") -> float:
+        """The larger of the two kinds of band (they run one after the other)."""
+        grid_width = stage_grids(height, width)[0][1]
+        noiseprint_rows = min(height, plan.noiseprint_rows + 2 * NOISEPRINT_HALO)
+        return max(self.noiseprint_bytes_per_pixel * width * noiseprint_rows,
+                   self.decoder_bytes_per_cell * grid_width * plan.decoder_rows)
+
+    def needed_bytes(self, height: int, width: int, plan: "BandPlan") -> float:
+        return self.without_bands(height, width) + self.band_bytes(height, width, plan)
+
+    def _bands_in(self, height: int, width: int, room: float):
+        """The band heights `room` bytes allow, or None when the smallest do not fit."""
         grid_height, grid_width = stage_grids(height, width)[0]
         noiseprint_rows = int(room // (self.noiseprint_bytes_per_pixel * width)) - 2 * NOISEPRINT_HALO
         decoder_rows = int(room // (self.decoder_bytes_per_cell * grid_width))
-        too_small = (noiseprint_rows < min(MIN_BAND_ROWS, height)
-                     or decoder_rows < min(MIN_BAND_ROWS // 4, grid_height))
-        if too_small and budget_bytes is None:  # no budget to refuse against: smallest bands
-            noiseprint_rows = max(noiseprint_rows, MIN_BAND_ROWS)
-            decoder_rows = max(decoder_rows, MIN_BAND_ROWS // 4)
-        elif too_small:
-            need = (self.without_bands(height, width)
-                    + self.noiseprint_bytes_per_pixel * width * (MIN_BAND_ROWS + 2 * NOISEPRINT_HALO))
-            raise MemoryBudgetError(f"{width}x{height} needs about {need / GIB:.1f} GiB of memory, more "
-                                    f"than the {budget_bytes / GIB:.1f} GiB budget (--max-memory)")
+        if noiseprint_rows < min(MIN_BAND_ROWS, height) or decoder_rows < min(MIN_BAND_ROWS // 4, grid_height):
+            return None
         return BandPlan(min(noiseprint_rows, height), min(decoder_rows, grid_height))
+
+    def smallest_bands(self, height: int, width: int) -> "BandPlan":
+        grid_height = stage_grids(height, width)[0][0]
+        return BandPlan(min(MIN_BAND_ROWS, height), min(MIN_BAND_ROWS // 4, grid_height))
+
+    def largest_fitting(self, height: int, width: int, budget_bytes: float):
+        """(H, W) of the largest image of this aspect the budget takes, or None if not even the
+        smallest one does."""
+        low, high = 0.0, 1.0
+        for _ in range(30):
+            scale = (low + high) / 2
+            size = (max(1, int(height * scale)), max(1, int(width * scale)))
+            fits = self._bands_in(*size, budget_bytes - self.without_bands(*size)) is not None
+            low, high = (scale, high) if fits else (low, scale)
+        size = (int(height * low), int(width * low))
+        return size if min(size) >= MIN_SIDE else None
+
+    def plan(self, height: int, width: int, budget_bytes: Optional[int]) -> BandPlan:
+        """Band heights for this image within the budget (the two kinds of band run one after
+        the other, so each may use the room); MemoryBudgetError, naming what the budget takes,
+        when the smallest do not fit."""
+        bands = self._bands_in(height, width, self._band_room(height, width, budget_bytes))
+        if bands is not None:
+            return bands
+        smallest = self.smallest_bands(height, width)
+        if budget_bytes is None:  # no budget to refuse against: smallest bands
+            return smallest
+        need = self.needed_bytes(height, width, smallest)
+        largest = self.largest_fitting(height, width, budget_bytes)
+        fits = (f"; it takes up to about {largest[1]}x{largest[0]} at this aspect" if largest
+                else "; it takes no image of this aspect")
+        raise MemoryBudgetError(f"{width}x{height} needs about {need / GIB:.1f} GiB of memory (in bands of "
+                                f"{smallest.noiseprint_rows} rows), more than the {budget_bytes / GIB:.1f} GiB "
+                                f"budget (--max-memory){fits}")
 
     def refusal(self, height: int, width: int, budget_bytes: Optional[int]) -> Optional[str]:
         try:

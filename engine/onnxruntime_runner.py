@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trufor_trt.bands import decoder_groups, noiseprint_row_bands
+from trufor_trt.architecture import stage_grids
+from trufor_trt.bands import DecoderBand, DecoderGroup
+from trufor_trt.engine.chain import ChainParts, run_chain
 from trufor_trt.precision.kernel_models import SIMULATED_KERNEL_MODEL
-from trufor_trt.engine.memory_budget import MemoryModel, physical_memory
+from trufor_trt.engine.memory_budget import BandPlan, MemoryModel, physical_memory
 from trufor_trt.engine.model_dir import CPU_VARIANTS, ModelDir
 from trufor_trt.engine.runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs, Runner
-from trufor_trt.engine.timing import StageClock
 
 NOISEPRINT = OUTPUT_NAMES[2]
 LOGITS = list(OUTPUT_NAMES[:2])
@@ -74,39 +75,9 @@ def run_session(session, prepared: np.ndarray) -> RawOutputs:
     return RawOutputs.from_batch_of_one(*outputs)
 
 
-def noiseprint_in_row_bands(session, prepared: np.ndarray, band_rows: int) -> np.ndarray:
-    """The Noiseprint++ graph over the image, `band_rows` output rows at a time (exact)."""
-    batch, _, height, width = prepared.shape
-    noiseprint = np.empty((batch, 1, height, width), np.float32)
-    for top, bottom, first, last in noiseprint_row_bands(height, band_rows):
-        band = session.run([NOISEPRINT], {INPUT_NAME: np.ascontiguousarray(prepared[:, :, first:last])})[0]
-        noiseprint[:, :, top:bottom] = band[:, :, top - first:bottom - first]
-    return noiseprint
-
-
-def decoders_in_bands(maps_session, band_session, features: dict, group_rows: int) -> list:
-    """Both decoders' logits (batch of one) from the channels-last maps, by bands.decoder_groups:
-    each group's coarse rows widened in one run of the maps graph, then its bands (exact)."""
-    _, grid_height, grid_width, _ = features["c1"].shape
-    logits = [np.empty((1, channels, grid_height, grid_width), np.float32) for channels in (2, 1)]
-    plan = decoder_groups([features[name].shape[1] for name in COARSE], grid_height, group_rows)
-    for group in plan:
-        feed = {"c1_rows": features["c1"][0, group.top:group.bottom]}
-        feed.update({f"{name}_rows": features[name][0, first:last]
-                     for name, (first, last) in zip(COARSE, group.coarse_rows)})
-        widened = [scale[0] for scale in maps_session.run(list(WIDENED), feed)]
-        for band in group.bands:
-            feed = {"c1_rows": features["c1"][0, band.top:band.bottom]}
-            for name, scale, (start, stop), matrix in zip(COARSE, widened, band.reads, band.vertical):
-                feed.update({f"{name}_wide": scale[start:stop], f"{name}_vertical": matrix.astype(np.float32)})
-            for whole, part in zip(logits, band_session.run(LOGITS, feed)):
-                whole[0, :, band.top:band.bottom] = part
-    return logits
-
-
 @dataclass(frozen=True)
 class CpuSessions:
-    """The four CPU graphs of a model folder, one session each."""
+    """A chain's four graphs (CPU_VARIANTS' parts, in that order), one session each."""
 
     noiseprint: object
     features: object
@@ -114,24 +85,58 @@ class CpuSessions:
     decoders: object
 
     @classmethod
-    def from_files(cls, files: dict, threads: int = 0) -> "CpuSessions":
+    def from_files(cls, files: dict, threads: int = 0, names=CPU_VARIANTS) -> "CpuSessions":
+        """`files`: name -> path or serialized graph, for each of `names` (the chain's order)."""
         # Each session has its own thread pool; threads left spinning after one graph steal the
         # cores from the next (measured, 2 cores: 387 -> 299 ms at 256 px, 1314 -> 1246 at 512).
-        return cls(*(create_session(files[name], threads, spinning=False) for name in CPU_VARIANTS))
+        return cls(*(create_session(files[name], threads, spinning=False) for name in names))
 
     def run(self, prepared: np.ndarray, noiseprint_rows: int, decoder_rows: int,
-            parts_ms: dict = None) -> RawOutputs:
+            parts_ms: dict | None = None) -> RawOutputs:
         """The network on one image; `parts_ms`, if given, receives each part's milliseconds."""
-        clock = StageClock()
-        with clock.stage("noiseprint"):
-            noiseprint = noiseprint_in_row_bands(self.noiseprint, prepared, noiseprint_rows)
-        with clock.stage("encoder"):
-            maps = self.features.run(list(FEATURES), {INPUT_NAME: prepared, NOISEPRINT: noiseprint})
-        with clock.stage("decoders"):
-            logits = decoders_in_bands(self.decoder_maps, self.decoders, dict(zip(FEATURES, maps)), decoder_rows)
-        if parts_ms is not None:
-            parts_ms.update(clock.times_ms)
-        return RawOutputs.from_batch_of_one(*logits, noiseprint)
+        return run_chain(SessionParts(self), prepared, BandPlan(noiseprint_rows, decoder_rows), parts_ms)
+
+
+class SessionParts(ChainParts):
+    """The chain's steps on ONNX Runtime sessions and host arrays: the four CPU graphs, or the
+    TensorRT-shaped part graphs (export/chain_parts.py), which take and give the same tensors."""
+
+    def __init__(self, sessions: CpuSessions):
+        self.sessions = sessions
+
+    def start(self, prepared: np.ndarray) -> None:
+        batch, _, height, width = prepared.shape
+        self.prepared = prepared
+        self.noiseprint = np.empty((batch, 1, height, width), np.float32)
+        grid = stage_grids(height, width)[0]
+        self.logits = [np.empty((1, channels, *grid), np.float32) for channels in (2, 1)]
+
+    def noiseprint_band(self, top: int, bottom: int, first: int, last: int) -> None:
+        rows = np.ascontiguousarray(self.prepared[:, :, first:last])
+        band = self.sessions.noiseprint.run([NOISEPRINT], {INPUT_NAME: rows})[0]
+        self.noiseprint[:, :, top:bottom] = band[:, :, top - first:bottom - first]
+
+    def encoder(self) -> None:
+        maps = self.sessions.features.run(list(FEATURES), {INPUT_NAME: self.prepared, NOISEPRINT: self.noiseprint})
+        self.features = dict(zip(FEATURES, maps))
+
+    def decoder_group(self, group: DecoderGroup) -> None:
+        feed = {"c1_rows": self.features["c1"][0, group.top:group.bottom]}
+        feed.update({f"{name}_rows": self.features[name][0, first:last]
+                     for name, (first, last) in zip(COARSE, group.coarse_rows)})
+        self.widened = [scale[0] for scale in self.sessions.decoder_maps.run(list(WIDENED), feed)]
+
+    def decoder_band(self, band: DecoderBand) -> None:
+        feed = {"c1_rows": self.features["c1"][0, band.top:band.bottom]}
+        for name, scale, (start, stop), matrix in zip(COARSE, self.widened, band.reads, band.vertical):
+            feed.update({f"{name}_wide": scale[start:stop], f"{name}_vertical": matrix.astype(np.float32)})
+        for whole, part in zip(self.logits, self.sessions.decoders.run(LOGITS, feed)):
+            whole[0, :, band.top:band.bottom] = part
+
+    def finish(self) -> RawOutputs:
+        outputs = RawOutputs.from_batch_of_one(*self.logits, self.noiseprint)
+        self.prepared = self.noiseprint = self.features = self.widened = self.logits = None
+        return outputs
 
 
 def _reduced_precision_graph(model: ModelDir, precision: str, kernel_model: str) -> bytes:

@@ -78,10 +78,12 @@ def host_workers(runners: list, cores: int = 0) -> int:
 
 
 def make_runner(spec: RunnerSpec, share: MachineShare = MachineShare()):
-    """One runner of a resolved spec, not yet loaded."""
+    """One runner of a resolved spec, not yet loaded. TensorRT's budget is the device memory one
+    engine or chain may take: --max-memory as given, not a share of the host's memory."""
+    budget = spec.max_memory if spec.backend == "tensorrt" else share.max_memory_bytes
     return create_runner(spec.backend, checkpoint=spec.checkpoint,
                          model=None if spec.backend == "torch" else spec.model, device=spec.device,
-                         precision=spec.precision, threads=share.threads, max_memory_bytes=share.max_memory_bytes,
+                         precision=spec.precision, threads=share.threads, max_memory_bytes=budget,
                          accept_unvalidated=spec.accept_unvalidated)
 
 

@@ -13,7 +13,7 @@ Version facts used (NVIDIA's TensorRT release notes and API docs):
 
 import json
 import re
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from trufor_trt.engine.cuda import Gpu
@@ -127,18 +127,23 @@ def io_contract_problems(tensors: dict) -> list:
     return problems
 
 
-def engine_path(model_dir, gpu: Gpu, tensorrt_version: str, precision: str, profile: Profile) -> Path:
-    return (Path(model_dir) / ENGINES_FOLDER / gpu.key(tensorrt_version)
-            / f"{precision}-{profile.tag()}.engine")
+def engine_path(model_dir, gpu: Gpu, tensorrt_version: str, precision: str, profile: Profile,
+                chain: bool = False) -> Path:
+    """A whole-image engine's file, or a chain's folder (its part engines inside)."""
+    name = f"{precision}-chain-{profile.tag()}" if chain else f"{precision}-{profile.tag()}.engine"
+    return Path(model_dir) / ENGINES_FOLDER / gpu.key(tensorrt_version) / name
 
 
 def sidecar_path(engine: Path) -> Path:
-    return engine.with_suffix(".json")
+    """Beside the engine file, or beside the chain's folder."""
+    return engine.with_name(engine.name.removesuffix(".engine") + ".json")
 
 
 def find_engines(model_dir, gpu: Gpu, tensorrt_version: str, precision: str) -> list:
+    """The precision's whole-image engine files and chain folders for this GPU and TensorRT."""
     folder = Path(model_dir) / ENGINES_FOLDER / gpu.key(tensorrt_version)
-    return sorted(folder.glob(f"{precision}-*.engine"))
+    chains = [path for path in folder.glob(f"{precision}-chain-*") if path.is_dir()]
+    return sorted([*folder.glob(f"{precision}-*.engine"), *chains])
 
 
 @dataclass(frozen=True)
@@ -162,32 +167,48 @@ class Sidecar:
     # FP16 / INT8: the engine measured on this GPU against the FP32 graph (validation_record);
     # None until then. FP32 engines need none.
     validation: dict | None = None
+    # A chain of engines (engine/tensorrt_chain.py): its bands and, per part, the engine file in
+    # the chain's folder, its SHA-256 and profile; None for a whole-image engine.
+    chain: dict | None = None
 
     def write(self, path: Path) -> None:
         write_atomically(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
 
     @classmethod
     def read(cls, path: Path) -> "Sidecar":
-        engine = path.with_suffix(".engine")
+        engine = path.with_name(path.name.removesuffix(".json"))
         if not path.is_file():
             raise EngineError(f"engine {engine}: its sidecar {path.name} is missing")
         try:
             values = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise EngineError(f"engine {engine}: its sidecar {path.name} is unreadable ({exc})") from None
-        expected = {field.name for field in fields(cls)}
-        if not isinstance(values, dict) or set(values) != expected:
+        known = {field.name for field in fields(cls)}
+        required = {field.name for field in fields(cls) if field.default is MISSING}
+        if not isinstance(values, dict) or not required <= set(values) <= known:
             raise EngineError(f"engine {engine}: its sidecar was written by another trufor-trt "
                               "version (fields differ); build the engine again")
         return cls(**values)
 
     def engine_bytes(self, engine: Path) -> bytes:
         """The engine file's bytes, once they are checked against the SHA-256 recorded here."""
+        if self.chain is not None:
+            raise EngineError(f"{engine} is a chain of engines: each is checked as it is loaded")
         data = engine.read_bytes()
         if sha256_bytes(data) != self.engine_sha256:
             raise EngineError(f"engine {engine}: differs from the engine its sidecar describes "
                               "(changed, or a build was interrupted): build it again")
         return data
+
+    def check_files(self, engine: Path) -> None:
+        """EngineError unless the engine (each of a chain's engines) is the one described here."""
+        if self.chain is None:
+            self.engine_bytes(engine)
+            return
+        for part, record in self.chain["parts"].items():
+            if sha256_bytes((engine / record["file"]).read_bytes()) != record["sha256"]:
+                raise EngineError(f"engine {engine}: its {part} engine differs from the one its sidecar "
+                                  "describes: build it again")
 
     def profile_object(self) -> Profile:
         return Profile(**{key: value if key == "max_batch" else tuple(value) for key, value in self.profile.items()})

@@ -6,10 +6,10 @@ Device buffers are sized once per engine for its profile's largest image, from t
 engine reports, and host buffers are pinned; each image is set_input_shape -> async copy in ->
 execute_async_v3 -> async copies out on the runner's stream, with CUDA events between the
 stages. Several runners on one engine file (one context and stream each) run concurrently.
-Only APIs present in TensorRT 10.0 (JetPack 6.1 has 10.3) through 11.x are used.
+Images beyond every whole-image engine's profile go to a chain of engines, where one was built
+(tensorrt_chain.py). Only APIs present in TensorRT 10.0 (JetPack 6.1 has 10.3) through 11.x are used.
 """
 
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,11 @@ from trufor_trt.architecture import stage_grids
 from trufor_trt.errors import EngineError, ImageError, RunnerFailure, one_line
 from trufor_trt.engine.model_dir import ModelDir
 from trufor_trt.engine.runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs, Runner
+from trufor_trt.engine.tensorrt_chain import LoadedChain
 from trufor_trt.engine.tensorrt_plan import Sidecar, io_contract_problems, survey_engines
-from trufor_trt.engine.tensorrt_start import import_tensorrt, start_runtime
+from trufor_trt.engine.tensorrt_shared import (SHARED_ENGINES, activation_bytes, check_room, deserialized,
+                                               memory_shortfall)
+from trufor_trt.engine.tensorrt_start import import_tensorrt
 
 
 def output_shape(name: str, height: int, width: int) -> tuple:
@@ -47,68 +50,9 @@ def _check_profile(engine, profile, path: Path) -> None:
                           f"({profile.input_shapes()}): build it again")
 
 
-def _memory_shortfall(engine, cuda) -> str:
-    """How much device memory the engine's activations need against what is free, in words."""
-    return _shortfall(_activation_bytes(engine), cuda.free_memory())
-
-
-def _shortfall(needed: int, free: int) -> str:
-    return (f"it needs {needed / 2 ** 30:.2f} GiB of device memory and {free / 2 ** 30:.2f} GiB are free "
-            "(other runners and processes hold the rest): run fewer runners (--streams 1) or build an "
-            "engine with a smaller --max-shape")
-
-
-def _check_room(needed: int, cuda, path: Path) -> None:
-    """Refuse, before anything is allocated, a runner the device has no room for (on a Jetson
-    the GPU's memory is the CPU's too, and running out there takes the whole machine down)."""
-    free = cuda.free_memory()
-    if needed > free:
-        raise EngineError(f"engine {path.name} cannot run here now: {_shortfall(needed, free)}")
-
-
-class _SharedEngines:
-    """The process's deserialized engines, one per engine file and GPU, shared by every runner on
-    it (each with its own execution context and stream): N runners hold the weights once, which
-    on a Jetson's shared memory is what decides whether a second runner fits."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._engines = {}  # (ordinal, path) -> [engine, users]
-        self._runtimes = {}  # ordinal -> trt.Runtime, kept for the process (engines must not outlive it)
-
-    def runtime(self, trt, cuda, ordinal: int):
-        """The GPU's one Runtime (EngineError where TensorRT cannot start CUDA); call while current."""
-        with self._lock:
-            if ordinal not in self._runtimes:
-                self._runtimes[ordinal] = start_runtime(trt, cuda.driver_version())
-            return self._runtimes[ordinal]
-
-    def acquire(self, trt, path: Path, sidecar: Sidecar, ordinal: int):
-        """The engine of `path` (deserialized and checked by its first user); call while current."""
-        with self._lock:
-            key = (ordinal, str(path))
-            if key not in self._engines:
-                self._engines[key] = [_deserialized(trt, self._runtimes[ordinal], path, sidecar), 0]
-            self._engines[key][1] += 1
-            return self._engines[key][0]
-
-    def release(self, path: Path, ordinal: int) -> None:
-        """One user fewer; the last one's release destroys the engine (call while current)."""
-        with self._lock:
-            entry = self._engines[(ordinal, str(path))]
-            entry[1] -= 1
-            if entry[1] == 0:
-                del self._engines[(ordinal, str(path))]
-
-
-SHARED_ENGINES = _SharedEngines()
-
-
 def _deserialized(trt, runtime, path: Path, sidecar: Sidecar):
     """The engine of `path`, checked against the model's I/O and the sidecar's profile."""
-    engine = runtime.deserialize_cuda_engine(sidecar.engine_bytes(path))
-    if engine is None:
-        raise EngineError(f"TensorRT could not load {path}")
+    engine = deserialized(runtime, path, sidecar.engine_bytes(path))
     problems = io_contract_problems(engine_io(trt, engine))
     if problems:
         raise EngineError(f"engine {path.name} does not match the model's inputs and outputs: "
@@ -117,16 +61,22 @@ def _deserialized(trt, runtime, path: Path, sidecar: Sidecar):
     return engine
 
 
-def _activation_bytes(engine) -> int:
-    size = getattr(engine, "device_memory_size_v2", None)  # 10.1+; the older name before
-    return int(engine.device_memory_size if size is None else size)
-
-
 class _LoadedEngine:
     """One runner's use of a shared engine: its execution context, stream, events and buffers."""
 
-    def __init__(self, trt, cuda, engine, path: Path, sidecar: Sidecar):
-        self.profile, self.engine, self.path = sidecar.profile_object(), engine, path
+    @classmethod
+    def acquire(cls, trt, cuda, path: Path, sidecar: Sidecar, ordinal: int, budget=None) -> "_LoadedEngine":
+        """The shared engine of `path` in this runner's use (call while current); `budget`:
+        the most device bytes it may take."""
+        engine = SHARED_ENGINES.acquire(path, ordinal, lambda runtime: _deserialized(trt, runtime, path, sidecar))
+        try:
+            return cls(trt, cuda, engine, path, sidecar, ordinal, budget)
+        except BaseException:
+            SHARED_ENGINES.release(path, ordinal)
+            raise
+
+    def __init__(self, trt, cuda, engine, path: Path, sidecar: Sidecar, ordinal: int, budget=None):
+        self.profile, self.engine, self.path, self.ordinal = sidecar.profile_object(), engine, path, ordinal
         self.dtypes = {name: np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
                        for name in (INPUT_NAME, *OUTPUT_NAMES)}
         largest = {name: (self.profile.max_batch, *output_shape(name, *self.profile.max)[1:])
@@ -134,12 +84,12 @@ class _LoadedEngine:
         largest[INPUT_NAME] = (self.profile.max_batch, 3, *self.profile.max)
         self.nbytes = {name: int(np.prod(shape)) * self.dtypes[name].itemsize for name, shape in largest.items()}
         # What this runner takes on the device: the context's activations and its buffers.
-        self.device_bytes = _activation_bytes(engine) + sum(self.nbytes.values())
-        _check_room(self.device_bytes, cuda, path)
+        self.device_bytes = activation_bytes(engine) + sum(self.nbytes.values())
+        check_room(self.device_bytes, cuda, path, budget)
         self.context = engine.create_execution_context()
         if self.context is None:
             raise EngineError(f"TensorRT could not create an execution context for {path.name}: "
-                              f"{_memory_shortfall(engine, cuda)}")
+                              f"{memory_shortfall(engine, cuda)}")
         self.stream = cuda.stream()
         self.events = [cuda.event() for _ in range(4)]
         self.host = {name: cuda.pinned_buffer(size) for name, size in self.nbytes.items()}
@@ -198,16 +148,19 @@ class _LoadedEngine:
             handle.close()
         self.device = self.host = {}
         self.context = self.engine = None  # the context dies here; the shared engine with its last user
+        SHARED_ENGINES.release(self.path, self.ordinal)
 
 
 class TensorRTRunner(Runner):
     backend = "tensorrt"
 
     def __init__(self, model, precision: str = "fp16", device: int = 0, accept_unvalidated: bool = False,
-                 engine=None):
+                 engine=None, max_memory_bytes=None):
         """`accept_unvalidated`: also run FP16 / INT8 engines never validated on their GPU, or
-        validated over budget; `engine`: that engine file alone (build's validation of it)."""
+        validated over budget; `engine`: that engine file (or chain folder) alone (build's
+        validation of it); `max_memory_bytes`: the most device memory an engine or chain may take."""
         super().__init__()
+        self.max_memory_bytes = max_memory_bytes
         self.model = model
         self.precision = precision
         self.device = device
@@ -257,12 +210,9 @@ class TensorRTRunner(Runner):
             raise ImageError(f"{height}x{width}", self._survey.refusal(height, width))
         path, sidecar = chosen
         if path not in self._loaded:
-            engine = SHARED_ENGINES.acquire(self._trt, path, sidecar, self.device)
-            try:
-                self._loaded[path] = _LoadedEngine(self._trt, self._cuda, engine, path, sidecar)
-            except BaseException:
-                SHARED_ENGINES.release(path, self.device)
-                raise
+            kind = LoadedChain if sidecar.chain else _LoadedEngine
+            self._loaded[path] = kind.acquire(self._trt, self._cuda, path, sidecar, self.device,
+                                              self.max_memory_bytes)
         return self._loaded[path]
 
     def refusal(self, height: int, width: int):
@@ -288,7 +238,9 @@ class TensorRTRunner(Runner):
                                                   f"size's engine takes ({self.batch_limit(height, width)})")
         try:
             with self._cuda.current(self.device) as cuda:
-                outputs, self.last_stage_ms = self._engine_for(height, width).run(cuda, prepared)
+                loaded = self._engine_for(height, width)
+                outputs, self.last_stage_ms = loaded.run(cuda, prepared)
+                self.last_parts_ms = getattr(loaded, "last_parts_ms", {})
         except ImageError:
             raise
         except Exception as exc:  # the image was admitted: what fails now is the engine or the GPU
@@ -306,8 +258,7 @@ class TensorRTRunner(Runner):
         if self._cuda is None:
             return
         with self._cuda.current(self.device):
-            for path, loaded in self._loaded.items():
+            for loaded in self._loaded.values():
                 loaded.close()
-                SHARED_ENGINES.release(path, self.device)
             self._loaded = {}
         self._cuda = None

@@ -44,13 +44,18 @@ class TorchRunner(Runner):
     backend = "torch"
 
     def __init__(self, checkpoint, device: str = "auto", precision: str = "fp32", threads: int = 0,
-                 official: bool = False, max_memory_bytes=None, postprocess_on_device: bool = True):
+                 official: bool = False, max_memory_bytes=None, postprocess_on_device: bool = True,
+                 gpu_memory_budget=None):
         """`official`: compute as the official code does (explicit attention score matrices,
         the decoders' 2048-channel concatenation), not in bounded memory; the benchmarks'
         reference. `max_memory_bytes`: the host budget the row bands are sized from on the CPU
         (default: the machine's physical memory). `postprocess_on_device`: on a GPU, return
-        FinishedOutputs postprocessed there (engine/device_postprocess.py), else raw logits."""
+        FinishedOutputs postprocessed there (engine/device_postprocess.py), else raw logits.
+        `gpu_memory_budget`: on a GPU, run TensorRT's chain (Noiseprint++ and the decoders in
+        the bands engine/chain_plan.py sizes for this many bytes, the encoder whole) instead of
+        the whole image at once (default)."""
         super().__init__()
+        self.gpu_memory_budget = gpu_memory_budget
         self.max_memory_bytes = max_memory_bytes or physical_memory()
         self.checkpoint = checkpoint
         self.requested_device = device
@@ -91,13 +96,26 @@ class TorchRunner(Runner):
 
         if self.official:
             return formulation.OFFICIAL
+        memory, budget = self._band_budget()
+        if memory is None:
+            return formulation.BOUNDED
+        plan = memory.plan(height, width, budget)
+        return formulation.in_bands(plan.noiseprint_rows, plan.decoder_rows)
+
+    def _band_budget(self):
+        """(memory model, budget) the bands are sized by, or (None, None) for the whole image."""
         if self._bounded_on_cpu():
-            plan = CPU_MEMORY.plan(height, width, self.max_memory_bytes)
-            return formulation.in_bands(plan.noiseprint_rows, plan.decoder_rows)
-        return formulation.BOUNDED
+            return CPU_MEMORY, self.max_memory_bytes
+        if self.on_gpu() and self.gpu_memory_budget and not self.official:
+            from trufor_trt.engine.chain_plan import device_memory_model
+
+            weights = sum(parameter.numel() * parameter.element_size() for parameter in self.network.parameters())
+            return device_memory_model("fp32", weights), self.gpu_memory_budget
+        return None, None
 
     def refusal(self, height: int, width: int):
-        return CPU_MEMORY.refusal(height, width, self.max_memory_bytes) if self._bounded_on_cpu() else None
+        memory, budget = self._band_budget()
+        return memory.refusal(height, width, budget) if memory is not None else None
 
     def on_gpu(self) -> bool:
         return self.device not in (None, "cpu")

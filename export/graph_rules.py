@@ -85,11 +85,17 @@ def _resize_problems(model: onnx.ModelProto) -> list:
     return problems
 
 
+def _image_axes(rank: int):
+    """The axes of an input that follow the image's size: N, H, W of an NCHW image; the rows and
+    columns of the decoder graphs' channels-last maps (rows x W x C); both of a matrix."""
+    return {4: (0, 2, 3), 3: (0, 1)}.get(rank, range(rank))
+
+
 def _symbolic_input_problems(model: onnx.ModelProto) -> list:
     problems = []
     for graph_input in model.graph.input:
         dims = graph_input.type.tensor_type.shape.dim
-        fixed = [index for index in (0, 2, 3) if dims[index].HasField("dim_value")]
+        fixed = [index for index in _image_axes(len(dims)) if dims[index].HasField("dim_value")]
         if fixed:
             problems.append(f"input {graph_input.name}: dims {fixed} are fixed, not symbolic")
     return problems

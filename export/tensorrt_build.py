@@ -26,12 +26,14 @@ def _network_flags(trt) -> int:
     return 0 if flag is None else 1 << int(flag)
 
 
-def _parse(trt, builder, onnx_path: Path):
+def _parse(trt, builder, graph, name: str):
+    """`graph`: the ONNX file's path, or a serialized graph (a chain's part, cut in memory)."""
     network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, tensorrt_logger(trt))
-    if not parser.parse_from_file(str(onnx_path)):
+    parsed = parser.parse(graph) if isinstance(graph, bytes) else parser.parse_from_file(str(graph))
+    if not parsed:
         errors = "; ".join(str(parser.get_error(index)) for index in range(parser.num_errors))
-        raise EngineError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+        raise EngineError(f"TensorRT could not parse {name}: {errors}")
     return network, parser
 
 
@@ -51,29 +53,32 @@ def _timing_cache(config, cached: bytes, on_step):
     return cache
 
 
-def _config(trt, builder, settings: BuildSettings, profile: Profile, workspace_gib: float,
+def _config(trt, builder, settings: BuildSettings, shapes: dict, workspace_gib: float,
             cached: bytes, on_step):
+    """`shapes`: input name -> its (min, opt, max) shapes, the one optimization profile."""
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     for flag in settings.cleared_flags:
         config.clear_flag(getattr(trt.BuilderFlag, flag))
     optimization = builder.create_optimization_profile()
-    optimization.set_shape(INPUT_NAME, *profile.input_shapes())
+    for name, (smallest, typical, largest) in shapes.items():
+        optimization.set_shape(name, smallest, typical, largest)
     config.add_optimization_profile(optimization)
     return config, _timing_cache(config, cached, on_step)
 
 
-def _serialize(trt, settings: BuildSettings, onnx_path: Path, profile: Profile, workspace_gib: float,
+def serialize_engine(trt, settings: BuildSettings, graph, name: str, shapes: dict, workspace_gib: float,
                cache_path, driver_version: str, on_step) -> bytes:
-    """The serialized engine. Called with the primary context current: every TensorRT object
-    made here dies when this returns, while its context still is current."""
+    """The serialized engine of `graph` (a path or serialized ONNX). Called with the primary
+    context current: every TensorRT object made here dies when this returns, while its context
+    still is current."""
     builder = start_builder(trt, driver_version)
-    network, _parser = _parse(trt, builder, onnx_path)
+    network, _parser = _parse(trt, builder, graph, name)
     cached = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
-    config, cache = _config(trt, builder, settings, profile, workspace_gib, cached, on_step)
+    config, cache = _config(trt, builder, settings, shapes, workspace_gib, cached, on_step)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise EngineError(f"TensorRT could not build an engine from {onnx_path.name} (see its log above)")
+        raise EngineError(f"TensorRT could not build an engine from {name} (see its log above)")
     if cache_path:
         write_atomically(cache_path, bytes(cache.serialize()))
     return bytes(serialized)
@@ -113,9 +118,9 @@ def build_engine(model_dir, precision: str, profile: Profile = None, workspace_g
             "TF32 off); this takes minutes")
     started = time.perf_counter()
     with cuda.current():
-        serialized = _serialize(trt, settings, onnx_path, profile, workspace_gib,
-                                Path(timing_cache_path) if timing_cache_path else None, cuda.driver_version(),
-                                on_step)
+        serialized = serialize_engine(trt, settings, onnx_path, onnx_path.name, {INPUT_NAME: profile.input_shapes()},
+                                workspace_gib, Path(timing_cache_path) if timing_cache_path else None,
+                                cuda.driver_version(), on_step)
     seconds = time.perf_counter() - started
     # The engine first, then its sidecar: a sidecar never names an engine that is not there
     # yet, and an interrupted rewrite (new engine, old sidecar) is refused by the SHA-256 the

@@ -514,3 +514,49 @@ def test_tensorrt_timing_cache_reused_and_a_corrupt_one_replaced_two_runners_sha
         for key in ("a", "b"):
             assert all(np.array_equal(ours, theirs) for ours, theirs in zip(outputs[key], alone)), (layer_name, key)
         assert not SHARED_ENGINES._engines  # released with the last runner
+
+
+ORIN_NANO_8GB_BYTES = int(7.3 * 2 ** 30)  # what CUDA reports as total on an Orin Nano 8GB
+
+
+def test_torch_chain_on_cuda_takes_12_mp_in_an_8_gb_jetsons_memory(torch_cuda, checkpoint_seed0, tmp_path):
+    """TensorRT's chain (Noiseprint++ and the decoders in bands, the encoder whole) in PyTorch on
+    CUDA, under a memory cap as large as an Orin Nano 8GB's whole memory, against the whole image
+    at once without the cap: time and peak device memory of each."""
+    import time
+
+    torch = torch_cuda
+    from trufor_trt.engine.torch_runner import TorchRunner
+    from test_large_images import _camera_sized_image
+
+    import cv2
+
+    _camera_sized_image(tmp_path / "camera.png")
+    prepared = prepare_input(cv2.imread(str(tmp_path / "camera.png"))[:, :, ::-1])
+    results = {}
+    total = torch.cuda.get_device_properties(0).total_memory
+    for name, budget in (("whole", None), ("chain", ORIN_NANO_8GB_BYTES)):
+        torch.cuda.empty_cache()
+        if budget:
+            torch.cuda.set_per_process_memory_fraction(budget / total)
+        try:
+            with TorchRunner(checkpoint_seed0, device="cuda", gpu_memory_budget=budget,
+                             postprocess_on_device=False) as runner:
+                runner.infer(prepared[:, :, :64, :64])  # cuDNN's first call out of the timing
+                torch.cuda.reset_peak_memory_stats()
+                started = time.perf_counter()
+                raw = runner.infer(prepared)
+                seconds = time.perf_counter() - started
+                results[name] = (postprocess(raw, runner.detection_head), seconds,
+                                 torch.cuda.max_memory_allocated() / 2 ** 30)
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+    (whole, whole_s, whole_gib), (chain, chain_s, chain_gib) = results["whole"], results["chain"]
+    deviation = {"map": float(np.abs(chain.localization_map - whole.localization_map).max()),
+                 "np++": float(np.abs(chain.noiseprint - whole.noiseprint).max())}
+    record("torch cuda chain 4000x3000 vs whole image", {
+        **deviation, "whole_s": round(whole_s, 2), "whole_peak_gib": round(whole_gib, 2),
+        "chain_s": round(chain_s, 2), "chain_peak_gib": round(chain_gib, 2),
+        "cap_gib": round(ORIN_NANO_8GB_BYTES / 2 ** 30, 2)})
+    assert deviation["map"] < 1e-5 and deviation["np++"] < 1e-5, deviation
+    assert chain_gib < ORIN_NANO_8GB_BYTES / 2 ** 30

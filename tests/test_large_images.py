@@ -15,7 +15,9 @@ from typer.testing import CliRunner
 from trufor_trt.bands import NOISEPRINT_HALO, decoder_groups, noiseprint_row_bands
 from trufor_trt.cli import app
 from trufor_trt.engine.memory_budget import GIB, MemoryBudgetError, MemoryModel, parse_memory
-from trufor_trt.engine.onnxruntime_runner import MEMORY, OnnxRuntimeRunner
+from trufor_trt.engine.model_dir import ModelDir
+from trufor_trt.engine.onnxruntime_runner import MEMORY, CpuSessions, OnnxRuntimeRunner
+from trufor_trt.engine.postprocess import postprocess
 from trufor_trt.engine.preprocess import prepare_input
 from trufor_trt.export.synthetic import synthetic_image
 from trufor_trt.export.verify import raw_deviation
@@ -162,20 +164,55 @@ def _camera_sized_image(path, height=3000, width=4000):
     cv2.imwrite(str(path), canvas[:, :, ::-1])
 
 
-@pytest.mark.slow
-def test_4000x3000_through_onnxruntime_within_8_gb(tmp_path, model_seed0):
-    """The acceptance case, end to end in its own process: peak RSS is that process's."""
-    _camera_sized_image(tmp_path / "camera.png")
+@pytest.fixture(scope="module")
+def camera_analyzed(tmp_path_factory, model_seed0):
+    """A 12 MP photo through `analyze` (ONNX Runtime's CPU graphs) in its own process: (the
+    image, its outputs folder, that process's peak RSS in bytes)."""
+    folder = tmp_path_factory.mktemp("camera")
+    _camera_sized_image(folder / "camera.png")
     measure = ("import resource, subprocess, sys; "
                "done = subprocess.run(sys.argv[1:]); "
                "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); "
                "sys.exit(done.returncode)")
     command = [sys.executable, "-c", measure, sys.executable, "-m", "trufor_trt", "analyze",
-               str(tmp_path / "camera.png"), "--model", str(model_seed0), "--backend", "onnxruntime",
-               "--out", str(tmp_path / "out"), "--no-png"]
+               str(folder / "camera.png"), "--model", str(model_seed0), "--backend", "onnxruntime",
+               "--out", str(folder / "out"), "--no-png", "--save-noiseprint"]
     finished = subprocess.run(command, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr
-    peak_bytes = int(finished.stdout.strip().splitlines()[-1])
+    return folder / "camera.png", folder / "out", int(finished.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_4000x3000_through_onnxruntime_within_8_gb(camera_analyzed):
+    """The acceptance case, end to end in its own process: peak RSS is that process's."""
+    _, out, peak_bytes = camera_analyzed
     assert peak_bytes <= 8e9, f"peak RSS {peak_bytes / 1e9:.2f} GB"
-    outputs = np.load(tmp_path / "out" / "camera.png.npz")
+    outputs = np.load(out / "camera.png.npz")
     assert outputs["map"].shape == (3000, 4000) and np.isfinite(outputs["map"]).all()
+
+
+@pytest.mark.slow
+def test_tensorrt_chain_on_a_12_mp_photo_equals_the_cpu_graphs(camera_analyzed, model_seed0):
+    """TensorRT's chain (export/chain_parts.py: Noiseprint++ cut from the TensorRT graph, the
+    decoder graphs) through ONNX Runtime, in the bands an Orin NX 8GB's budget gives FP32, against
+    `analyze` on the CPU graphs. The encoder slot holds the CPU graph's encoder: the TensorRT
+    form's unfused attention would take 35 GB in ONNX Runtime at 12 MP (TensorRT fuses it);
+    tests/test_chain.py holds that form to the whole graph and the goldens."""
+    from trufor_trt.engine.chain_plan import plan_chain
+    from trufor_trt.engine.tensorrt_plan import Profile
+    from trufor_trt.export.chain_parts import CHAIN_PARTS, chain_part_graphs
+
+    image, out, _ = camera_analyzed
+    model = ModelDir.open(model_seed0)
+    graphs = chain_part_graphs(model, "fp32")
+    graphs["encoder"] = model.variant_path("fp32-cpu")
+    plan = plan_chain("fp32", Profile((32, 32), (768, 768), (3000, 4000)), 0.3e9, 6.0 * GIB)
+    assert plan.bands.noiseprint_rows < 3000
+    chain = CpuSessions.from_files(graphs, names=CHAIN_PARTS)
+    prepared = prepare_input(cv2.imread(str(image))[:, :, ::-1])
+    ours = postprocess(chain.run(prepared, plan.bands.noiseprint_rows, plan.bands.decoder_rows),
+                       model.detection_head())
+    theirs = np.load(out / "camera.png.npz")
+    assert float(np.abs(ours.localization_map - theirs["map"]).max()) < 1e-5
+    assert float(np.abs(ours.confidence_map - theirs["conf"]).max()) < 1e-5
+    assert float(np.abs(ours.noiseprint - theirs["np++"]).max()) < 1e-5

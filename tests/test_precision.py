@@ -190,6 +190,50 @@ def test_int8_graph_has_symmetric_qdq_where_it_earned_int8(reduced_model):
     assert "fp16" in precisions.values()  # the FP16 plan elsewhere
 
 
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_tensorrt_chain_parts_keep_the_variants_precision_plan(reduced_model, precision):
+    """A chain cut from a reduced-precision graph keeps its nodes, types and Q/DQ: its Noiseprint++
+    (banded) is the whole variant's exactly, and the chain's outputs stay within the precision's
+    budget of the FP32 graph (its decoders run in FP32)."""
+    from trufor_trt.engine.onnxruntime_runner import CpuSessions, create_session, run_session
+    from trufor_trt.engine.preprocess import prepare_input
+    from trufor_trt.export.chain_parts import CHAIN_PARTS, chain_part_graphs, cut_chain_parts
+    from trufor_trt.export.graph_rules import tensorrt_shape_problems
+    from trufor_trt.export.synthetic import synthetic_image
+    from trufor_trt.export.verify import raw_deviation
+    from trufor_trt.precision.budgets import FP16_BUDGET
+    from trufor_trt.precision.kernel_models import SIMULATED_KERNEL_MODEL
+
+    model = ModelDir.open(reduced_model)
+    graphs = chain_part_graphs(model, precision)
+    variant_half = _half_nodes(onnx.load(model.variant_path(precision)))
+    for part in ("noiseprint", "encoder"):
+        graph = onnx.load_from_string(graphs[part])
+        kept_half = variant_half & {node.name for node in graph.graph.node}
+        assert kept_half and _half_nodes(graph) == kept_half, part
+        assert tensorrt_shape_problems(graph) == [] and precision_problems(graph, kept_half) == [], part
+    simulated = upcast_fp16(onnx.load(model.variant_path(precision)), SIMULATED_KERNEL_MODEL)
+    cut = cut_chain_parts(simulated)
+    chain = CpuSessions.from_files({**graphs, "noiseprint": cut["noiseprint"].SerializeToString(),
+                                    "encoder": cut["encoder"].SerializeToString()}, names=CHAIN_PARTS)
+    prepared = prepare_input(synthetic_image(150, 190, seed=4))
+    whole = run_session(create_session(simulated.SerializeToString()), prepared)
+    fp32 = run_session(create_session(model.variant_path("fp32")), prepared)
+    in_bands = chain.run(prepared, 40, 9)
+    assert raw_deviation(in_bands, whole)["noiseprint"] < 1e-6
+    errors = raw_deviation(in_bands, fp32)  # INT8 keeps Noiseprint++ in the FP16 plan's form
+    assert errors["noiseprint"] <= FP16_BUDGET["np++"], errors
+
+
+def _half_nodes(model) -> set:
+    """The nodes (Casts aside) a graph computes in float16: those reading float16 tensors."""
+    from trufor_trt.precision.fp16 import tensor_types
+
+    types = tensor_types(model)
+    return {node.name for node in model.graph.node if node.op_type != "Cast"
+            and any(types.get(tensor) == TensorProto.FLOAT16 for tensor in node.input)}
+
+
 def test_a_variant_measured_on_small_images_only_says_so():
     from trufor_trt.export.variants import _coverage
 

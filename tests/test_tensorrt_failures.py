@@ -270,7 +270,7 @@ def _load_stand_in(tmp_path, free_bytes: int):
                       device="Stand-in GPU", compute_capability=[8, 9], onnx_file="x.onnx", onnx_sha256="x",
                       strongly_typed=True, builder_flags=[], cleared_flags=["TF32"], tf32=False, workspace_gib=4.0,
                       build_seconds=1.0, engine_sha256="x")
-    return _LoadedEngine(trt, cuda, _Engine(), tmp_path / "fp16.engine", sidecar)
+    return _LoadedEngine(trt, cuda, _Engine(), tmp_path / "fp16.engine", sidecar, 0)
 
 
 def test_a_runner_the_device_has_no_room_for_is_refused_with_the_numbers(tmp_path):

@@ -154,6 +154,23 @@ def _engine(folder: Path, profile: Profile, **changes) -> Path:
     return path
 
 
+def test_a_chain_takes_the_images_beyond_the_whole_image_engines(tmp_path):
+    """A chain (a folder of part engines, one sidecar beside it) is surveyed with the engines:
+    images a whole-image engine admits go to it, larger ones to the chain."""
+    whole = _engine(tmp_path, Profile(min=(32, 32), opt=(768, 768), max=(1536, 1536)))
+    chain_profile = Profile(min=(32, 32), opt=(768, 768), max=(3000, 4000))
+    chain = engine_path(tmp_path, ORIN, "10.3.0", "fp16", chain_profile, chain=True)
+    chain.mkdir(parents=True)
+    record = {"bands": {"noiseprint_rows": 459, "decoder_rows": 32}, "parts": {}, "estimated_device_bytes": 1}
+    _sidecar(profile=chain_profile.as_dict(), chain=record).write(sidecar_path(chain))
+    assert sidecar_path(chain).name == f"fp16-chain-{chain_profile.tag()}.json"
+    survey = survey_engines(tmp_path, ORIN, "10.3.0", "fp16", "abc")
+    assert [path for path, _ in survey.usable] == [whole, chain]
+    assert survey.for_image(1536, 1024)[0] == whole
+    assert survey.for_image(3000, 4000)[0] == chain and survey.for_image(3000, 4000)[1].chain == record
+    assert "--max-shape 3001x4000" in survey.refusal(3001, 100)
+
+
 def test_each_image_gets_the_smallest_engine_whose_profile_admits_it(tmp_path):
     # Names sort opposite to sizes: "32x32_64x64_96x96" > "32x32_512x512_2048x2048".
     small = _engine(tmp_path, Profile(min=(32, 32), opt=(64, 64), max=(96, 96)))

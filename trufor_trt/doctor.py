@@ -116,14 +116,16 @@ def _engine_entries(model_dir: Path, here: tuple) -> list:
 
     model = ModelDir.open(model_dir)
     entries = []
-    for path in sorted((model.path / ENGINES_FOLDER).glob("*/*.engine")):
+    engines = (model.path / ENGINES_FOLDER).glob("*/*.engine")
+    chains = (path for path in (model.path / ENGINES_FOLDER).glob("*/*-chain-*") if path.is_dir())
+    for path in sorted([*engines, *chains]):
         entry = {"engine": str(path.relative_to(model.path))}
         try:
             sidecar = Sidecar.read(sidecar_path(path))
             entry.update(precision=sidecar.precision, device=sidecar.device,
                          tensorrt=sidecar.tensorrt_version, profile_max=list(sidecar.profile["max"]),
                          validation=sidecar.validation, validation_problem=sidecar.validation_problem() or None)
-            sidecar.engine_bytes(path)  # EngineError where the engine is not the one it describes
+            sidecar.check_files(path)  # EngineError where an engine is not the one it describes
             if here is None:
                 entry["runs_here"], entry["why_not"] = False, "TensorRT or a GPU is not usable here"
             else:

@@ -85,7 +85,8 @@ MAX_PIXELS = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1,
                           help="Refuse images with more pixels (decompression bombs).")
 MAX_MEMORY = typer.Option(None, "--max-memory",
                           help="Host memory budget per image on the CPU, e.g. 8G (default: physical "
-                               "memory); bands follow from it.")
+                               "memory); bands follow from it. TensorRT: the most device memory an "
+                               "engine or chain may take.")
 QUIET = typer.Option(False, "--quiet", help="No progress: failures and the summary only.")
 
 

@@ -80,23 +80,54 @@ def build(
     images: Optional[Path] = typer.Option(None, "--images",
                                           help="FP16 / INT8: validate the engine on these images (default: "
                                                "synthetic ones); the deviation goes into its sidecar."),
+    layout: str = typer.Option("auto", "--layout",
+                               help="whole: one engine; chain: Noiseprint++ in bands, the encoder, the decoders "
+                                    "in bands, for camera-sized images in little memory; auto: a chain where "
+                                    "--max-shape is beyond the GPU's default profile."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory",
+                                             help="Chain: the device memory its largest image may take, e.g. 6G "
+                                                  "(default: what the GPU has free)."),
 ) -> None:
     """Build a TensorRT engine for this GPU (like trtexec): one profile, timing cache, sidecar;
-    an FP16 / INT8 engine is then validated against the FP32 graph on this GPU."""
+    an FP16 / INT8 engine is then validated against the FP32 graph on this GPU. Images larger
+    than one engine holds get a chain of engines (--layout); what it would build is said first."""
     chosen = [name for name, wanted in (("fp16", fp16), ("int8", int8), ("fp32", fp32)) if wanted]
     if len(chosen) != 1:
         fail_setup("choose exactly one of --fp16, --int8, --fp32")
-    from trufor_trt.export.tensorrt_build import build_engine
+    if layout not in ("auto", "whole", "chain"):
+        fail_setup(f"--layout {layout}: choose auto, whole or chain")
+    engine = _build_chain(model, chosen[0], layout, min_shape, opt_shape, max_shape, max_batch, max_memory,
+                          timing_cache)
+    if engine is None:
+        from trufor_trt.export.tensorrt_build import build_engine
 
-    engine = build_engine(model, chosen[0], workspace_gib=workspace, timing_cache_path=timing_cache,
-                          min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape, max_batch=max_batch,
-                          on_step=say)
+        engine = build_engine(model, chosen[0], workspace_gib=workspace, timing_cache_path=timing_cache,
+                              min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape, max_batch=max_batch,
+                              on_step=say)
     console.print(f"wrote {escape(str(engine))}")
     if chosen[0] != "fp32":
         from trufor_trt.engine.model_dir import ModelDir
         from trufor_trt.validate import validate_engine
 
         validate_engine(ModelDir.open(model), engine, images, say)
+
+
+def _build_chain(model: Path, precision: str, layout: str, min_shape, opt_shape, max_shape, max_batch: int,
+                 max_memory, timing_cache):
+    """The chain's folder where the layout is a chain (its plan said first), else None."""
+    from trufor_trt.engine.memory_budget import parse_memory
+    from trufor_trt.export.chain_build import build_chain, builds_chain, plan_for_build, this_gpu
+    from trufor_trt.engine.model_dir import ModelDir
+
+    gpu, free = this_gpu() if layout != "whole" else (None, None)
+    if not builds_chain(layout, bool(gpu and gpu.integrated), parse_shape(max_shape) if max_shape else None):
+        return None
+    if max_batch > 1:
+        fail_setup("a chain of engines takes one image at a time: leave out --max-batch")
+    folder = ModelDir.open(model)
+    plan = plan_for_build(folder, precision, gpu, free, min_shape, opt_shape, max_shape,
+                          parse_memory(max_memory) if max_memory else None, say)
+    return build_chain(folder, precision, plan, timing_cache, say)
 
 
 def _map_budgets() -> dict:

@@ -168,7 +168,8 @@ def decode_in_bands(heads, features, group_rows: int) -> list:
                 logits = pair.band_logits(
                     c1[image, band.top:band.bottom],
                     [scale[start:stop] for scale, (start, stop) in zip(widened, band.reads)],
-                    [torch.from_numpy(matrix).to(c1.dtype) for matrix in band.vertical])
+                    [torch.from_numpy(matrix).to(device=c1.device, dtype=c1.dtype)
+                     for matrix in band.vertical])
                 for output, part in zip(outputs, split_logits(logits)):
                     output[image, :, band.top:band.bottom] = part
     return outputs
