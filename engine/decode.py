@@ -6,14 +6,17 @@
 - 16-bit images: each sample v becomes round(v / 257), the linear rescale of 0..65535 onto
   0..255. Pillow (so the official code) differs here: 16-bit RGB keeps the high byte (v >> 8,
   at most one level from ours), 16-bit grey is clipped at 255 (most such images turn white).
-- Refused with an ImageError and a one-line reason: missing, empty, not an image, corrupt or
-  truncated, smaller than the network accepts, larger than a pixel limit. The limit is checked
-  from the PNG / JPEG header before any pixel is decoded (decompression bombs).
+- Refused with an ImageError and a one-line reason: missing, not a regular file (a FIFO, a
+  device), larger than a file limit, empty, not an image, corrupt or truncated, smaller than the
+  network accepts, larger than a pixel limit. The size is read from the header of every accepted
+  format (image_headers.py) before any pixel is decoded (decompression bombs), and a file's
+  bytes are read only once its first ones are an image's.
 """
 
+import errno
 import io
 import os
-import struct
+import stat
 import sys
 import warnings
 from pathlib import Path
@@ -22,70 +25,20 @@ import cv2
 import numpy as np
 
 from trufor_trt.architecture import MIN_SIDE
+from trufor_trt.engine.image_headers import SNIFF_BYTES, header_size, jpeg_layout, sniff_format
 from trufor_trt.errors import ImageError
 from trufor_trt.held_setting import HeldSetting
 
 DEFAULT_MAX_PIXELS = 150_000_000
+# The largest image file read (--max-file): an uncompressed 16-bit TIFF at the default pixel
+# limit is 0.9 GB.
+DEFAULT_MAX_FILE = 1024 ** 3
 SIXTEEN_BIT_STEP = 257  # 65535 / 255
-
-SIGNATURES = {
-    b"\x89PNG\r\n\x1a\n": "PNG",
-    b"\xff\xd8\xff": "JPEG",
-    b"GIF8": "GIF",
-    b"BM": "BMP",
-    b"II*\x00": "TIFF",
-    b"MM\x00*": "TIFF",
-    b"RIFF": "WebP",
-}
-
-
-def sniff_format(data: bytes):
-    return next((name for magic, name in SIGNATURES.items() if data.startswith(magic)), None)
-
-
-def _png_size(data: bytes):
-    if len(data) < 24 or data[12:16] != b"IHDR":
-        return None
-    width, height = struct.unpack(">II", data[16:24])
-    return height, width
-
-
-_JPEG_FRAME_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
-def _jpeg_layout(data: bytes):
-    """(height, width, offset of the first scan, component count) from the JPEG marker
-    segments, or None."""
-    size, offset = None, 2
-    while offset + 4 <= len(data):
-        if data[offset] != 0xFF:
-            return None
-        marker = data[offset + 1]
-        if marker == 0xFF:  # fill byte
-            offset += 1
-            continue
-        length = struct.unpack(">H", data[offset + 2:offset + 4])[0]
-        if marker in _JPEG_FRAME_MARKERS and offset + 10 <= len(data):
-            size = (*struct.unpack(">HH", data[offset + 5:offset + 9]), data[offset + 9])
-        if marker == 0xDA:  # start of scan: entropy-coded data follows
-            return (size[0], size[1], offset, size[2]) if size else None
-        offset += 2 + length
-    return None
-
-
-def _header_size(data: bytes, kind):
-    if kind == "PNG":
-        return _png_size(data)
-    if kind == "JPEG":
-        layout = _jpeg_layout(data)
-        return layout[:2] if layout else None
-    return None
-
 
 def _jpeg_is_complete(data: bytes) -> bool:
     """A whole JPEG has an end-of-image marker after its first scan (0xFF is byte-stuffed
     inside scans, so the marker cannot occur there by chance)."""
-    layout = _jpeg_layout(data)
+    layout = jpeg_layout(data)
     return layout is not None and data.find(b"\xff\xd9", layout[2]) != -1
 
 
@@ -179,14 +132,57 @@ def _decode_with_pillow(path, data: bytes) -> np.ndarray:
         Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
-def decode_image(path, max_pixels: int = DEFAULT_MAX_PIXELS, admit=None) -> np.ndarray:
+_SPECIAL_FILES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                  (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_found(path: Path) -> str:
+    return "broken or looping symbolic link" if path.is_symlink() else "no such file"
+
+
+def open_regular(path, max_bytes: int = DEFAULT_MAX_FILE):
+    """`path` opened for reading once it is known to be a regular file of at most `max_bytes`
+    (ImageError with the reason otherwise). Opened without blocking, so that a FIFO or a device
+    is refused, not waited on or read forever."""
+    path = Path(path)
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ImageError(path, _not_found(path)) from None
+    except OSError as exc:
+        looping = exc.errno == errno.ELOOP
+        raise ImageError(path, "broken or looping symbolic link" if looping
+                         else f"cannot be opened ({exc.strerror or exc})") from None
+    status = os.fstat(descriptor)
+    special = next((what for test, what in _SPECIAL_FILES if test(status.st_mode)), None)
+    if special is not None or not stat.S_ISREG(status.st_mode):
+        os.close(descriptor)
+        raise ImageError(path, f"not a regular file ({special or 'a special file'})")
+    if status.st_size > max_bytes:
+        os.close(descriptor)
+        raise ImageError(path, f"file is {status.st_size:,} bytes, more than the limit of {max_bytes:,} "
+                               "(raise it with --max-file)")
+    return os.fdopen(descriptor, "rb")
+
+
+def read_image_file(path, max_bytes: int = DEFAULT_MAX_FILE) -> bytes:
+    """The file's bytes, read only once it is a regular file within `max_bytes` whose first
+    bytes are an accepted image format's signature (a large file that is not an image costs its
+    first bytes, not its size)."""
+    with open_regular(path, max_bytes) as file:
+        head = file.read(SNIFF_BYTES)
+        if head and sniff_format(head) is None:
+            raise ImageError(path, "not an image (unknown file signature)")
+        data = head + file.read(max_bytes + 1 - len(head))  # bounded, should the file grow meanwhile
+    if len(data) > max_bytes:
+        raise ImageError(path, f"file grew past the limit of {max_bytes:,} bytes while it was read (--max-file)")
+    return data
+
+
+def decode_image(path, max_pixels: int = DEFAULT_MAX_PIXELS, admit=None, max_bytes: int = DEFAULT_MAX_FILE) -> np.ndarray:
     """H x W x 3 uint8 RGB, as the official code feeds the network. `admit(height, width)`,
     when given, may refuse the size (returning why) before any pixel is decoded."""
-    path = Path(path)
-    if not path.is_file():
-        raise ImageError(path, "broken or looping symbolic link" if path.is_symlink()
-                         else "no such file" if not path.exists() else "not a regular file")
-    return decode_bytes(path.read_bytes(), path, max_pixels, admit)
+    return decode_bytes(read_image_file(path, max_bytes), Path(path), max_pixels, admit)
 
 
 def decode_bytes(data: bytes, label, max_pixels: int = DEFAULT_MAX_PIXELS, admit=None) -> np.ndarray:
@@ -196,13 +192,14 @@ def decode_bytes(data: bytes, label, max_pixels: int = DEFAULT_MAX_PIXELS, admit
     kind = sniff_format(data)
     if kind is None:
         raise ImageError(label, "not an image (unknown file signature)")
-    size = _header_size(data, kind)
-    if size is not None:
-        _check_size(label, *size, max_pixels)
-        _admit(label, *size, admit)
+    size = header_size(data, kind)
+    if size is None:  # never left to a codec to find out
+        raise ImageError(label, f"truncated or corrupt {kind} (its header does not say its size)")
+    _check_size(label, *size, max_pixels)
+    _admit(label, *size, admit)
     if kind == "JPEG" and not _jpeg_is_complete(data):
         raise ImageError(label, "truncated or corrupt JPEG (no end-of-image marker)")
-    if kind == "JPEG" and _jpeg_layout(data)[3] == 4:
+    if kind == "JPEG" and jpeg_layout(data)[3] == 4:
         return _decode_with_pillow(label, data)
     with quiet_decoders():
         pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)

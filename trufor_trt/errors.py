@@ -31,3 +31,13 @@ def one_line(exc: BaseException) -> str:
     """Someone else's exception as one line: its type and the first line of its message."""
     lines = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROL.update({0x2028: "\\u2028", 0x2029: "\\u2029"})  # line and paragraph separators
+
+
+def printable(text: str) -> str:
+    """`text` with every control character written as an escape: a file name holding a newline
+    cannot start a second, forged line in a log."""
+    return str(text).translate(_CONTROL)

@@ -17,10 +17,15 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def sha256_file(path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
+        return sha256_stream(handle)
+
+
+def sha256_stream(handle) -> str:
+    """The SHA-256 of what is left to read in an open binary file."""
+    digest = hashlib.sha256()
+    for block in iter(lambda: handle.read(1 << 22), b""):
+        digest.update(block)
     return digest.hexdigest()
 
 

@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from trufor_trt.engine.decode import DEFAULT_MAX_PIXELS, decode_bytes, decode_image
+from trufor_trt.engine.decode import DEFAULT_MAX_FILE, DEFAULT_MAX_PIXELS, decode_bytes, decode_image
 from trufor_trt.engine.postprocess import Analysis, postprocess
 from trufor_trt.engine.preprocess import prepare_input
 from trufor_trt.engine.runner import RawOutputs, Runner
@@ -35,6 +35,7 @@ class AnalyzeOptions:
     write_png: bool = True
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_file_bytes: int = DEFAULT_MAX_FILE  # an image file larger is refused before it is read
 
 
 @dataclass
@@ -66,11 +67,11 @@ class ImageInFlight:
 
 
 # The stage sequence, once: decode + prepare -> infer -> postprocess (-> write, in finish_job).
-def _decode(flight: ImageInFlight, runner: Runner, max_pixels: int) -> None:
+def _decode(flight: ImageInFlight, runner: Runner, max_pixels: int, max_file_bytes: int = DEFAULT_MAX_FILE) -> None:
     job, clock = flight.job, flight.clock
     with clock.stage("decode"):
         if job.data is None:
-            flight.rgb = decode_image(job.path, max_pixels=max_pixels, admit=runner.refusal)
+            flight.rgb = decode_image(job.path, max_pixels=max_pixels, admit=runner.refusal, max_bytes=max_file_bytes)
         else:
             flight.rgb = decode_bytes(job.data, job.path, max_pixels=max_pixels, admit=runner.refusal)
     with clock.stage("preprocess"):
@@ -157,7 +158,7 @@ def open_job(job: ImageJob, runner: Runner, options: AnalyzeOptions,
     """The image's record, before any stage; done already when its outputs can be reused, or
     when its output name is refused. `holder`: the results log's latest record naming the
     image's output name, which vouches for what its unit holds."""
-    made_by = provenance(input_sha256(job.path, job.data), runner)
+    made_by = provenance(input_sha256(job.path, job.data, options.max_file_bytes), runner)
     record = Record(str(job.path), backend=runner.backend, precision=runner.precision, provenance=made_by)
     flight = ImageInFlight(job, StageClock(), JobResult(record))
     if options.out_dir is None:
@@ -192,7 +193,7 @@ def _failed(flight: ImageInFlight, exc: Exception) -> None:
 
 
 def decode_job(flight: ImageInFlight, runner: Runner, options: AnalyzeOptions) -> None:
-    _contained(flight, _decode, runner, options.max_pixels)
+    _contained(flight, _decode, runner, options.max_pixels, options.max_file_bytes)
 
 
 def infer_job(flight: ImageInFlight, runner: Runner) -> None:

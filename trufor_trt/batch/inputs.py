@@ -29,9 +29,10 @@ class InputError(TruforError):
 
 
 def _is_image_name(path: Path) -> bool:
-    """An image file, or a link named like one that leads nowhere (broken or looping): the
-    decoder then reports it, rather than the image silently vanishing from the batch."""
-    return path.suffix.lower() in IMAGE_SUFFIXES and (path.is_file() or path.is_symlink())
+    """Anything but a folder named like an image: a file, a link (broken or looping too), a FIFO
+    or a device. The decoder reports what is not a regular image file, rather than the entry
+    silently vanishing from the batch."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and (path.is_symlink() or not path.is_dir())
 
 
 def _folder_jobs(folder: Path):

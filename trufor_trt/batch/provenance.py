@@ -15,7 +15,9 @@ from typing import Optional
 import numpy as np
 
 from trufor_trt import __version__
-from trufor_trt.files import sha256_bytes, sha256_file
+from trufor_trt.engine.decode import DEFAULT_MAX_FILE, open_regular
+from trufor_trt.errors import ImageError
+from trufor_trt.files import sha256_bytes, sha256_stream
 
 PROVENANCE_KEY = "trufor_trt_provenance"
 # trufor.pth.tar from the TruFor authors' TruFor_weights.zip.
@@ -29,14 +31,15 @@ REDO_REASONS = (("input_sha256", "redone: input changed"),
                 ("trufor_trt", "redone: made by another trufor-trt version"))
 
 
-def input_sha256(path, data=None):
-    """The SHA-256 of `data` if given (an upload), else of the file; None where the file cannot be
-    read (the decoder then says why)."""
+def input_sha256(path, data=None, max_bytes: int = DEFAULT_MAX_FILE):
+    """The SHA-256 of `data` if given (an upload), else of the file; None where the file is not
+    one the decoder would read (not a regular file, over `max_bytes`, unreadable: it then says why)."""
     if data is not None:
         return sha256_bytes(data)
     try:
-        return sha256_file(path)
-    except OSError:
+        with open_regular(path, max_bytes) as handle:
+            return sha256_stream(handle)
+    except (ImageError, OSError):
         return None
 
 

@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
-from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
@@ -17,10 +16,10 @@ from trufor_trt.batch.inputs import expand_inputs, output_folder_problem
 from trufor_trt.batch.records import RESULTS_FILE, Record
 from trufor_trt.batch.results_log import OutputFolderBusy, ResultsLogError, SummaryError
 from trufor_trt.batch.summary import SUMMARY_FILE
-from trufor_trt.cli.common import (ACCEPT_UNVALIDATED, BACKEND, CHECKPOINT, DEVICE, EXIT_FAILED, EXIT_STOPPED, MAX_MEMORY, MAX_PIXELS,
+from trufor_trt.cli.common import (ACCEPT_UNVALIDATED, BACKEND, CHECKPOINT, DEVICE, EXIT_FAILED, EXIT_STOPPED, MAX_FILE, MAX_MEMORY, MAX_PIXELS,
                                    MODEL, NO_PNG, PRECISION, QUIET, SAVE_NOISEPRINT, Backend, Precision,
                                    check_checkpoint, check_results_folder, console, fail_setup, load_runners,
-                                   missing_package, record_line, runner_spec, say, warn_unless_official)
+                                   file_limit, missing_package, record_line, runner_spec, say, shown, warn_unless_official)
 from trufor_trt.engine.runner_spec import close_all
 from trufor_trt.errors import RunnerFailure
 from trufor_trt.files import sha256_file
@@ -113,6 +112,7 @@ def analyze(
     no_png: bool = NO_PNG,
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo images even where matching outputs exist."),
     max_pixels: int = MAX_PIXELS,
+    max_file: str = MAX_FILE,
     max_memory: Optional[str] = MAX_MEMORY,
     accept_unvalidated: bool = ACCEPT_UNVALIDATED,
     streams: int = typer.Option(0, "--streams", min=0,
@@ -144,7 +144,7 @@ def analyze(
         fail_setup("--streams and --workers set this process's pipeline; with --ray, --ray-workers sets the "
                    "actors and --ray-cpus each one's cores")
     options = AnalyzeOptions(out_dir=out, save_noiseprint=save_noiseprint, write_png=not no_png,
-                             overwrite=overwrite, max_pixels=max_pixels)
+                             overwrite=overwrite, max_pixels=max_pixels, max_file_bytes=file_limit(max_file))
     spec = runner_spec(backend.value, model, checkpoint, device, precision.value, max_memory,
                       accept_unvalidated)
     if ray_address is None:
@@ -162,13 +162,13 @@ def _say_how_it_ended(counts: Counter, stopped: list, summary_problem, total: in
     """The batch's last line, and its exit code."""
     done = f"{counts['ok']} analysed, {counts['skipped']} skipped (outputs exist), {counts['error']} failed"
     if summary_problem:
-        console.print(f"[red]error:[/] {escape(summary_problem)}", soft_wrap=True)
+        console.print(f"[red]error:[/] {shown(summary_problem)}", soft_wrap=True)
     if stopped:
         left = total - sum(counts.values())
         console.print(f"stopped by {signal.Signals(stopped[0]).name}: {done}, {left} not started "
                       "(run again to resume)", soft_wrap=True)
         raise typer.Exit(128 + stopped[0])
-    console.print(f"{done}; details in {escape(str(out / RESULTS_FILE))} and {escape(str(out / SUMMARY_FILE))}",
+    console.print(f"{done}; details in {shown(str(out / RESULTS_FILE))} and {shown(str(out / SUMMARY_FILE))}",
                   soft_wrap=True)
     raise typer.Exit(EXIT_FAILED if counts["error"] or summary_problem else 0)
 
@@ -198,8 +198,8 @@ def _run_batch(analyse, total: int, what: str, quiet: bool, out: Path):
     except OutputFolderBusy as exc:  # another run took the folder since the check
         fail_setup(str(exc))
     except (RunnerFailure, ResultsLogError) as exc:
-        console.print(f"[red]stopped[/]: {escape(str(exc))}; the images done so far are in "
-                      f"{escape(str(out / RESULTS_FILE))}, run again to resume", soft_wrap=True)
+        console.print(f"[red]stopped[/]: {shown(str(exc))}; the images done so far are in "
+                      f"{shown(str(out / RESULTS_FILE))}, run again to resume", soft_wrap=True)
         raise typer.Exit(EXIT_STOPPED)
     return counts, stopped, None
 
@@ -211,7 +211,7 @@ def _write_report(out: Path, page: Optional[Path]) -> None:
         written = build_report(out, page)
     except (OSError, ModuleNotFoundError) as exc:
         fail_setup(f"report: {missing_package(exc) if isinstance(exc, ModuleNotFoundError) else exc}")
-    console.print(f"report: {escape(str(written))}", soft_wrap=True)
+    console.print(f"report: {shown(str(written))}", soft_wrap=True)
 
 
 def report_command(

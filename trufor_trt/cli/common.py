@@ -13,7 +13,7 @@ from rich.markup import escape
 from trufor_trt.batch.provenance import not_official_warning
 from trufor_trt.batch.results_log import OutputFolderBusy, check_not_busy
 from trufor_trt.engine.decode import DEFAULT_MAX_PIXELS
-from trufor_trt.errors import TruforError
+from trufor_trt.errors import TruforError, printable
 from trufor_trt.files import sha256_file
 from trufor_trt.installed import install_command
 
@@ -37,17 +37,23 @@ class Precision(str, Enum):
     int8 = "int8"
 
 
+def shown(text: str) -> str:
+    """Text from outside (names, reasons) as one line of console markup: control characters
+    escaped, markup characters taken literally."""
+    return escape(printable(text))
+
+
 def fail_setup(message: str) -> None:
-    console.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
+    console.print(f"[bold red]error:[/] {shown(message)}", soft_wrap=True)
     raise typer.Exit(EXIT_SETUP)
 
 
 def say(message: str) -> None:
-    console.print(f"[dim]{escape(message)}[/]", soft_wrap=True)
+    console.print(f"[dim]{shown(message)}[/]", soft_wrap=True)
 
 
 def warn(message: str) -> None:
-    console.print(f"[bold yellow]{escape(message)}[/]", soft_wrap=True)
+    console.print(f"[bold yellow]{shown(message)}[/]", soft_wrap=True)
 
 
 def missing_package(exc: ModuleNotFoundError) -> str:
@@ -83,11 +89,25 @@ ACCEPT_UNVALIDATED = typer.Option(False, "--accept-unvalidated",
                                        "budget on their GPU (their measured deviation is not evidence-grade).")
 MAX_PIXELS = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1,
                           help="Refuse images with more pixels (decompression bombs).")
+MAX_FILE = typer.Option("1G", "--max-file",
+                        help="Refuse image files larger than this (e.g. 256M) before reading them; "
+                             "special files (FIFOs, devices) are always refused.")
 MAX_MEMORY = typer.Option(None, "--max-memory",
                           help="Host memory budget per image on the CPU, e.g. 8G (default: physical "
                                "memory); bands follow from it. TensorRT: the most device memory an "
                                "engine or chain may take.")
 QUIET = typer.Option(False, "--quiet", help="No progress: failures and the summary only.")
+
+
+def file_limit(text: str) -> int:
+    """--max-file in bytes (a setup error if it cannot be read)."""
+    from trufor_trt.engine.memory_budget import parse_memory
+
+    try:
+        return parse_memory(text)
+    except TruforError as exc:
+        fail_setup(f"--max-file {text}: {exc}")
+        raise
 
 
 def check_checkpoint(checkpoint: Optional[Path]) -> None:
@@ -172,12 +192,12 @@ def warn_unless_official(model_sha256: Optional[str]) -> None:
 def record_line(record) -> str:
     """One image's outcome (a batch.records.Record) as one line: what logs and `--quiet` keep
     (failures only)."""
-    name = escape(record.input)
+    name = shown(record.input)
     if record.status == "error":
-        return f"[red]failed[/] {name}: {escape(record.reason)}"
+        return f"[red]failed[/] {name}: {shown(record.reason)}"
     score = f"score {record.score:.4f}" if record.score is not None else "no score"
     if record.status == "skipped":
         return f"skipped {name}: {score} (outputs exist)"
     seconds = record.times_ms.get("total", 0) / 1000
-    why = f" ({escape(record.reason)})" if record.reason else ""
+    why = f" ({shown(record.reason)})" if record.reason else ""
     return f"{name}: {score}, {seconds:.1f} s{why}"

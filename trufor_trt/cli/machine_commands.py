@@ -6,9 +6,8 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
-from trufor_trt.cli.common import EXIT_FAILED, Backend, Precision, console, fail_setup, say
+from trufor_trt.cli.common import EXIT_FAILED, Backend, Precision, console, fail_setup, say, shown
 
 
 class SelftestPrecision(str, Enum):
@@ -146,5 +145,5 @@ def bench(
     _write_bench_files(report, json_path, markdown, plot)
     failed = [run for run in report["runs"] if "error" in run]
     for run in failed:
-        console.print(f"[red]failed[/] {escape(run['input'])} {run['backend']}: {escape(run['error'])}")
+        console.print(f"[red]failed[/] {shown(run['input'])} {run['backend']}: {shown(run['error'])}")
     raise typer.Exit(EXIT_FAILED if failed else 0)

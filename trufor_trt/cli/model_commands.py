@@ -6,9 +6,8 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
-from trufor_trt.cli.common import Backend, Precision, check_checkpoint, console, fail_setup, open_model, say
+from trufor_trt.cli.common import Backend, Precision, check_checkpoint, console, fail_setup, open_model, say, shown
 from trufor_trt.engine import pick_backend
 from trufor_trt.files import sha256_file
 from trufor_trt.shapes import parse_shape
@@ -42,7 +41,7 @@ def export(
     if fresh:
         manifest = export_model_dir(checkpoint, out, opset=opset, on_step=say)
         worst = max(result["max_abs"]["localization_logits"] for result in manifest["verification"]["results"])
-        console.print(f"wrote {escape(str(out))} ({', '.join(manifest['variants'])}); worst logit deviation "
+        console.print(f"wrote {shown(str(out))} ({', '.join(manifest['variants'])}); worst logit deviation "
                       f"from the float64 network {worst:.2e}")
     if precision != Precision.fp32:
         from trufor_trt.export.variants import add_precision_variant
@@ -54,7 +53,7 @@ def export(
 
 def _print_variant(out: Path, precision: str, entry: dict) -> None:
     measured = ", ".join(f"{name} {error:.2e}" for name, error in entry["deviation_vs_fp32"]["max_abs"].items())
-    console.print(f"added {precision} to {escape(str(out))}; deviation from fp32 (worst of "
+    console.print(f"added {precision} to {shown(str(out))}; deviation from fp32 (worst of "
                   f"{', '.join(entry['deviation_vs_fp32']['sizes'])}): {measured}")
     for record in entry["flops_by_precision"]:
         shares = ", ".join(f"{name} {share:.0%}" for name, share in record["network_share"].items() if share)
@@ -104,7 +103,7 @@ def build(
         engine = build_engine(model, chosen[0], workspace_gib=workspace, timing_cache_path=timing_cache,
                               min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape, max_batch=max_batch,
                               on_step=say)
-    console.print(f"wrote {escape(str(engine))}")
+    console.print(f"wrote {shown(str(engine))}")
     if chosen[0] != "fp32":
         from trufor_trt.engine.model_dir import ModelDir
         from trufor_trt.validate import validate_engine

@@ -6,16 +6,15 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.markup import escape
 
 from trufor_trt.batch.analyze import AnalyzeOptions
 from trufor_trt.batch.records import RESULTS_FILE, Record
 from trufor_trt.batch.results_log import OutputFolderBusy, ResultsLogError, SummaryError
-from trufor_trt.cli.common import (ACCEPT_UNVALIDATED, BACKEND, CHECKPOINT, DEVICE, EXIT_FAILED, EXIT_STOPPED, MAX_MEMORY, MAX_PIXELS,
+from trufor_trt.cli.common import (ACCEPT_UNVALIDATED, BACKEND, CHECKPOINT, DEVICE, EXIT_FAILED, EXIT_STOPPED, MAX_FILE, MAX_MEMORY, MAX_PIXELS,
                                    MODEL, NO_PNG, PRECISION, QUIET, SAVE_NOISEPRINT, Backend, Precision,
                                    check_checkpoint, check_not_busy_folder, check_output_folder,
                                    check_results_folder, console, fail_setup, load_runners, record_line,
-                                   runner_spec, say)
+                                   file_limit, runner_spec, say, shown)
 from trufor_trt.errors import RunnerFailure, TruforError
 from trufor_trt.signals import stop_on_signals
 
@@ -54,23 +53,24 @@ def watch(
     save_noiseprint: bool = SAVE_NOISEPRINT,
     no_png: bool = NO_PNG,
     max_pixels: int = MAX_PIXELS,
+    max_file: str = MAX_FILE,
     max_memory: Optional[str] = MAX_MEMORY,
     accept_unvalidated: bool = ACCEPT_UNVALIDATED,
     quiet: bool = QUIET,
 ) -> None:
-    """Analyse every image that appears in INBOX (and those there at start), one runner kept
-    loaded; SIGTERM / Ctrl-C stop after the image in hand. A restart after a crash neither loses
-    nor repeats an image: the outputs and results.jsonl are the record."""
+    """Analyse every image that appears in INBOX (and those there at start), one runner kept loaded;
+    SIGTERM / Ctrl-C stop after the image in hand. A restart neither loses nor repeats an image."""
     from trufor_trt.service.watch import Watch, WatchOptions
 
     folders = {option: folder for option, folder in (("--out", out), ("--done", done), ("--failed", failed))
                if folder is not None}
     _check_watch_folders(inbox, folders)
     check_checkpoint(checkpoint)
+    max_file_bytes = file_limit(max_file)
     [runner] = load_runners(runner_spec(backend.value, model, checkpoint, device, precision.value, max_memory,
                       accept_unvalidated))
     options = WatchOptions(AnalyzeOptions(out_dir=out, save_noiseprint=save_noiseprint, write_png=not no_png,
-                                          max_pixels=max_pixels),
+                                          max_pixels=max_pixels, max_file_bytes=max_file_bytes),
                            done_dir=done, failed_dir=failed, poll=poll, settle=settle)
 
     counts = Counter()
@@ -87,15 +87,57 @@ def watch(
     except OutputFolderBusy as exc:
         fail_setup(str(exc))
     except (RunnerFailure, ResultsLogError) as exc:  # a supervisor (systemd: Restart=on-failure) starts it again
-        console.print(f"[red]stopped[/]: {escape(str(exc))}", soft_wrap=True)
+        console.print(f"[red]stopped[/]: {shown(str(exc))}", soft_wrap=True)
         raise typer.Exit(EXIT_STOPPED)
     except SummaryError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        console.print(f"[red]error:[/] {shown(str(exc))}", soft_wrap=True)
         raise typer.Exit(EXIT_FAILED)
     finally:
         runner.close()
     console.print(f"stopped: {counts['ok']} analysed, {counts['error']} failed in this run; details in "
-                  f"{escape(str(out / RESULTS_FILE))}", soft_wrap=True)
+                  f"{shown(str(out / RESULTS_FILE))}", soft_wrap=True)
+
+
+TOKEN_FILE = typer.Option(None, "--token-file", help="Read the bearer token from this file (not visible in ps).")
+BODY_TIMEOUT = typer.Option(60.0, "--body-timeout", min=0.1,
+                            help="Seconds a request's whole body may take to arrive; beyond: 408.")
+HEADER_TIMEOUT = typer.Option(10.0, "--header-timeout", min=0.1,
+                              help="Seconds a connection may take to send a request's headers (from opening, "
+                                   "or from its previous answer); then it is closed.")
+MAX_CONNECTIONS = typer.Option(256, "--max-connections", min=1,
+                               help="Open connections at most; a new one displaces the longest idle one. Must "
+                                    "stay below the file limit (ulimit -n, LimitNOFILE=).")
+SHUTDOWN_TIMEOUT = typer.Option(30.0, "--shutdown-timeout", min=0.0,
+                                help="After SIGTERM, seconds to answer the open requests; then the rest are "
+                                     "dropped and the process exits.")
+
+
+def _serve_settings(analyze: AnalyzeOptions, token, max_queue: int, max_body: str, body_timeout: float):
+    from trufor_trt.engine.memory_budget import parse_memory
+    from trufor_trt.service.http_app import ServeSettings
+
+    try:
+        return ServeSettings(analyze, token=token, max_queue=max_queue, max_body=parse_memory(max_body),
+                             body_timeout=body_timeout)
+    except (TruforError, ValueError) as exc:
+        fail_setup(f"--max-body {max_body}: {exc}")
+        raise
+
+
+def _token(token: Optional[str], token_file: Optional[Path]) -> Optional[str]:
+    """The bearer token: --token (or TRUFOR_TRT_TOKEN), or the first line of --token-file."""
+    if token_file is None:
+        return token
+    if token:
+        fail_setup("give the token once: --token (or TRUFOR_TRT_TOKEN) or --token-file")
+    try:
+        lines = token_file.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        fail_setup(f"--token-file {token_file}: cannot be read ({exc})")
+        raise
+    if not lines or not lines[0].strip():
+        fail_setup(f"--token-file {token_file}: empty")
+    return lines[0].strip()
 
 
 def serve(
@@ -106,7 +148,12 @@ def serve(
                                              "(or the TRUFOR_TRT_TOKEN environment variable)."),
     max_queue: int = typer.Option(8, "--max-queue", min=0,
                                   help="Requests that may wait for the runner; beyond: 503 + Retry-After."),
+    token_file: Optional[Path] = TOKEN_FILE,
     max_body: str = typer.Option("64M", "--max-body", help="Largest request body, e.g. 64M; beyond: 413."),
+    body_timeout: float = BODY_TIMEOUT,
+    header_timeout: float = HEADER_TIMEOUT,
+    max_connections: int = MAX_CONNECTIONS,
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT,
     out: Optional[Path] = typer.Option(None, "--out",
                                        help="Also write what `analyze` writes, named by the image's SHA-256."),
     checkpoint: Optional[Path] = CHECKPOINT,
@@ -122,19 +169,19 @@ def serve(
 ) -> None:
     """HTTP API: POST /v1/analyze (the image as the body or multipart field "image"; ?outputs=map
     adds the maps), GET /healthz, /readyz, /metrics. One runner, one inference at a time."""
-    from trufor_trt.engine.memory_budget import parse_memory
+    from trufor_trt.service.connections import ConnectionLimits, connection_limit_problem
+    from trufor_trt.service.http_app import create_app
     from trufor_trt.service.serve import is_loopback, serve_app
 
+    token = _token(token, token_file)
     if not is_loopback(host) and not token:
-        fail_setup(f"--host {host} is reachable from other machines: give --token (or TRUFOR_TRT_TOKEN)")
-    try:
-        from trufor_trt.service.http_app import ServeSettings, create_app
-
-        settings = ServeSettings(AnalyzeOptions(out_dir=out, save_noiseprint=save_noiseprint,
-                                                write_png=not no_png, overwrite=True, max_pixels=max_pixels),
-                                 token=token, max_queue=max_queue, max_body=parse_memory(max_body))
-    except (TruforError, ValueError) as exc:
-        fail_setup(f"--max-body {max_body}: {exc}")
+        fail_setup(f"--host {host} is reachable from other machines: give --token-file (or --token, "
+                   "TRUFOR_TRT_TOKEN)")
+    if connection_limit_problem(max_connections):
+        fail_setup(connection_limit_problem(max_connections))
+    settings = _serve_settings(AnalyzeOptions(out_dir=out, save_noiseprint=save_noiseprint, write_png=not no_png,
+                                              overwrite=True, max_pixels=max_pixels),
+                               token, max_queue, max_body, body_timeout)
     if out is not None:
         check_results_folder(out)
     check_checkpoint(checkpoint)
@@ -144,11 +191,11 @@ def serve(
         "stops after the requests in hand")
     app = create_app(runner, settings)
     try:
-        started = serve_app(app, host, port)
+        started = serve_app(app, host, port, ConnectionLimits(max_connections, header_timeout), shutdown_timeout)
     finally:
         runner.close()
     if not started:
         fail_setup(f"the server did not start on {host}:{port} (see the message above)")
     if app.state.service.failure is not None:
-        console.print(f"[red]stopped[/]: {escape(app.state.service.failure)}", soft_wrap=True)
+        console.print(f"[red]stopped[/]: {shown(app.state.service.failure)}", soft_wrap=True)
         raise typer.Exit(EXIT_STOPPED)

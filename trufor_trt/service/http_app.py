@@ -7,8 +7,10 @@ GET  /healthz      the process is up (never needs the token); 503 once the runne
 GET  /readyz       the runner is loaded and has answered (a warm-up inference at start)
 GET  /metrics      Prometheus text
 
-Every answer on /v1/analyze is decided without trusting the request: the body is size-limited
-before it is read whole, the image's header before it is decoded; no route reads a path.
+Every answer on /v1/analyze is decided without trusting the request: a place in the queue is
+taken before the body is read (a full queue holds no bodies), the body is size- and time-limited
+before it is read whole, the image's header checked before it is decoded; no route reads a path.
+Every error is JSON and counted. The connections themselves are guarded in connections.py.
 """
 
 import asyncio
@@ -24,7 +26,7 @@ from typing import Optional
 
 import numpy as np
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -43,15 +45,23 @@ WARM_UP_SIDE = 256
 UNPROTECTED_PATHS = ("/healthz",)
 
 
+DEFAULT_BODY_TIMEOUT = 60.0
+
+
 @dataclass(frozen=True)
 class ServeSettings:
     analyze: AnalyzeOptions  # out_dir None: nothing is written
     token: Optional[str] = None
     max_queue: int = DEFAULT_MAX_QUEUE
     max_body: int = DEFAULT_MAX_BODY
+    body_timeout: float = DEFAULT_BODY_TIMEOUT  # seconds a request's whole body may take to arrive
 
 
 class BodyTooLarge(Exception):
+    pass
+
+
+class BodyTooSlow(Exception):
     pass
 
 
@@ -61,6 +71,12 @@ class BadRequest(Exception):
 
 def _error(status: int, reason: str, **headers) -> JSONResponse:
     return JSONResponse({"error": reason}, status_code=status, headers=headers or None)
+
+
+def _closing_error(status: int, reason: str, **headers) -> JSONResponse:
+    """An error answered before the body was read: the connection closes after it, so the rest
+    of the body is never taken."""
+    return _error(status, reason, Connection="close", **headers)
 
 
 class BearerToken:
@@ -84,17 +100,26 @@ class BearerToken:
         await self.app(scope, receive, send)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The body, within `limit` bytes and `timeout` seconds (BodyTooLarge, BodyTooSlow);
+    starlette's ClientDisconnect where the client went away."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise BodyTooSlow from None
 
 
 async def _image_bytes(request: Request, body: bytes) -> bytes:
@@ -106,12 +131,15 @@ async def _image_bytes(request: Request, body: bytes) -> bytes:
     async def replay():
         return {"type": "http.request", "body": body, "more_body": False}
 
+    from starlette.exceptions import HTTPException
     from starlette.formparsers import MultiPartException
 
     try:
         form = await Request(request.scope, replay).form(max_files=1, max_fields=16)
     except MultiPartException as exc:
         raise BadRequest(f"unreadable multipart body: {exc.message}") from None
+    except HTTPException as exc:  # starlette's own wrapping of a multipart parse error
+        raise BadRequest(f"unreadable multipart body: {exc.detail}") from None
     try:
         upload = form.get("image")
         if upload is None or isinstance(upload, str):
@@ -154,32 +182,58 @@ class AnalysisService:
                 await asyncio.wrap_future(self.queue.submit(self._warm_up))
                 self.ready = True
                 yield
-            finally:  # uvicorn has answered every open request by now
+            finally:  # uvicorn has answered the open requests, or its shutdown deadline has passed
                 self.ready = False
-                self.queue.close()
+                self.queue.close(cancel_waiting=True)  # the one in hand finishes; nobody awaits the rest
 
     def _busy(self) -> JSONResponse:
         self.metrics.rejected.labels("queue_full").inc()
         retry = max(1, math.ceil(self.metrics.mean_job_seconds() * (self.queue.waiting + 1)))
-        return _error(503, f"busy: {self.queue.waiting} requests waiting (--max-queue "
-                           f"{self.settings.max_queue})", **{"Retry-After": str(retry)})
+        return _closing_error(503, f"busy: {self.queue.waiting} requests waiting (--max-queue "
+                                   f"{self.settings.max_queue})", **{"Retry-After": str(retry)})
 
-    async def analyze(self, request: Request) -> Response:
-        started = time.perf_counter()
+    async def http_error(self, _request: Request, exc) -> Response:
+        """starlette's own refusals (no such route, wrong method) in JSON, counted."""
+        self.metrics.rejected.labels(f"http_{exc.status_code}").inc()
+        return _error(exc.status_code, str(exc.detail), **(exc.headers or {}))
+
+    async def _image(self, request: Request):
+        """The request's image bytes, or the error response that refuses it."""
+        settings = self.settings
         try:
-            data = await _image_bytes(request, await _read_body(request, self.settings.max_body))
+            return await _image_bytes(request, await _read_body(request, settings.max_body, settings.body_timeout))
         except BodyTooLarge:
             self.metrics.rejected.labels("too_large").inc()
-            return _error(413, f"body over the limit of {self.settings.max_body:,} bytes (--max-body)")
+            return _closing_error(413, f"body over the limit of {settings.max_body:,} bytes (--max-body)")
+        except BodyTooSlow:
+            self.metrics.rejected.labels("body_timeout").inc()
+            return _closing_error(408, f"the body did not arrive within {settings.body_timeout:g} s (--body-timeout)")
         except BadRequest as exc:
             self.metrics.rejected.labels("bad_request").inc()
             return _error(422, str(exc))
+        except ClientDisconnect:
+            self.metrics.rejected.labels("client_gone").inc()
+            return _error(400, "the client went away before its body arrived")
+
+    async def analyze(self, request: Request) -> Response:
+        try:
+            return await self._analyze(request)
+        except asyncio.CancelledError:  # the shutdown deadline (--shutdown-timeout) has passed
+            self.metrics.rejected.labels("shutdown").inc()
+            return _closing_error(503, "the server is stopping: its shutdown deadline passed")
+
+    async def _analyze(self, request: Request) -> Response:
+        started = time.perf_counter()
         if self.failure is not None:
-            return _error(503, self.failure)
-        digest = hashlib.sha256(data).hexdigest()
-        future = self.queue.submit(self._analyse, ImageJob(Path(f"upload:{digest}"), digest, data))
-        if future is None:
+            return _closing_error(503, self.failure)
+        if not self.queue.reserve():  # before the body is read: a full line holds no bodies
             return self._busy()
+        data = await self._image(request)
+        if isinstance(data, Response):
+            self.queue.give_back()
+            return data
+        digest = hashlib.sha256(data).hexdigest()
+        future = self.queue.run_reserved(self._analyse, ImageJob(Path(f"upload:{digest}"), digest, data))
         try:
             result = await asyncio.wrap_future(future)
         except RunnerFailure as exc:
@@ -231,7 +285,10 @@ def create_app(runner, settings: ServeSettings) -> Starlette:
     routes = [Route("/v1/analyze", service.analyze, methods=["POST"]),
               Route("/healthz", service.healthz), Route("/readyz", service.readyz),
               Route("/metrics", service.prometheus)]
+    from starlette.exceptions import HTTPException
+
     middleware = [Middleware(BearerToken, token=settings.token)] if settings.token else []
-    app = Starlette(routes=routes, middleware=middleware, lifespan=service.lifespan)
+    app = Starlette(routes=routes, middleware=middleware, lifespan=service.lifespan,
+                    exception_handlers={HTTPException: service.http_error})
     app.state.service = service
     return app

@@ -41,9 +41,11 @@ class Inbox:
     def _candidates(self):
         for path in sorted(self.folder.rglob("*")):
             relative = path.relative_to(self.folder)
+            # Links and special files too: each gets its reason (watch refuses links, the
+            # decoder anything but a regular file), rather than lying in the inbox unexplained.
             if (path.suffix.lower() in IMAGE_SUFFIXES and not _hidden(relative)
                     and not any(is_inside(path, folder) for folder in self._exclude)
-                    and path.is_file()):
+                    and (path.is_symlink() or not path.is_dir())):
                 yield path, relative
 
     def scan(self) -> list:
@@ -51,7 +53,7 @@ class Inbox:
         now, seen, ready = time.monotonic(), {}, []
         for path, relative in self._candidates():
             try:
-                stat = path.stat()
+                stat = path.lstat()  # a link's own: never waits on what it points to
             except OSError:  # gone since the listing
                 continue
             key = (stat.st_size, stat.st_mtime_ns)

@@ -2,7 +2,10 @@
 
 import ipaddress
 
+from trufor_trt.service.connections import ConnectionLimits, guarded_protocol
 from trufor_trt.signals import signals_handled_by
+
+DEFAULT_SHUTDOWN_TIMEOUT = 30.0
 
 
 def is_loopback(host: str) -> bool:
@@ -14,15 +17,20 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve_app(app, host: str, port: int) -> bool:
-    """Serve until SIGTERM / SIGINT: uvicorn then stops accepting, answers every open request
-    (the queue included) and runs the app's shutdown. False if it never started (port taken,
-    warm-up failed: uvicorn has logged why)."""
+def serve_app(app, host: str, port: int, limits: ConnectionLimits = ConnectionLimits(),
+              shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> bool:
+    """Serve until SIGTERM / SIGINT: uvicorn then stops accepting, answers the open requests (the
+    queue included) for at most `shutdown_timeout` seconds, cancels what is left, and runs the
+    app's shutdown (the image in hand finishes). False if it never started (port taken, warm-up
+    failed: uvicorn has logged why)."""
     import uvicorn
 
+    service = app.state.service
+    protocol = guarded_protocol(limits, lambda reason: service.metrics.rejected.labels(reason).inc())
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, lifespan="on", log_level="warning",
-                                           access_log=False, server_header=False))
-    app.state.service.stop_server = lambda: setattr(server, "should_exit", True)  # a broken runner
+                                           access_log=False, server_header=False, http=protocol,
+                                           timeout_graceful_shutdown=shutdown_timeout))
+    service.stop_server = lambda: setattr(server, "should_exit", True)  # a broken runner
     # uvicorn raises the stopping signal again once it is done; with these handlers in place that
     # lands here, and the process exits 0, as a requested stop should.
     try:

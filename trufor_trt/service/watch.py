@@ -7,8 +7,11 @@ repeats an image. Originals move to --done / --failed only after their record is
 only if their bytes are still those analysed; the record says where they went (`filed_to`).
 With --done, an image's outputs are named as its original will be there, so a camera that
 reuses a file name after the first one was filed away never replaces the first one's evidence.
+Symbolic links in the inbox are refused (the link goes to --failed); special files get the
+decoder's reason.
 """
 
+import os
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -18,13 +21,16 @@ from typing import Callable, Optional
 from trufor_trt.batch.analyze import AnalyzeOptions, complete_job, open_job
 from trufor_trt.batch.inputs import ImageJob
 from trufor_trt.batch.provenance import input_sha256
-from trufor_trt.batch.records import Record
+from trufor_trt.batch.records import Record, utc_now
 from trufor_trt.batch.results_log import ResultsLog, SummaryError
 from trufor_trt.engine.runner import Runner
 from trufor_trt.errors import one_line
+from trufor_trt.files import remove_stale_temporaries
 from trufor_trt.service.inbox import SETTLE_SECONDS, Inbox, OriginalChanged, file_away, free_place
 
 POLL_SECONDS = 5.0
+LINK_REASON = ("a symbolic link: watch analyses regular files only (its target may change or vanish, and "
+               "could not be filed away with its evidence); put the file itself in the inbox")
 WAIT_SLICE = 0.2  # how often a wait looks at the stop flag
 
 
@@ -90,6 +96,9 @@ class Watch:
 
     def run(self) -> dict:
         """Counts of this run's records per status."""
+        for folder in (self.options.done_dir, self.options.failed_dir):
+            if folder is not None and folder.is_dir():  # copies a killed watch left half-made
+                remove_stale_temporaries(folder)
         with ResultsLog(self.options.analyze.out_dir) as log:
             wake_ups = WakeUps(self.inbox.folder, self.stop, self.on_notice)
             while not self.stop.is_set():
@@ -132,9 +141,28 @@ class Watch:
             return recorded
         return free_place(Path(folder) / relative)
 
+    def _refuse_link(self, job: ImageJob, log: ResultsLog) -> bool:
+        """A symbolic link is not analysed: what it points to may change or vanish, and the
+        original could not be filed away with its evidence. The link itself goes to --failed."""
+        record = Record(str(job.path), status="error", reason=LINK_REASON, backend=self.runner.backend,
+                        precision=self.runner.precision, analysed_at=utc_now())
+        place = self._destination(job.relative, record)
+        if place is not None:
+            try:
+                place.parent.mkdir(parents=True, exist_ok=True)
+                os.rename(job.path, place)
+                record.filed_to = str(place)
+            except OSError as exc:
+                self.on_notice(f"could not move the link {job.path} to {place}: {one_line(exc)}")
+        log.add(record)
+        self.on_record(record)
+        return True
+
     def _handle(self, job: ImageJob, log: ResultsLog) -> bool:
         """Analyse the image unless its record stands already; file its original away. Whether
         a record was written."""
+        if job.path.is_symlink():
+            return self._refuse_link(job, log)
         earlier = log.index.latest.get(str(job.path))
         inbox_name, job = job.relative, self._named_as_filed(job, earlier)
         holder = log.index.holder(job.relative)
