@@ -104,9 +104,9 @@ BODY_TIMEOUT = typer.Option(60.0, "--body-timeout", min=0.1,
 HEADER_TIMEOUT = typer.Option(10.0, "--header-timeout", min=0.1,
                               help="Seconds a connection may take to send a request's headers (from opening, "
                                    "or from its previous answer); then it is closed.")
-MAX_CONNECTIONS = typer.Option(256, "--max-connections", min=1,
-                               help="Open connections at most; a new one displaces the longest idle one. Must "
-                                    "stay below the file limit (ulimit -n, LimitNOFILE=).")
+MAX_CONNECTIONS = typer.Option(None, "--max-connections", min=1,
+                               help="Open connections at most (default 256, fewer under a low ulimit -n); a new "
+                                    "one displaces the longest idle one. Must stay 128 below the file limit.")
 SHUTDOWN_TIMEOUT = typer.Option(30.0, "--shutdown-timeout", min=0.0,
                                 help="After SIGTERM, seconds to answer the open requests; then the rest are "
                                      "dropped and the process exits.")
@@ -152,7 +152,7 @@ def serve(
     max_body: str = typer.Option("64M", "--max-body", help="Largest request body, e.g. 64M; beyond: 413."),
     body_timeout: float = BODY_TIMEOUT,
     header_timeout: float = HEADER_TIMEOUT,
-    max_connections: int = MAX_CONNECTIONS,
+    max_connections: Optional[int] = MAX_CONNECTIONS,
     shutdown_timeout: float = SHUTDOWN_TIMEOUT,
     out: Optional[Path] = typer.Option(None, "--out",
                                        help="Also write what `analyze` writes, named by the image's SHA-256."),
@@ -169,7 +169,7 @@ def serve(
 ) -> None:
     """HTTP API: POST /v1/analyze (the image as the body or multipart field "image"; ?outputs=map
     adds the maps), GET /healthz, /readyz, /metrics. One runner, one inference at a time."""
-    from trufor_trt.service.connections import ConnectionLimits, connection_limit_problem
+    from trufor_trt.service.connections import ConnectionLimits, connection_limit_problem, default_max_connections
     from trufor_trt.service.http_app import create_app
     from trufor_trt.service.serve import is_loopback, serve_app
 
@@ -177,6 +177,7 @@ def serve(
     if not is_loopback(host) and not token:
         fail_setup(f"--host {host} is reachable from other machines: give --token-file (or --token, "
                    "TRUFOR_TRT_TOKEN)")
+    max_connections = max_connections or default_max_connections()
     if connection_limit_problem(max_connections):
         fail_setup(connection_limit_problem(max_connections))
     settings = _serve_settings(AnalyzeOptions(out_dir=out, save_noiseprint=save_noiseprint, write_png=not no_png,

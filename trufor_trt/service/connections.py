@@ -18,8 +18,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 # Descriptors the process keeps for itself beside its connections: the model's files, the
-# results log, outputs being written, the runtime's own.
+# results log, outputs being written, the runtime's own; and the connections accepted in one go.
 RESERVED_DESCRIPTORS = 128
+# asyncio accepts up to the listen backlog's count of connections per readiness of the socket,
+# and may do so a few times before the first of them reach the connection limit (and those over
+# it are closed): the bursts must fit in the reserve too. Measured: 64 let 260 connections at
+# once exhaust 256 descriptors; 16 did not.
+ACCEPT_BURST = 16
 DEFAULT_MAX_CONNECTIONS = 256
 DEFAULT_HEADER_TIMEOUT = 10.0
 
@@ -34,6 +39,11 @@ def descriptor_limit() -> int:
     """The process's soft limit on open files (RLIMIT_NOFILE)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def default_max_connections() -> int:
+    """DEFAULT_MAX_CONNECTIONS, or fewer where the descriptor limit leaves less room."""
+    return max(1, min(DEFAULT_MAX_CONNECTIONS, descriptor_limit() - RESERVED_DESCRIPTORS))
 
 
 def connection_limit_problem(max_connections: int) -> str:

@@ -2,7 +2,7 @@
 
 import ipaddress
 
-from trufor_trt.service.connections import ConnectionLimits, guarded_protocol
+from trufor_trt.service.connections import ACCEPT_BURST, ConnectionLimits, guarded_protocol
 from trufor_trt.signals import signals_handled_by
 
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0
@@ -29,7 +29,7 @@ def serve_app(app, host: str, port: int, limits: ConnectionLimits = ConnectionLi
     protocol = guarded_protocol(limits, lambda reason: service.metrics.rejected.labels(reason).inc())
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, lifespan="on", log_level="warning",
                                            access_log=False, server_header=False, http=protocol,
-                                           timeout_graceful_shutdown=shutdown_timeout))
+                                           backlog=ACCEPT_BURST, timeout_graceful_shutdown=shutdown_timeout))
     service.stop_server = lambda: setattr(server, "should_exit", True)  # a broken runner
     # uvicorn raises the stopping signal again once it is done; with these handlers in place that
     # lands here, and the process exits 0, as a requested stop should.
