@@ -109,7 +109,7 @@ class DeviceParts(ChainParts):
             _give_memory(part.context, self.scratch, self.scratch_bytes)
         self.stream = self.cuda.stream()
         self.host = {name: self.cuda.pinned_buffer(size) for name, size in self.host_sizes.items()}
-        self.events, self.timings = [], []
+        self.timings = []
 
     def start(self, prepared: np.ndarray) -> None:
         _, _, self.height, self.width = prepared.shape
