@@ -16,8 +16,13 @@ import numpy as np
 from trufor_trt.architecture import stage_grids
 from trufor_trt.bands import DecoderBand, DecoderGroup, decoder_groups, noiseprint_row_bands
 from trufor_trt.engine.memory_budget import BandPlan
-from trufor_trt.engine.runner import RawOutputs
+from trufor_trt.engine.runner import OUTPUT_NAMES, RawOutputs
 from trufor_trt.engine.timing import StageClock
+
+NOISEPRINT = OUTPUT_NAMES[2]
+COARSE = ("c4", "c3", "c2")  # the order the decoder graphs take the coarse scales in
+# The model folder's decoder graphs, the chain's last two parts on every backend and precision.
+DECODER_VARIANTS = {"decoder-maps": "fp32-cpu-decoder-maps", "decoder-band": "fp32-cpu-decoders"}
 
 
 class ChainParts(ABC):

@@ -15,16 +15,14 @@ import numpy as np
 
 from trufor_trt.architecture import stage_grids
 from trufor_trt.bands import DecoderBand, DecoderGroup
-from trufor_trt.engine.chain import ChainParts, run_chain
+from trufor_trt.engine.chain import COARSE, NOISEPRINT, ChainParts, run_chain
 from trufor_trt.precision.kernel_models import SIMULATED_KERNEL_MODEL
 from trufor_trt.engine.memory_budget import BandPlan, MemoryModel, physical_memory
 from trufor_trt.engine.model_dir import CPU_VARIANTS, ModelDir
 from trufor_trt.engine.runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs, Runner
 
-NOISEPRINT = OUTPUT_NAMES[2]
 LOGITS = list(OUTPUT_NAMES[:2])
 FEATURES = ("c1", "c2", "c3", "c4")
-COARSE = ("c4", "c3", "c2")  # the order the decoder graphs take the coarse scales in
 WIDENED = tuple(f"{name}_wide" for name in COARSE)
 # Peak RSS of `analyze` per image (measured with ONNX Runtime 1.31 on the 2-core CPU; README).
 MEMORY = MemoryModel(fixed_bytes=0.6e9, bytes_per_pixel=400, noiseprint_bytes_per_pixel=1000,

@@ -15,8 +15,8 @@ import numpy as np
 
 from trufor_trt.architecture import DECODER_DIM, EMBED_DIMS, stage_grids
 from trufor_trt.bands import DecoderBand, DecoderGroup
-from trufor_trt.engine.chain import ChainParts, run_chain
-from trufor_trt.engine.chain_plan import PartProfile
+from trufor_trt.engine.chain import COARSE, NOISEPRINT, ChainParts, run_chain
+from trufor_trt.engine.chain_plan import FLOAT32, PartProfile
 from trufor_trt.engine.memory_budget import BandPlan
 from trufor_trt.engine.runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs
 from trufor_trt.engine.tensorrt_plan import Sidecar
@@ -25,9 +25,6 @@ from trufor_trt.engine.timing import StageClock
 from trufor_trt.errors import EngineError
 from trufor_trt.files import sha256_bytes
 
-FLOAT32 = np.dtype(np.float32).itemsize
-NOISEPRINT = OUTPUT_NAMES[2]
-COARSE = ("c4", "c3", "c2")  # the decoder graphs' order
 SCALE_OF = {"c1": 0, "c2": 1, "c3": 2, "c4": 3}
 
 

@@ -8,6 +8,7 @@ a machine without TensorRT learns what `build` would make there, then the usual 
 import time
 from pathlib import Path
 
+from trufor_trt.engine.chain import DECODER_VARIANTS
 from trufor_trt.engine.chain_plan import CHAIN_WORKSPACE_GIB, ChainPlan, plan_chain
 from trufor_trt.engine.cuda_layer import cuda_layer
 from trufor_trt.engine.memory_budget import GIB
@@ -20,7 +21,6 @@ from trufor_trt.files import sha256_bytes, write_atomically
 from trufor_trt.export.tensorrt_build import coverage_warning, serialize_engine
 
 LAYOUTS = ("auto", "whole", "chain")
-DECODER_FILES = ("fp32-cpu-decoder-maps", "fp32-cpu-decoders")
 
 
 def this_gpu():
@@ -45,7 +45,7 @@ def builds_chain(layout: str, integrated: bool, max_shape) -> bool:
 
 def chain_weight_bytes(model: ModelDir, precision: str) -> int:
     """The weights the chain's engines hold, about the size of the graphs they come from."""
-    return sum(model.variant_path(name).stat().st_size for name in (precision, *DECODER_FILES))
+    return sum(model.variant_path(name).stat().st_size for name in (precision, *DECODER_VARIANTS.values()))
 
 
 def plan_for_build(model: ModelDir, precision: str, gpu, free_bytes, min_shape, opt_shape, max_shape,

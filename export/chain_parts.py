@@ -14,16 +14,15 @@ import re
 import onnx
 from onnx import TensorProto, helper
 
+from trufor_trt.engine.chain import DECODER_VARIANTS, NOISEPRINT
 from trufor_trt.engine.model_dir import ModelDir
-from trufor_trt.engine.runner import INPUT_NAME, OUTPUT_NAMES
+from trufor_trt.engine.runner import INPUT_NAME
 from trufor_trt.errors import TruforError
 from trufor_trt.export.onnx_graph import FEATURES, IR_VERSION
 
-NOISEPRINT = OUTPUT_NAMES[2]
 DECODER_HEADS = ("/decode_head/", "/decode_head_conf/")
 # The part graphs of a chain, in the order it runs them, and where each comes from.
 CHAIN_PARTS = ("noiseprint", "encoder", "decoder-maps", "decoder-band")
-DECODER_VARIANTS = {"decoder-maps": "fp32-cpu-decoder-maps", "decoder-band": "fp32-cpu-decoders"}
 
 
 class ChainCutError(TruforError):

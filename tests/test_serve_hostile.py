@@ -221,10 +221,7 @@ def test_the_token_file_and_the_token_option_are_one_or_the_other(tmp_path):
 
 
 def _bomb_bodies() -> list:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_hostile_input import _bombs
+    from test_hostile_input import _bombs  # tests/ is on the path, as for conftest
 
     return list(_bombs().values())
 
