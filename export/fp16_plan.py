@@ -12,7 +12,10 @@ normalisation), a block's self-attention products a unit apart. A unit earns FP1
 3. the earned units together stay within PLAN_MARGIN of the budget on the calibration crops and
    within the budget on every full-size image of the every-size check, under every kernel
    model: while they do not, the unit that costs the most budget per FLOP it brings is given
-   back to FP32.
+   back to FP32. A full-size trial costs minutes, so each full-size image is first searched on
+   its centre crop of half the height and width (a quarter of the pixels, a quarter of the
+   time) within PLAN_MARGIN; the full size then decides (within the budget), and gives back
+   more only where the half-size search did not suffice.
 Sums over all pixels (the fusion's cross-attention context) always stay FP32: their range
 grows with the image size. LayerNormalization and Softmax always stay FP32. The finished plan
 is also measured, not judged, under float16 accumulation (STRESS_MODEL).
@@ -42,6 +45,7 @@ NOISEPRINT = "noiseprint++"
 NOISEPRINT_OUTPUT = OUTPUT_NAMES[2]  # the graph output Noiseprint++'s last convolution writes
 FLOP_SIZE = (512, 512)  # the size unit FLOPs are weighed at
 SOLO_INPUTS = 2
+HALF_SIZE_SEARCH_FROM = 512  # px, the shorter side: below it a full-size trial costs little
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,7 @@ class Fp16Plan:
     deviation_by_size: dict = field(default_factory=dict)  # "HxW" (or "crops") -> deviation
     sizes_measured: list = field(default_factory=list)
     stress: dict = field(default_factory=dict)  # deviation on the crops under STRESS_MODEL
+    searched_at: dict = field(default_factory=dict)  # half-size search crop "HxW" -> its last deviation
 
     def report(self) -> dict:
         return {"budget_max_abs": FP16_BUDGET, "unit_share": UNIT_SHARE, "plan_margin": PLAN_MARGIN,
@@ -69,7 +74,7 @@ class Fp16Plan:
                                        for conv, center in self.centers.items()},
                 "deviation_vs_fp32": worst_by_output(self.deviation_by_size),
                 "deviation_by_size": self.deviation_by_size, "sizes_measured": self.sizes_measured,
-                f"stress_{STRESS_MODEL}": self.stress}
+                "searched_at_half_size": self.searched_at, f"stress_{STRESS_MODEL}": self.stress}
 
 
 ATTENTION = "attention scores"
@@ -303,6 +308,24 @@ def give_back_until_within(earned: dict, cost: dict, share_of, limit: float, dec
             del earned[name]
 
 
+def half_size_crop(prepared: np.ndarray) -> np.ndarray:
+    """The centre crop of half the height and width."""
+    height, width = prepared.shape[2:]
+    crop_height, crop_width = height // 2, width // 2
+    top, left = (height - crop_height) // 2, (width - crop_width) // 2
+    return np.ascontiguousarray(prepared[:, :, top:top + crop_height, left:left + crop_width])
+
+
+def full_size_steps(large: np.ndarray, plan: Fp16Plan) -> list:
+    """(image, limit, where its deviation is recorded) for each step of one full-size check: the
+    half-size search within PLAN_MARGIN (from HALF_SIZE_SEARCH_FROM), then the full size itself
+    within the budget."""
+    steps = [(large, 1.0, plan.deviation_by_size)]
+    if min(large.shape[2:]) >= HALF_SIZE_SEARCH_FROM:
+        steps.insert(0, (half_size_crop(large), PLAN_MARGIN, plan.searched_at))
+    return steps
+
+
 def plan_fp16(model: onnx.ModelProto, inputs: list, head, large_inputs=(), on_step=print) -> Fp16Plan:
     """The plan from calibration crops `inputs`, checked on `large_inputs` at full size."""
     noiseprint = noiseprint_graph(model)
@@ -340,15 +363,16 @@ def plan_fp16(model: onnx.ModelProto, inputs: list, head, large_inputs=(), on_st
     checked_on_crops = len(earned)
     # Largest first: a unit given back there is given back for the smaller ones too.
     for large in sorted(large_inputs, key=lambda x: -x.shape[2] * x.shape[3]):
-        size = size_label(large)
-        at_size = Measure(model, [large], head, centers)
+        for image, limit, record in full_size_steps(large, plan):
+            size = size_label(image)
+            at_size = Measure(model, [image], head, centers)
 
-        def on_large(units, limit, at_size=at_size, size=size):
-            errors = plan.deviation_by_size[size] = at_size(*_assemble(units), stop_above=limit)
-            return budget_share(errors), binding_output(errors)
+            def on_large(units, limit, at_size=at_size, size=size, record=record):
+                errors = record[size] = at_size(*_assemble(units), stop_above=limit)
+                return budget_share(errors), binding_output(errors)
 
-        give_back_until_within(earned, cost, on_large, 1.0, plan.units, f"at {size}", on_step, full_size=True)
-        plan.sizes_measured.append(size)
+            give_back_until_within(earned, cost, on_large, limit, plan.units, f"at {size}", on_step, full_size=True)
+        plan.sizes_measured.append(size_label(large))
     plan.half_nodes, plan.conv_forms = _assemble(earned)
     plan.centers = {conv: centers[conv] for conv in plan.conv_forms}
     final = lower_plan(model, plan.half_nodes, plan.conv_forms, centers)[0]

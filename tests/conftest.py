@@ -207,18 +207,32 @@ def analyzed_service_images(tmp_path_factory, model_seed0, service_images) -> Pa
     return out
 
 
+# The official full-size images in the batch set: their top-left corners, in their own format.
+# Whole, each takes a minute through the real model on 2 cores and shows the batch nothing new
+# (it batches by size, and these are the set's third and fourth sizes either way); whole, they go
+# through the pipeline with the replay runner (test_host_side.py) and through the FP16 plan.
+BATCH_CROPS = {"pristine2.jpg": (352, 480), "tampered1.png": (320, 416)}
+
+
 @pytest.fixture(scope="session")
 def shared_images(tmp_path_factory) -> Path:
-    """A copy of every shared image (54: CocoGlide real and fake, the official four)."""
+    """The shared images as a batch (54: CocoGlide real and fake, the official four), the two
+    full-size official ones cropped to BATCH_CROPS."""
+    from PIL import Image
+
     require_shared()
-    return shutil.copytree(IMAGES_DIR, tmp_path_factory.mktemp("shared") / "images")
+    folder = shutil.copytree(IMAGES_DIR, tmp_path_factory.mktemp("shared") / "images")
+    for name, (height, width) in BATCH_CROPS.items():
+        with Image.open(IMAGES_DIR / name) as image:
+            image.convert("RGB").crop((0, 0, width, height)).save(folder / name, quality=90)
+    return folder
 
 
 @pytest.fixture(scope="session")
 def shared_images_analyzed(shared_images, model_seed0, tmp_path_factory) -> Path:
-    """The output folder of the per-image job on every shared image, one after the other in one
-    thread, no pipeline, one ONNX Runtime session with its default threads (what `analyze`
-    loads): the reference the batch ways in are held to, and the report's material."""
+    """The output folder of the per-image job on every image of the batch set, one after the
+    other in one thread, no pipeline, one ONNX Runtime session with its default threads (what
+    `analyze` loads): the reference the batch ways in are held to, and the report's material."""
     from trufor_trt.batch.analyze import AnalyzeOptions, run_job
     from trufor_trt.batch.inputs import expand_inputs
     from trufor_trt.batch.results_log import ResultsLog

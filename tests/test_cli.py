@@ -141,6 +141,7 @@ def test_entry_points_run(command):
 
 
 
+@pytest.mark.slow
 def test_torch_runners_on_two_threads_compute_what_each_computes_alone(checkpoint_seed0):
     """Two torch runners side by side (what `--backend torch --streams 2` runs), in different
     formulations: the official one (explicit attention scores, unfolded decoders) and the

@@ -180,6 +180,7 @@ def test_weight_inputs_must_be_what_the_tensorrt_parser_reads(op, index, source,
     assert bool(problems) is refused, problems
 
 
+@pytest.mark.slow
 def test_failed_verification_leaves_no_folder(tmp_path, checkpoint_seed0, monkeypatch):
     monkeypatch.setattr(verify, "BOUNDS", {name: 1e-12 for name in verify.BOUNDS})
     out = tmp_path / "model"
@@ -188,6 +189,7 @@ def test_failed_verification_leaves_no_folder(tmp_path, checkpoint_seed0, monkey
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_export_command_writes_a_loadable_folder(tmp_path, checkpoint_seed0):
     result = CliRunner().invoke(app, ["export", "--checkpoint", str(checkpoint_seed0),
                                       "--out", str(tmp_path / "m"), "--opset", "17"])

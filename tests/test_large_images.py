@@ -12,11 +12,13 @@ import pytest
 torch = pytest.importorskip("torch", reason="the PyTorch network needs torch (the export extra)")
 from typer.testing import CliRunner
 
+from trufor_trt.architecture import EMBED_DIMS, stage_grids
 from trufor_trt.bands import NOISEPRINT_HALO, decoder_groups, noiseprint_row_bands
 from trufor_trt.cli import app
 from trufor_trt.engine.memory_budget import GIB, MemoryBudgetError, MemoryModel, parse_memory
-from trufor_trt.engine.model_dir import ModelDir
-from trufor_trt.engine.onnxruntime_runner import MEMORY, CpuSessions, OnnxRuntimeRunner
+from trufor_trt.engine.chain import run_chain
+from trufor_trt.engine.model_dir import CPU_VARIANTS, ModelDir
+from trufor_trt.engine.onnxruntime_runner import FEATURES, MEMORY, CpuSessions, OnnxRuntimeRunner, SessionParts
 from trufor_trt.engine.postprocess import postprocess
 from trufor_trt.engine.preprocess import prepare_input
 from trufor_trt.export.synthetic import synthetic_image
@@ -90,6 +92,7 @@ def test_onnxruntime_layout_changes_nothing_but_float_reassociation(float64_netw
         assert float((ours - theirs).abs().max()) < 1e-11
 
 
+@pytest.mark.slow
 def test_onnxruntime_bands_equal_the_whole_image_and_the_float64_network(model_seed0, float64_network):
     """A budget small enough to force several bands of each kind at 300 x 420."""
     prepared = prepare_input(synthetic_image(300, 420, seed=9))
@@ -191,14 +194,41 @@ def test_4000x3000_through_onnxruntime_within_8_gb(camera_analyzed):
     assert outputs["map"].shape == (3000, 4000) and np.isfinite(outputs["map"]).all()
 
 
+class _GivenEncoderMaps(SessionParts):
+    """The chain's steps with the encoder's four maps given instead of computed (both decoder
+    paths then read the same 12 MP maps); Noiseprint++ runs where `noiseprint` is True."""
+
+    def __init__(self, sessions, maps: dict, noiseprint: bool):
+        super().__init__(sessions)
+        self.maps, self.run_noiseprint = maps, noiseprint
+
+    def noiseprint_band(self, *band) -> None:
+        if self.run_noiseprint:
+            super().noiseprint_band(*band)
+
+    def encoder(self) -> None:
+        self.features = self.maps
+
+
+def _seeded_encoder_maps(height: int, width: int) -> dict:
+    """c1..c4 (channels last) of an H x W image's shapes, seeded, at the scale of real ones."""
+    rng = np.random.default_rng(12)
+    return {name: rng.standard_normal((1, *grid, channels), np.float32)
+            for name, grid, channels in zip(FEATURES, stage_grids(height, width), EMBED_DIMS)}
+
+
 @pytest.mark.slow
 def test_tensorrt_chain_on_a_12_mp_photo_equals_the_cpu_graphs(camera_analyzed, model_seed0):
-    """TensorRT's chain (export/chain_parts.py: Noiseprint++ cut from the TensorRT graph, the
-    decoder graphs) through ONNX Runtime, in the bands an Orin NX 8GB's budget gives FP32, against
-    `analyze` on the CPU graphs. The encoder slot holds the CPU graph's encoder: the TensorRT
-    form's unfused attention would take 35 GB in ONNX Runtime at 12 MP (TensorRT fuses it);
-    tests/test_chain.py holds that form to the whole graph and the goldens."""
+    """TensorRT's chain (export/chain_parts.py) through ONNX Runtime at 12 MP, in the bands an
+    Orin NX 8GB's budget gives FP32, against `analyze` on the CPU graphs, part by part on the one
+    12 MP encoder run `analyze` made: Noiseprint++ cut from the TensorRT graph, in the plan's
+    bands, gives `analyze`'s Noiseprint++ bit for bit, so the encoder (the CPU graph's in both:
+    the TensorRT form's unfused attention would take 35 GB in ONNX Runtime at 12 MP, TensorRT
+    fuses it; tests/test_chain.py holds that form to the whole graph and the goldens) reads the
+    same input and writes the same maps; the decoder graphs, in the plan's bands and in
+    `analyze`'s, turn the same 12 MP maps into the same logits."""
     from trufor_trt.engine.chain_plan import plan_chain
+    from trufor_trt.engine.memory_budget import BandPlan, physical_memory
     from trufor_trt.engine.tensorrt_plan import Profile
     from trufor_trt.export.chain_parts import CHAIN_PARTS, chain_part_graphs
 
@@ -207,12 +237,14 @@ def test_tensorrt_chain_on_a_12_mp_photo_equals_the_cpu_graphs(camera_analyzed, 
     graphs = chain_part_graphs(model, "fp32")
     graphs["encoder"] = model.variant_path("fp32-cpu")
     plan = plan_chain("fp32", Profile((32, 32), (768, 768), (3000, 4000)), 0.3e9, 6.0 * GIB)
+    analyzes = MEMORY.plan(3000, 4000, physical_memory())  # `analyze`'s bands (no --max-memory)
     assert plan.bands.noiseprint_rows < 3000
-    chain = CpuSessions.from_files(graphs, names=CHAIN_PARTS)
     prepared = prepare_input(cv2.imread(str(image))[:, :, ::-1])
-    ours = postprocess(chain.run(prepared, plan.bands.noiseprint_rows, plan.bands.decoder_rows),
-                       model.detection_head())
-    theirs = np.load(out / "camera.png.npz")
-    assert float(np.abs(ours.localization_map - theirs["map"]).max()) < 1e-5
-    assert float(np.abs(ours.confidence_map - theirs["conf"]).max()) < 1e-5
-    assert float(np.abs(ours.noiseprint - theirs["np++"]).max()) < 1e-5
+    maps = _seeded_encoder_maps(3000, 4000)
+    chain = run_chain(_GivenEncoderMaps(CpuSessions.from_files(graphs, names=CHAIN_PARTS), maps, True),
+                      prepared, plan.bands)
+    cpu_graphs = CpuSessions.from_files({name: model.variant_path(name) for name in CPU_VARIANTS})
+    cpu = run_chain(_GivenEncoderMaps(cpu_graphs, maps, False), prepared, BandPlan(3000, analyzes.decoder_rows))
+    assert np.array_equal(chain.noiseprint, np.load(out / "camera.png.npz")["np++"])
+    for name in ("localization_logits", "confidence_logits"):
+        assert float(np.abs(getattr(chain, name) - getattr(cpu, name)).max()) < 1e-5, name

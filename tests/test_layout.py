@@ -165,6 +165,7 @@ def test_the_circle_finder_finds_a_circle():
 PROJECT_IMPORT = re.compile(r'Import "(\.|trufor_trt\b)')
 
 
+@pytest.mark.slow
 def test_pyright_resolves_every_import_of_the_projects_own_modules():
     """What an editor or type checker sees: run from the checkout, pyright must resolve every
     `trufor_trt...` import (the stage folders install as trufor_trt.engine etc.)."""

@@ -55,6 +55,7 @@ def _analyze_from_checkpoint(checkpoint, out):
                                     "--checkpoint", str(checkpoint), "--backend", "auto", "--no-png"])
 
 
+@pytest.mark.slow
 def test_checkpoint_is_exported_once_then_reused_and_a_corrupt_cache_rebuilt(
         tmp_path, isolated_cache, model_seed0, checkpoint_seed0):
     import shutil
@@ -85,6 +86,7 @@ def test_checkpoint_is_exported_once_then_reused_and_a_corrupt_cache_rebuilt(
     assert cleaned.exit_code == 0 and "freed" in cleaned.output and not cached.exists()
 
 
+@pytest.mark.slow
 def test_selftest_passes_on_cpu():
     result = CliRunner().invoke(app, ["selftest", "--backend", "onnxruntime"])
     assert result.exit_code == 0, result.output

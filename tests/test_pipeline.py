@@ -1,5 +1,6 @@
 """The pipelined batch and the batch on Ray write what the per-image job, run one image at a
-time, writes: byte for byte, on every shared image. A bad image, a resume in the middle, Ctrl-C,
+time, writes: byte for byte, on every shared image (the two full-size official ones cropped:
+conftest.BATCH_CROPS). A bad image, a resume in the middle, Ctrl-C,
 a Ray worker killed mid-run and a runner that breaks each behave as `analyze` promises."""
 
 import json
@@ -20,7 +21,7 @@ from trufor_trt.engine.runner import Runner
 
 from conftest import BreaksAfter, cli_process, stop_process, take_model_of
 
-# Every test here stands on the 54 shared images analysed once (minutes on 2 cores).
+# Every test here stands on the 54 batch images analysed once (a minute on 2 cores).
 pytestmark = pytest.mark.slow
 
 OUTPUT_SUFFIXES = (".npz", ".heatmap.png", ".conf.png", ".overlay.png", ".thumb.jpg")
@@ -101,7 +102,7 @@ def test_two_runners_and_three_host_workers_write_what_the_sequential_job_writes
     images = shutil.copytree(shared_images, tmp_path / "images")
     (images / "zz-broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
     out = tmp_path / "out"
-    done_before = names[::9]  # a batch that stopped after some images (two large ones among them)
+    done_before = names[::9]  # a batch that stopped after some images
     _copy_outputs(sequential, out, done_before)
 
     result = _analyze(images, out, model_seed0, "--streams", "2", "--workers", "3")

@@ -15,7 +15,7 @@ from trufor_trt.cli import app
 
 from conftest import BROWSER_FLAGS, CHROMIUM, rendered_dom
 
-# Every test here stands on the 54 shared images analysed once (minutes on 2 cores).
+# Every test here stands on the 54 batch images analysed once (a minute on 2 cores).
 pytestmark = pytest.mark.slow
 
 HOSTILE_NAME = "<script>alert(1)</script>.png"
