@@ -311,3 +311,18 @@ def test_a_trial_past_the_budget_under_one_kernel_model_skips_the_other():
     measured.clear()
     same = under_kernel_models(measure, differ=False)
     assert measured == [KERNEL_MODELS[0]] and same["by_kernel_model"][KERNEL_MODELS[1]]["np++"] == 8e-3
+
+
+def test_a_full_size_image_is_searched_on_its_half_size_centre_crop_first():
+    """The half-size search (within the plan's margin, recorded apart), then the full size within
+    the budget; an image below HALF_SIZE_SEARCH_FROM goes to the full size directly."""
+    from trufor_trt.export.fp16_plan import HALF_SIZE_SEARCH_FROM, PLAN_MARGIN, Fp16Plan, full_size_steps
+
+    plan = Fp16Plan()
+    large = np.arange(3 * 600 * 800, dtype=np.float32).reshape(1, 3, 600, 800)
+    (half, half_limit, half_record), (full, full_limit, full_record) = full_size_steps(large, plan)
+    assert np.array_equal(half, large[:, :, 150:450, 200:600]) and half.flags.c_contiguous
+    assert (half_limit, full_limit) == (PLAN_MARGIN, 1.0)
+    assert half_record is plan.searched_at and full is large and full_record is plan.deviation_by_size
+    small = large[:, :, :HALF_SIZE_SEARCH_FROM - 1]
+    assert [(image.shape, limit) for image, limit, _ in full_size_steps(small, plan)] == [(small.shape, 1.0)]

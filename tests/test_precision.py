@@ -131,6 +131,7 @@ def _within(errors: dict, budget: dict) -> bool:
 
 
 def test_fp16_plan_puts_most_flops_in_fp16_within_budget_up_to_its_max_shape(reduced_model):
+    from trufor_trt.export.fp16_plan import budget_share
     from trufor_trt.precision.budgets import FP16_BUDGET
     from trufor_trt.precision.kernel_models import KERNEL_MODELS, STRESS_MODEL
 
@@ -155,6 +156,8 @@ def test_fp16_plan_puts_most_flops_in_fp16_within_budget_up_to_its_max_shape(red
     layers = [entry for name, entry in plan["units"].items() if name.startswith("noiseprint++ layer")]
     assert sorted(forms.values()) == sorted(entry["form"] for entry in layers if entry["decision"] == "fp16")
     assert set(plan[f"stress_{STRESS_MODEL}"]["by_kernel_model"]) == {STRESS_MODEL}
+    searched = plan["searched_at_half_size"]  # the full-size image, searched at half size first
+    assert set(searched) == {"768x1024"} and budget_share(searched["768x1024"]) <= plan["plan_margin"]
     assert at_512["executed_gflop"]["fp32"] > at_512["network_gflop"]["fp32"]  # the centered offsets
     assert fp16["calibration"]["count"] == 3 and len(fp16["calibration"]["sha256"]) == 64
 
