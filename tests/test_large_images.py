@@ -19,7 +19,6 @@ from trufor_trt.engine.memory_budget import GIB, MemoryBudgetError, MemoryModel,
 from trufor_trt.engine.chain import run_chain
 from trufor_trt.engine.model_dir import CPU_VARIANTS, ModelDir
 from trufor_trt.engine.onnxruntime_runner import FEATURES, MEMORY, CpuSessions, OnnxRuntimeRunner, SessionParts
-from trufor_trt.engine.postprocess import postprocess
 from trufor_trt.engine.preprocess import prepare_input
 from trufor_trt.export.synthetic import synthetic_image
 from trufor_trt.export.verify import raw_deviation
@@ -211,7 +210,7 @@ class _GivenEncoderMaps(SessionParts):
 
 
 def _seeded_encoder_maps(height: int, width: int) -> dict:
-    """c1..c4 (channels last) of an H x W image's shapes, seeded, at the scale of real ones."""
+    """c1..c4 (channels last) in an H x W image's shapes: seeded standard normal values."""
     rng = np.random.default_rng(12)
     return {name: rng.standard_normal((1, *grid, channels), np.float32)
             for name, grid, channels in zip(FEATURES, stage_grids(height, width), EMBED_DIMS)}
