@@ -6,7 +6,8 @@ Two sets from one folder:
   affordable);
 - the every-size set: up to FULL_SIZE_LIMIT of the folder's largest images at full size
   (centre-cropped to the engine profile's max shape where larger): deviation grows with the
-  image, so the plan is checked at the sizes the engine will see.
+  image, so the plan is checked at the sizes the engine will see (none where the max shape is
+  no larger than the crops).
 """
 
 import hashlib
@@ -44,7 +45,9 @@ def load_calibration_set(folder, limit: int = DEFAULT_LIMIT, max_shape=None):
     if not jobs:
         raise TruforError(f"calibration folder {folder}: no images found")
     search = jobs[:limit]
-    larger = [job for job in jobs if _pixels(job.path) > CROP_SIDE * CROP_SIDE] if max_shape else []
+    # Up to CROP_SIDE a side, the full-size set would be the search crops again.
+    beyond_crops = max_shape is not None and max(max_shape) > CROP_SIDE
+    larger = [job for job in jobs if _pixels(job.path) > CROP_SIDE * CROP_SIDE] if beyond_crops else []
     full_size = sorted(larger, key=lambda job: -_pixels(job.path))[:FULL_SIZE_LIMIT]
     digest = hashlib.sha256()
     for job in {job.relative: job for job in search + full_size}.values():

@@ -17,14 +17,13 @@ CALIBRATION_METHODS = ("MinMax", "Percentile", "Entropy")
 
 
 class _Reader:
-    """ONNX Runtime's CalibrationDataReader protocol over prepared inputs."""
+    """ONNX Runtime's CalibrationDataReader protocol over feeds (input name -> array)."""
 
-    def __init__(self, inputs):
-        self._inputs = iter(inputs)
+    def __init__(self, feeds):
+        self._feeds = iter(feeds)
 
     def get_next(self):
-        prepared = next(self._inputs, None)
-        return None if prepared is None else {"image": prepared}
+        return next(self._feeds, None)
 
 
 def describe(method: str, per_channel: bool) -> dict:
@@ -34,16 +33,17 @@ def describe(method: str, per_channel: bool) -> dict:
             "biases": "float", "operators": list(QUANTIZED_OPERATORS)}
 
 
-def quantize_nodes(fp32_graph: Path, inputs: list, nodes: set, method: str, per_channel: bool,
+def quantize_nodes(fp32_graph: Path, feeds: list, nodes: set, method: str, per_channel: bool,
                    cache_folder: Path) -> onnx.ModelProto:
-    """The FP32 graph with Q/DQ around exactly `nodes` (convolutions and matrix products); its
-    IR version is the quantizer's (the caller sets the one it needs)."""
+    """The FP32 graph with Q/DQ around exactly `nodes` (convolutions and matrix products),
+    calibrated on `feeds` (one dict of the graph's inputs per image); its IR version is the
+    quantizer's (the caller sets the one it needs)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method {method!r}: one of {', '.join(CALIBRATION_METHODS)}")
     output = Path(cache_folder) / f"int8-{method}-{'channel' if per_channel else 'tensor'}.onnx"
-    quantize_static(str(fp32_graph), str(output), _Reader(inputs) if inputs else None,
+    quantize_static(str(fp32_graph), str(output), _Reader(feeds) if feeds else None,
                     quant_format=QuantFormat.QDQ, per_channel=per_channel,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                     op_types_to_quantize=list(QUANTIZED_OPERATORS), nodes_to_quantize=sorted(nodes),

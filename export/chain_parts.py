@@ -112,6 +112,32 @@ def cut_chain_parts(whole: onnx.ModelProto) -> dict:
     return {"noiseprint": noiseprint_part, "encoder": encoder_part}
 
 
+def cut_after_noiseprint(whole: onnx.ModelProto) -> dict:
+    """{"noiseprint": image -> Noiseprint++, "rest": (image, Noiseprint++) -> the two logits},
+    cut from `whole` (any graph with the network's inputs and outputs)."""
+    image, noiseprint = _float_input(INPUT_NAME, 3), _float_input(NOISEPRINT, 1)
+    noiseprint_part = _subgraph(whole, "trufor_noiseprint", [image], [noiseprint])
+    logits = [output for output in whole.graph.output if output.name != NOISEPRINT]
+    rest = _subgraph(whole, "trufor_after_noiseprint", [_float_input(INPUT_NAME, 3), noiseprint], logits)
+    in_noiseprint = {node.name for node in noiseprint_part.graph.node if node.op_type != "Constant"}
+    shared = [node.name for node in rest.graph.node if node.name in in_noiseprint]
+    if shared:
+        raise ChainCutError(f"the network after Noiseprint++ reads inside it (at {shared[0]})")
+    return {"noiseprint": noiseprint_part, "rest": rest}
+
+
+def join_after_noiseprint(noiseprint_part: onnx.ModelProto, rest: onnx.ModelProto,
+                          whole: onnx.ModelProto) -> onnx.ModelProto:
+    """The two parts of cut_after_noiseprint (the rest perhaps changed, e.g. quantized) as one
+    graph with `whole`'s inputs and outputs, in the rest's opset and IR version."""
+    graph = helper.make_graph([*noiseprint_part.graph.node, *rest.graph.node], whole.graph.name,
+                              list(whole.graph.input), list(whole.graph.output),
+                              initializer=[*noiseprint_part.graph.initializer, *rest.graph.initializer])
+    joined = helper.make_model(graph, opset_imports=rest.opset_import, producer_name=rest.producer_name)
+    joined.ir_version = rest.ir_version
+    return joined
+
+
 def chain_part_graphs(model: ModelDir, precision: str) -> dict:
     """Part name -> serialized graph, for each of CHAIN_PARTS: the first two cut from the folder's
     `precision` graph, the decoders its FP32 decoder graphs."""

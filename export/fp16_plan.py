@@ -13,8 +13,8 @@ normalisation), a block's self-attention products a unit apart. A unit earns FP1
    within the budget on every full-size image of the every-size check, under every kernel
    model: while they do not, the unit that costs the most budget per FLOP it brings is given
    back to FP32. A full-size trial costs minutes, so each full-size image is first searched on
-   its centre crop of half the height and width (a quarter of the pixels; 21 s a trial instead
-   of 75 s at 1536x2048 on 2 cores) within PLAN_MARGIN; the full size then decides (within the budget), and gives back
+   its centre crop of half the height and width (a quarter of the pixels and of a trial's
+   time) within PLAN_MARGIN; the full size then decides (within the budget), and gives back
    more only where the half-size search did not suffice.
 Sums over all pixels (the fusion's cross-attention context) always stay FP32: their range
 grows with the image size. LayerNormalization and Softmax always stay FP32. The finished plan
@@ -34,7 +34,8 @@ from trufor_trt.precision.budgets import FP16_BUDGET
 from trufor_trt.precision.conv16 import channel_centers, lower_convolutions
 from trufor_trt.precision.flops import node_flops
 from trufor_trt.precision.fp16 import KERNEL_MODELS, STRESS_MODEL, lower_to_fp16, tensor_types, upcast_fp16
-from trufor_trt.export.measure import OUTPUTS, create_session_from_model, deviation, reference_analyses, worst_by_output
+from trufor_trt.export.measure import (OUTPUTS, NetworkRuns, create_session_from_model, deviation,
+                                      reference_analyses, worst_by_output)
 
 ALWAYS_FP32 = frozenset({"LayerNormalization", "Softmax", "Cast", "Constant"})
 FP16_RANGE_LIMIT = 2.0 ** 14
@@ -183,12 +184,13 @@ class Measure:
 
     def __init__(self, model, inputs, head, centers: dict, share=budget_share):
         """`share`: errors -> the share of the budget they use (what `stop_above` is in)."""
-        self.model, self.inputs, self.head, self.centers, self.share = model, inputs, head, centers, share
-        self.reference = reference_analyses(model, inputs, head)
+        self.model, self.head, self.centers, self.share = model, head, centers, share
+        self.runs = NetworkRuns(inputs, attention_chains(model))
+        self.reference = reference_analyses(self.runs, model, head)
 
     def graph(self, graph: onnx.ModelProto, stop_above: float = math.inf, kernels=KERNEL_MODELS) -> dict:
         return under_kernel_models(
-            lambda kernel: deviation(upcast_fp16(graph, kernel), self.reference, self.inputs, self.head),
+            lambda kernel: deviation(upcast_fp16(graph, kernel), self.reference, self.runs, self.head),
             kernels, stop_above, differ=has_float16_convolution(graph), share=self.share)
 
     def __call__(self, half_nodes: set, conv_forms: dict, stop_above: float = math.inf) -> dict:

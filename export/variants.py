@@ -49,7 +49,7 @@ def _build(model: ModelDir, precision: str, fp32_path: Path, fp32: onnx.ModelPro
     if "noiseprint_centers" not in fp16:
         raise TruforError("the folder's FP16 plan predates centered Noiseprint++: add the fp16 variant again "
                           "(trufor-trt export --precision fp16 --calib-images DIR), then int8")
-    plan, graph, half_nodes = plan_int8(fp32_path, fp32, inputs, head, recorded_plan(fp32, fp16),
+    plan, graph, half_nodes = plan_int8(fp32, inputs, head, recorded_plan(fp32, fp16),
                                         large_inputs=large, on_step=on_step)
     return graph, half_nodes, {"int8_plan": plan.report(), "quantization": plan.report()["quantization"]}, \
         plan.deviation_by_size

@@ -153,9 +153,8 @@ def test_torch_runners_on_two_threads_compute_what_each_computes_alone(checkpoin
     from trufor_trt.engine.memory_budget import parse_memory
     from trufor_trt.engine.torch_runner import TorchRunner
 
-    sources = [*sorted(COCO.rglob("*.png"))[:2], IMAGES_DIR / "pristine1.jpg", IMAGES_DIR / "tampered2.png"]
-    prepared = [prepare_input(_crop(source, *size))
-                for source, size in zip(sources, [(256, 256)] * 2 + [(480, 640)] * 2)]
+    sources = [sorted(COCO.rglob("*.png"))[0], IMAGES_DIR / "pristine1.jpg"]
+    prepared = [prepare_input(_crop(source, *size)) for source, size in zip(sources, [(256, 256), (480, 640)])]
     threads_before = torch.get_num_threads()
     runners = [TorchRunner(checkpoint_seed0, device="cpu", threads=1, official=True),
                TorchRunner(checkpoint_seed0, device="cpu", threads=1, max_memory_bytes=parse_memory("1000M"))]

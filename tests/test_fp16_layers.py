@@ -227,7 +227,8 @@ def test_int8_subset_rewires_the_other_products_to_float32(tmp_path):
                             [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
     onnx.save(fp32, tmp_path / "fp32.onnx")
     inputs = [rng.normal(size=(4, 8)).astype(np.float32) for _ in range(4)]
-    both = quantize_nodes(tmp_path / "fp32.onnx", inputs, {"first", "second"}, "MinMax", True, tmp_path)
+    both = quantize_nodes(tmp_path / "fp32.onnx", [{"image": x} for x in inputs], {"first", "second"}, "MinMax",
+                          True, tmp_path)
     both.ir_version = 10
     only_first = keep_int8_only(both, fp32, {"first"})
     assert node_precisions(both) == {"first": "int8", "second": "int8"}
@@ -263,6 +264,8 @@ def test_calibration_keeps_the_largest_images_whole_up_to_the_max_shape(tmp_path
     assert record["full_size_files"] == ["tampered1.png"] and record["sizes"] == ["256x256", "1024x2048"]
     _, none, without = load_calibration_set(tmp_path)
     assert none == [] and without["full_size_files"] == []
+    _, none, within_crops = load_calibration_set(tmp_path, max_shape=(CROP_SIDE, CROP_SIDE))
+    assert none == [] and within_crops["sizes"] == ["256x256"]  # not the crops measured twice
 
 
 def test_give_back_only_touches_units_that_can_move_the_output_over_budget():
@@ -326,3 +329,89 @@ def test_a_full_size_image_is_searched_on_its_half_size_centre_crop_first():
     assert half_record is plan.searched_at and full is large and full_record is plan.deviation_by_size
     small = large[:, :, :HALF_SIZE_SEARCH_FROM - 1]
     assert [(image.shape, limit) for image, limit, _ in full_size_steps(small, plan)] == [(small.shape, 1.0)]
+
+
+def _attention_graph(keys=16, width=64):
+    """y = Softmax((q * s) k^T) v, every tensor float32: the chain attention_chains finds."""
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("Mul", ["q", "s"], ["qs"], name="scaled"),
+             helper.make_node("MatMul", ["qs", "kt"], ["scores"], name="scores"),
+             helper.make_node("Softmax", ["scores"], ["probs"], axis=-1, name="softmax"),
+             helper.make_node("MatMul", ["probs", "v"], ["context"], name="context"),
+             helper.make_node("Relu", ["context"], ["y"], name="after")]
+    initializers = [numpy_helper.from_array(np.float32([0.5]), "s"),
+                    numpy_helper.from_array(rng.normal(size=(1, 1, width, keys)).astype(np.float32), "kt"),
+                    numpy_helper.from_array(rng.normal(size=(1, 1, keys, width)).astype(np.float32), "v")]
+    return small_onnx_model(nodes, [helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 1, None, width])],
+                            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1, None, width])],
+                            initializers)
+
+
+@pytest.mark.parametrize("half", [set(), {"scaled", "scores", "context"}])
+def test_attention_in_row_chunks_computes_each_row_as_the_whole_chain_does(half):
+    """Row chunks (an uneven split: 50 rows in 4) of the plain chain and of its FP16 simulation
+    (Casts between the products) give the whole chain's rows bit for bit, no node reading the
+    whole score matrix."""
+    from trufor_trt.precision.blocks import attention_chains
+    from trufor_trt.precision.row_chunks import attention_in_row_chunks
+
+    graph = upcast_fp16(lower_to_fp16(_attention_graph(), half))
+    chains = attention_chains(_attention_graph())
+    chunked = onnx.ModelProto.FromString(graph.SerializeToString())
+    attention_in_row_chunks(chunked, chains, 4)
+    q = np.random.default_rng(9).normal(size=(1, 1, 50, 64)).astype(np.float32)
+    assert np.array_equal(run_onnx(chunked, q=q), run_onnx(graph, q=q))
+    readers = {name for node in chunked.graph.node if node.op_type != "Split" for name in node.input}
+    assert "scores" not in readers
+    assert sum(node.op_type == "Softmax" for node in chunked.graph.node) == 4
+
+
+def test_attention_in_row_chunks_leaves_a_chain_whose_scores_are_read_elsewhere_whole():
+    from trufor_trt.precision.blocks import attention_chains
+    from trufor_trt.precision.row_chunks import attention_in_row_chunks
+
+    graph = _attention_graph()
+    chains = attention_chains(graph)
+    graph.graph.node.append(helper.make_node("ReduceMax", ["scores"], ["peak"], name="peak", keepdims=0))
+    graph.graph.output.append(helper.make_tensor_value_info("peak", TensorProto.FLOAT, None))
+    before = [node.name for node in graph.graph.node]
+    attention_in_row_chunks(graph, chains, 4)
+    assert [node.name for node in graph.graph.node] == before
+
+
+def test_row_chunks_keep_stage_1_scores_within_the_chunk_size_at_full_size():
+    from trufor_trt.architecture import stage_grids
+    from trufor_trt.precision.row_chunks import CHUNK_BYTES, row_chunks_for
+
+    assert row_chunks_for(256, 256) == 1
+    (height, width), chunks = stage_grids(1536, 2048)[0], row_chunks_for(1536, 2048)
+    scores_bytes = 4 * height * width * (height // 8) * (width // 8)  # one head, keys reduced 8x8
+    assert scores_bytes > 8 * CHUNK_BYTES and scores_bytes / chunks <= CHUNK_BYTES
+
+
+def test_network_runs_reuse_noiseprint_in_bands_and_equal_the_whole_graph(model_seed0, monkeypatch):
+    """Split after Noiseprint++ and Noiseprint++ in row bands, a graph's outputs are the whole
+    graph's bit for bit; a second graph that changes only what follows Noiseprint++ does not run
+    it again."""
+    from trufor_trt.engine.onnxruntime_runner import create_session, run_session
+    from trufor_trt.engine.preprocess import prepare_input
+    from trufor_trt.export import measure
+    from trufor_trt.export.synthetic import synthetic_image
+    from trufor_trt.precision.blocks import attention_chains, block_of
+
+    graph = onnx.load(model_seed0 / "trufor_fp32.onnx")
+    prepared = prepare_input(synthetic_image(120, 72, seed=2))
+    monkeypatch.setattr(measure, "NOISEPRINT_BAND_PIXELS", 72 * 40)  # 3 bands
+    sessions = []
+    monkeypatch.setattr(measure, "create_session", lambda serialized: sessions.append(1) or create_session(serialized))
+    runs = measure.NetworkRuns([prepared], attention_chains(graph))
+    ours, whole = runs.raw_outputs(graph)[0], run_session(create_session(graph.SerializeToString()), prepared)
+    for name in ("localization_logits", "confidence_logits", "noiseprint"):
+        assert np.array_equal(getattr(ours, name), getattr(whole, name)), name
+    decoder = {node.name for node in graph.graph.node if block_of(node.name) == "localization decoder"}
+    lowered = upcast_fp16(lower_to_fp16(graph, decoder))
+    assert len(sessions) == 2
+    changed = runs.raw_outputs(lowered)[0]
+    assert len(sessions) == 3  # the rest only
+    assert np.array_equal(changed.noiseprint, whole.noiseprint)
+    assert not np.array_equal(changed.localization_logits, whole.localization_logits)

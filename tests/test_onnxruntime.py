@@ -86,13 +86,6 @@ def test_checkpoint_is_exported_once_then_reused_and_a_corrupt_cache_rebuilt(
     assert cleaned.exit_code == 0 and "freed" in cleaned.output and not cached.exists()
 
 
-@pytest.mark.slow
-def test_selftest_passes_on_cpu():
-    result = CliRunner().invoke(app, ["selftest", "--backend", "onnxruntime"])
-    assert result.exit_code == 0, result.output
-    assert "PASS: onnxruntime" in result.output
-
-
 def test_selftest_fails_when_a_backend_is_wrong(monkeypatch):
     """A backend whose localization logits are off by 0.05 must not pass."""
     honest = TorchRunner.infer
