@@ -391,11 +391,12 @@ def test_row_chunks_keep_stage_1_scores_within_the_chunk_size_at_full_size():
 
 def test_network_runs_reuse_noiseprint_in_bands_and_equal_the_whole_graph(model_seed0, monkeypatch):
     """Split after Noiseprint++ and Noiseprint++ in row bands, a graph's outputs are the whole
-    graph's bit for bit; a second graph that changes only what follows Noiseprint++ does not run
+    graph's bit for bit (and so are the two parts joined again); a second graph that changes only what follows Noiseprint++ does not run
     it again."""
     from trufor_trt.engine.onnxruntime_runner import create_session, run_session
     from trufor_trt.engine.preprocess import prepare_input
     from trufor_trt.export import measure
+    from trufor_trt.export.chain_parts import cut_after_noiseprint, join_after_noiseprint
     from trufor_trt.export.synthetic import synthetic_image
     from trufor_trt.precision.blocks import attention_chains, block_of
 
@@ -406,8 +407,12 @@ def test_network_runs_reuse_noiseprint_in_bands_and_equal_the_whole_graph(model_
     monkeypatch.setattr(measure, "create_session", lambda serialized: sessions.append(1) or create_session(serialized))
     runs = measure.NetworkRuns([prepared], attention_chains(graph))
     ours, whole = runs.raw_outputs(graph)[0], run_session(create_session(graph.SerializeToString()), prepared)
+    parts = cut_after_noiseprint(graph)  # and joined again, as INT8 quantizes the rest alone
+    joined = run_session(create_session(join_after_noiseprint(parts["noiseprint"], parts["rest"], graph)
+                                        .SerializeToString()), prepared)
     for name in ("localization_logits", "confidence_logits", "noiseprint"):
         assert np.array_equal(getattr(ours, name), getattr(whole, name)), name
+        assert np.array_equal(getattr(joined, name), getattr(whole, name)), name
     decoder = {node.name for node in graph.graph.node if block_of(node.name) == "localization decoder"}
     lowered = upcast_fp16(lower_to_fp16(graph, decoder))
     assert len(sessions) == 2
