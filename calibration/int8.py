@@ -89,9 +89,9 @@ def keep_int8_only(quantized: onnx.ModelProto, fp32: onnx.ModelProto, nodes: set
     on an activation stays where a node of `nodes` writes or reads it, and other nodes read
     their FP32 weights again. Quantizing once and subsetting costs no quantizer run per trial."""
     from trufor_trt.precision.blocks import graph_links
-    from trufor_trt.precision.fp16 import finish_graph
+    from trufor_trt.precision.fp16 import copy_without_weights, finish_graph
 
-    graph = onnx.ModelProto.FromString(quantized.SerializeToString())
+    graph = copy_without_weights(quantized)
     producer, readers = graph_links(graph)
     fp32_nodes = {node.name: node for node in fp32.graph.node}
     fp32_weights = {init.name: init for init in fp32.graph.initializer}
@@ -112,6 +112,7 @@ def keep_int8_only(quantized: onnx.ModelProto, fp32: onnx.ModelProto, nodes: set
                 user.input[index] = original
                 restored[original] = fp32_weights[original]
     _apply_renames(graph.graph.node, renames)
-    present = {init.name for init in graph.graph.initializer}
-    # finish_graph drops the Q/DQ nodes nothing reads any more.
-    return finish_graph(graph, list(graph.graph.node), [init for name, init in restored.items() if name not in present])
+    present = {init.name for init in quantized.graph.initializer}
+    # finish_graph drops the Q/DQ nodes nothing reads any more, and the weights they read.
+    return finish_graph(graph, list(graph.graph.node), [*quantized.graph.initializer, *(
+        init for name, init in restored.items() if name not in present)])

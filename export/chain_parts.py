@@ -70,16 +70,49 @@ def _subgraph(whole: onnx.ModelProto, name: str, inputs: list, outputs: list, ex
     return model
 
 
+def with_outputs(whole: onnx.ModelProto, tensors) -> onnx.ModelProto:
+    """A copy of `whole` that also outputs `tensors` (their types left to the runtime)."""
+    copy = onnx.ModelProto.FromString(whole.SerializeToString())
+    known = {value.name for value in copy.graph.output} | {value.name for value in copy.graph.input}
+    copy.graph.output.extend(helper.make_empty_tensor_value_info(name) for name in sorted(tensors)
+                             if name not in known)
+    return copy
+
+
+def cut_from(whole: onnx.ModelProto, given: set, examples: dict) -> onnx.ModelProto:
+    """The part of `whole` that computes its outputs when the tensors `given` are fed as well
+    (`examples`: a value of each, for its type and rank); inputs it no longer reads dropped."""
+    own_inputs = {value.name for value in whole.graph.input}
+    outputs = list(whole.graph.output)
+    read = {tensor for node in _needed_nodes(whole.graph, [value.name for value in outputs], own_inputs | given)
+            for tensor in node.input}
+    fed = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(examples[name].dtype),
+                                         [None] * examples[name].ndim) for name in sorted(given & read)]
+    return _subgraph(whole, whole.graph.name, [value for value in whole.graph.input if value.name in read] + fed,
+                     outputs)
+
+
+def _made_of_weights(graph) -> set:
+    """The tensors computed from weights and constants alone (an INT8 plan's DequantizeLinear of
+    a quantized weight, a Cast of a weight to float16), the weights themselves included."""
+    made = {tensor.name for tensor in graph.initializer}
+    grew = True
+    while grew:  # a lowered graph's order need not be topological
+        before = len(made)
+        made.update(output for node in graph.node if all(not tensor or tensor in made for tensor in node.input)
+                    for output in node.output)
+        grew = len(made) > before
+    return made
+
+
 def encoder_maps(whole: onnx.ModelProto) -> list:
     """The four tensors the decoder heads read (c1..c4, in the precision the graph keeps them)."""
     graph = whole.graph
     heads = [node for node in graph.node if node.name.startswith(DECODER_HEADS)]
     made_inside = {output for node in heads for output in node.output}
-    weights = {tensor.name for tensor in graph.initializer}
-    producers = _producers(graph)
+    weights, producers = _made_of_weights(graph), _producers(graph)
     read = {tensor for node in heads for tensor in node.input
-            if tensor and tensor not in made_inside and tensor not in weights
-            and producers.get(tensor) is not None and producers[tensor].op_type != "Constant"}
+            if tensor and tensor not in made_inside and tensor not in weights and tensor in producers}
     by_scale = {}
     for tensor in read:
         match = re.search(r"FFMs\.(\d)/", tensor)

@@ -182,11 +182,12 @@ class Measure:
     """Deviation of candidate graphs from FP32 on a fixed set of inputs (references kept), the
     worst under each kernel model (precision/fp16.py)."""
 
-    def __init__(self, model, inputs, head, centers: dict, share=budget_share):
-        """`share`: errors -> the share of the budget they use (what `stop_above` is in)."""
+    def __init__(self, model, inputs, head, centers: dict, share=budget_share, reuse_blocks=False):
+        """`share`: errors -> the share of the budget they use (what `stop_above` is in);
+        `reuse_blocks`: see NetworkRuns (for trials that each change a block or two)."""
         self.model, self.head, self.centers, self.share = model, head, centers, share
-        self.runs = NetworkRuns(inputs, attention_chains(model))
-        self.reference = reference_analyses(self.runs, model, head)
+        self.runs = NetworkRuns(inputs, model, attention_chains(model), reuse_blocks)
+        self.reference = reference_analyses(self.runs, head)
 
     def graph(self, graph: onnx.ModelProto, stop_above: float = math.inf, kernels=KERNEL_MODELS) -> dict:
         return under_kernel_models(
@@ -338,7 +339,7 @@ def plan_fp16(model: onnx.ModelProto, inputs: list, head, large_inputs=(), on_st
     # Noiseprint++ layer is tried on every crop: its trials are cheap, and on the seed-0
     # checkpoint the first layer moved Noiseprint++ 10x more on the 8th crop than on the first two.
     solo = {"conv": NoiseprintMeasure(noiseprint, inputs, centers),
-            "block": Measure(model, inputs[:SOLO_INPUTS], head, centers)}
+            "block": Measure(model, inputs[:SOLO_INPUTS], head, centers, reuse_blocks=True)}
     units = candidate_units(model)
     on_step(f"measuring activation ranges of {len(units)} units")
     ranges = activation_ranges(model, inputs, units)

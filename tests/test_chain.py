@@ -20,7 +20,7 @@ from trufor_trt.engine.onnxruntime_runner import MEMORY, CpuSessions, create_ses
 from trufor_trt.engine.postprocess import postprocess
 from trufor_trt.engine.preprocess import prepare_input
 from trufor_trt.engine.tensorrt_plan import Profile, Sidecar
-from trufor_trt.export.chain_parts import CHAIN_PARTS, chain_part_graphs, cut_chain_parts
+from trufor_trt.export.chain_parts import CHAIN_PARTS, chain_part_graphs, cut_chain_parts, encoder_maps
 from trufor_trt.export.graph_rules import tensorrt_shape_problems
 from trufor_trt.export.synthetic import synthetic_image
 from trufor_trt.export.verify import raw_deviation
@@ -91,6 +91,28 @@ def test_the_encoder_maps_are_found_in_reduced_precision_graphs_too(model_seed0)
     maps = create_session(parts["encoder"].SerializeToString()).run(None, feeds)
     assert [tuple(scale.shape) for scale in maps] == [(1, 16, 24, 64), (1, 8, 12, 128), (1, 4, 6, 320),
                                                       (1, 2, 3, 512)]
+
+
+def test_a_quantized_decoder_weight_is_not_taken_for_an_encoder_map(model_seed0):
+    """An INT8 plan may quantize a decoder's convolution: the decoders then read its weight
+    through a DequantizeLinear, a tensor made of weights alone, not one of the encoder's maps."""
+    from onnx import helper, numpy_helper
+
+    whole = onnx.load(ModelDir.open(model_seed0).variant_path("fp32"))
+    maps = encoder_maps(whole)
+    weights = {tensor.name: tensor for tensor in whole.graph.initializer}
+    # Its DequantizeLinear is named after the weight, outside the decoders' name scope.
+    conv = next(node for node in whole.graph.node if node.name == "/decode_head_conf/linear_pred/Conv")
+    weight = numpy_helper.to_array(weights[conv.input[1]])
+    scale = np.float32(np.abs(weight).max() / 127)
+    quantized, dequantized = f"{conv.input[1]}_quantized", f"{conv.input[1]}_DequantizeLinear_Output"
+    whole.graph.initializer.extend([numpy_helper.from_array(np.round(weight / scale).astype(np.int8), quantized),
+                                    numpy_helper.from_array(np.array(scale), f"{quantized}_scale")])
+    whole.graph.node.append(helper.make_node("DequantizeLinear", [quantized, f"{quantized}_scale"], [dequantized],
+                                             name=f"{conv.input[1]}_DequantizeLinear"))
+    conv.input[1] = dequantized
+    assert encoder_maps(whole) == maps
+    assert set(cut_chain_parts(whole)) == {"noiseprint", "encoder"}
 
 
 def test_the_device_memory_plan_bands_what_fits_and_refuses_what_cannot():

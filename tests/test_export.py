@@ -184,8 +184,8 @@ def test_weight_inputs_must_be_what_the_tensorrt_parser_reads(op, index, source,
 def test_failed_verification_leaves_no_folder(tmp_path, checkpoint_seed0, monkeypatch):
     monkeypatch.setattr(verify, "BOUNDS", {name: 1e-12 for name in verify.BOUNDS})
     out = tmp_path / "model"
-    with pytest.raises(ExportVerificationError, match="is not faithful"):
-        export_model_dir(checkpoint_seed0, out, on_step=lambda message: None)
+    with pytest.raises(ExportVerificationError, match="is not faithful"):  # the CPU graphs suffice
+        export_model_dir(checkpoint_seed0, out, on_step=lambda message: None, with_tensorrt=False)
     assert list(tmp_path.iterdir()) == []
 
 

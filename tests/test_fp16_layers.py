@@ -122,6 +122,42 @@ def test_split_form_takes_the_input_rounding_out_at_twice_the_products(cancellin
     assert list(weights["conv/w16"].dims) == [4, 32, 3, 3]  # [W, W] over [hi, lo]: twice the products
 
 
+def _conv3x3_float64(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """A 3x3 convolution with zero padding 1, in float64 (N=1, C x H x W)."""
+    padded = np.pad(x.astype(np.float64), ((0, 0), (1, 1), (1, 1)))
+    height, width = x.shape[1:]
+    return sum(np.einsum("oc,chw->ohw", weight[:, :, row, column].astype(np.float64),
+                         padded[:, row:row + height, column:column + width])
+               for row in range(3) for column in range(3))
+
+
+def test_split_form_is_simulated_as_one_convolution_over_hi_plus_lo(cancelling_layer):
+    """[hi, lo] against [W, W] is the products of hi + lo with W, and hi + lo is exact in
+    float32: under both kernel models the simulation convolves that sum (half the products) and
+    equals float64 arithmetic on the same float16 values; float16 accumulation, whose partial
+    sums run over the 2 x 16 channels, keeps the concatenation."""
+    model, x, _ = cancelling_layer
+    center = np.full(16, 1.0, np.float32)
+    lowered, _ = lower_convolutions(model, {"conv": "centered_split"}, {"conv": center})
+    weight = numpy_helper.to_array(next(init for init in model.graph.initializer if init.name == "w"))
+    bias = numpy_helper.to_array(next(init for init in model.graph.initializer if init.name == "b"))
+    centered = x[0] - center[:, None, None]
+    hi = centered.astype(np.float16).astype(np.float32)
+    lo = (centered - hi).astype(np.float16).astype(np.float32)
+    weight16 = weight.astype(np.float16)
+    offset = _conv3x3_float64(np.ones((16, 8, 8)) * center[:, None, None], weight) + bias[:, None, None]
+    expected = np.maximum(_conv3x3_float64(hi, weight16) + _conv3x3_float64(lo, weight16) + offset, 0)
+    simulated = upcast_fp16(lowered, "fused")
+    weights = {init.name: init for init in simulated.graph.initializer}
+    conv = next(node for node in simulated.graph.node if node.name == "conv")
+    assert list(weights[conv.input[1]].dims) == [4, 16, 3, 3]
+    assert np.abs(_run(simulated, x)[0] - expected).max() < 2e-4  # the offset's float32 sums of ~500
+    assert np.abs(_run(simulated, x)[0] - np.maximum(_conv3x3_float64(hi, weight16) + offset, 0)).max() > 1e-3
+    rounded = upcast_fp16(lowered, "rounded_output")
+    assert any(node.name == "conv/hi_plus_lo" for node in rounded.graph.node)
+    assert not any(node.name == "conv/hi_plus_lo" for node in upcast_fp16(lowered, STRESS_MODEL).graph.node)
+
+
 def test_centered_form_needs_a_center_per_input_channel(cancelling_layer):
     model, _, _ = cancelling_layer
     with pytest.raises(ValueError, match="one center per input channel"):
@@ -389,6 +425,39 @@ def test_row_chunks_keep_stage_1_scores_within_the_chunk_size_at_full_size():
     assert scores_bytes > 8 * CHUNK_BYTES and scores_bytes / chunks <= CHUNK_BYTES
 
 
+def test_network_runs_reusing_block_outputs_run_only_what_a_change_reaches(model_seed0, monkeypatch):
+    """With the reference's block outputs kept, a graph changed in a decoder runs the decoders
+    alone (an unchanged one from its inputs, for its output), one changed in Noiseprint++ runs
+    all but the RGB stream's first stage (which does not read Noiseprint++), and the outputs
+    equal the whole graph's bit for bit."""
+    from trufor_trt.engine.onnxruntime_runner import create_session, run_session
+    from trufor_trt.engine.preprocess import prepare_input
+    from trufor_trt.export import measure
+    from trufor_trt.export.synthetic import synthetic_image
+    from trufor_trt.precision.blocks import attention_chains, block_of
+
+    graph = onnx.load(model_seed0 / "trufor_fp32.onnx")
+    prepared = [prepare_input(synthetic_image(64, 96, seed=seed)) for seed in (3, 4)]
+    blocks_run = []
+    original = {node.name for node in graph.graph.node}
+    monkeypatch.setattr(measure, "create_session", lambda serialized: blocks_run.append(
+        {block_of(node.name) for node in onnx.load_from_string(serialized).graph.node if node.name in original})
+        or create_session(serialized))
+    runs = measure.NetworkRuns(prepared, graph, attention_chains(graph), reuse_blocks=True)
+    decoder = {node.name for node in graph.graph.node if block_of(node.name) == "localization decoder"}
+    first_layer = next(node.name for node in graph.graph.node if node.op_type == "Conv")
+    assert block_of(first_layer) == "noiseprint++"
+    for changed, expected in ((decoder, {"localization decoder", "confidence decoder"}),
+                              ({first_layer}, set(map(block_of, original)) - {"rgb stream, stage 1"})):
+        lowered = upcast_fp16(lower_to_fp16(graph, changed))
+        ours = runs.raw_outputs(lowered)
+        assert blocks_run[-1] == expected - {"noiseprint++"}
+        for raw, x in zip(ours, prepared):
+            whole = run_session(create_session(lowered.SerializeToString()), x)
+            for name in ("localization_logits", "confidence_logits", "noiseprint"):
+                assert np.array_equal(getattr(raw, name), getattr(whole, name)), name
+
+
 def test_network_runs_reuse_noiseprint_in_bands_and_equal_the_whole_graph(model_seed0, monkeypatch):
     """Split after Noiseprint++ and Noiseprint++ in row bands, a graph's outputs are the whole
     graph's bit for bit (and so are the two parts joined again); a second graph that changes only what follows Noiseprint++ does not run
@@ -405,8 +474,8 @@ def test_network_runs_reuse_noiseprint_in_bands_and_equal_the_whole_graph(model_
     monkeypatch.setattr(measure, "NOISEPRINT_BAND_PIXELS", 72 * 40)  # 3 bands
     sessions = []
     monkeypatch.setattr(measure, "create_session", lambda serialized: sessions.append(1) or create_session(serialized))
-    runs = measure.NetworkRuns([prepared], attention_chains(graph))
-    ours, whole = runs.raw_outputs(graph)[0], run_session(create_session(graph.SerializeToString()), prepared)
+    runs = measure.NetworkRuns([prepared], graph, attention_chains(graph))
+    ours, whole = runs.reference_outputs[0], run_session(create_session(graph.SerializeToString()), prepared)
     parts = cut_after_noiseprint(graph)  # and joined again, as INT8 quantizes the rest alone
     joined = run_session(create_session(join_after_noiseprint(parts["noiseprint"], parts["rest"], graph)
                                         .SerializeToString()), prepared)

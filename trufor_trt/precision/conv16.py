@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from trufor_trt.precision.fp16 import finish_graph
+from trufor_trt.precision.fp16 import copy_without_weights, finish_graph
 
 CONV_FORMS = ("centered", "centered_split")
 SPLIT_TERMS = 2  # float16 products per product of the layer in the split form
@@ -122,8 +122,9 @@ def lower_convolutions(model: onnx.ModelProto, forms: dict, centers: dict) -> tu
     unknown = set(forms.values()) - set(CONV_FORMS)
     if unknown:
         raise ValueError(f"unknown convolution forms {sorted(unknown)}")
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    initializers = {init.name: init for init in model.graph.initializer}
+    weights = list(model.graph.initializer)
+    model = copy_without_weights(model)
+    initializers = {init.name: init for init in weights}
     nodes, new_initializers, half_nodes = [], [], set()
     for node in model.graph.node:
         if node.name in forms and node.op_type == "Conv":
@@ -135,4 +136,4 @@ def lower_convolutions(model: onnx.ModelProto, forms: dict, centers: dict) -> tu
             half_nodes |= {node.name, f"{node.name}/x_split"} if forms[node.name] == "centered_split" else {node.name}
         else:
             nodes.append(node)
-    return finish_graph(model, nodes, new_initializers), half_nodes
+    return finish_graph(model, nodes, weights + new_initializers), half_nodes

@@ -12,6 +12,7 @@
   under each modelled kernel; what a GPU's own tactics do, only a run on the GPU shows.
 """
 
+import google.protobuf.message
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
@@ -25,17 +26,36 @@ PARAMETER_INPUTS = {"Resize": {1, 2}}
 HALF_SUFFIX = "/fp16"
 
 
-def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
-    return onnx.ModelProto.FromString(model.SerializeToString())
+def _copy_fields(source, target, skip: str) -> None:
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if isinstance(value, (str, bytes, int, float)):
+            setattr(target, field.name, value)
+        elif isinstance(value, google.protobuf.message.Message):
+            getattr(target, field.name).CopyFrom(value)
+        else:  # a repeated field
+            getattr(target, field.name).extend(value)
 
 
-def tensor_types(model: onnx.ModelProto) -> dict:
-    """Element type of every tensor whose type shape inference can tell. Inferred on a copy
-    whose initializers are stand-in inputs: types need no weights, and copying ~270 MB of
-    them into the inference made each FP16 trial seconds slower."""
+def copy_without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` whose graph has no initializers: a pass gives finish_graph the
+    original's weights and keeps those its graph reads. A whole copy of the ~270 MB of weights
+    (serialized and parsed) cost each pass of an FP16 trial half a second."""
+    copy = onnx.ModelProto()
+    _copy_fields(model, copy, skip="graph")
+    _copy_fields(model.graph, copy.graph, skip="initializer")
+    return copy
+
+
+def tensor_types(model: onnx.ModelProto, weights=None) -> dict:
+    """Element type of every tensor whose type shape inference can tell (`weights`: the
+    graph's initializers, where `model` is a copy without them). Inferred on a copy whose
+    initializers are stand-in inputs: types need no weights, and copying ~270 MB of them into
+    the inference made each FP16 trial seconds slower."""
     graph = model.graph
     stand_ins = [helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
-                 for init in graph.initializer]
+                 for init in (graph.initializer if weights is None else weights)]
     skeleton = helper.make_model(
         helper.make_graph(list(graph.node), graph.name, [*graph.input, *stand_ins], list(graph.output)),
         opset_imports=model.opset_import, ir_version=model.ir_version)
@@ -61,9 +81,10 @@ def _drop_unread(nodes: list, outputs: set) -> list:
 
 def finish_graph(model: onnx.ModelProto, nodes: list, initializers: list) -> onnx.ModelProto:
     """`model` with `nodes` (in topological order: every pass here adds a Cast just before its
-    reader or just after its writer) and `initializers` added; the nodes whose outputs nothing
-    reads any more (a Cast back to float32 inside a float16 island) and the initializers no
-    node reads (weights replaced by their float16 twins) dropped."""
+    reader or just after its writer) and `initializers` added (with a copy_without_weights,
+    the original's weights and the new ones); the nodes whose outputs nothing reads any more
+    (a Cast back to float32 inside a float16 island) and the initializers no node reads
+    (weights replaced by their float16 twins) dropped."""
     nodes = _drop_unread(nodes, {output.name for output in model.graph.output})
     del model.graph.node[:]
     model.graph.node.extend(nodes)
@@ -77,9 +98,10 @@ def finish_graph(model: onnx.ModelProto, nodes: list, initializers: list) -> onn
 
 def lower_to_fp16(model: onnx.ModelProto, half_nodes: set) -> onnx.ModelProto:
     """The graph with `half_nodes` (node names) computing in float16."""
-    model = _copy(model)
-    types = tensor_types(model)
-    initializers = {init.name: init for init in model.graph.initializer}
+    weights = list(model.graph.initializer)
+    model = copy_without_weights(model)
+    types = tensor_types(model, weights)
+    initializers = {init.name: init for init in weights}
     half_twin, nodes, new_initializers = {}, [], []
 
     def half(name: str) -> str:
@@ -104,7 +126,7 @@ def lower_to_fp16(model: onnx.ModelProto, half_nodes: set) -> onnx.ModelProto:
                     node.output[index] = half_twin[name] = name + HALF_SUFFIX
                     nodes.append(_cast(node.output[index], name, TensorProto.FLOAT, "lower"))
         nodes.append(node)
-    return finish_graph(model, nodes, new_initializers)
+    return finish_graph(model, nodes, weights + new_initializers)
 
 
 def _round16(source: str, target: str) -> list:
@@ -157,6 +179,28 @@ def _accumulated_in_fp16(node: onnx.NodeProto, target: str, weights: dict, initi
     return nodes + [helper.make_node("Identity", [total], [target], name=f"{target}/identity")]
 
 
+def _over_summed_halves(node: onnx.NodeProto, producer: dict, weights: dict, initializers: list) -> list:
+    """conv16's split form, a Conv over Concat([hi, lo]) with weights [W, W], as [an Add of hi
+    and lo, the Conv of their sum with W] (empty where `node` is not that form): the same sum of
+    products, half of them. hi + lo is exact in float32 (two 11-bit halves of one value, the
+    second below the first's last bit); only the products' float32 rounding differs, 2^-24 of
+    each. Under float16 accumulation the channels' partial sums differ: not used there."""
+    concat = producer.get(node.input[0])
+    if concat is None or concat.op_type != "Concat" or len(concat.input) != 2 \
+            or _conv_attributes(concat).get("axis") != 1 or node.input[1] not in weights:
+        return []
+    weight = numpy_helper.to_array(weights[node.input[1]])
+    channels = weight.shape[1] // 2
+    if weight.shape[1] % 2 or not np.array_equal(weight[:, :channels], weight[:, channels:]):
+        return []
+    summed, halved = f"{node.name}/hi_plus_lo", f"{node.input[1]}/one_half"
+    initializers.append(numpy_helper.from_array(np.ascontiguousarray(weight[:, :channels]), halved))
+    conv = onnx.NodeProto()
+    conv.CopyFrom(node)
+    conv.input[0], conv.input[1] = summed, halved
+    return [helper.make_node("Add", list(concat.input), [summed], name=summed), conv]
+
+
 def _simulated_conv(node: onnx.NodeProto, kernel: str, into_float32: bool, weights: dict,
                     initializers: list) -> list:
     """A float16 Conv in float32 on its (already rounded) inputs, rounded as `kernel` rounds."""
@@ -195,18 +239,20 @@ def upcast_fp16(model: onnx.ModelProto, kernel: str = "fused") -> onnx.ModelProt
     convolutions rounding as the `kernel` model says (KERNEL_MODELS, STRESS_MODEL)."""
     if kernel not in (*KERNEL_MODELS, STRESS_MODEL):
         raise ValueError(f"unknown kernel model {kernel!r}")
-    model = _copy(model)
-    types = tensor_types(model)
     initializers = [numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name)
                     if init.data_type == TensorProto.FLOAT16 else init for init in model.graph.initializer]
+    types = tensor_types(model)
+    model = copy_without_weights(model)
     # By name, converted only where read: converting every weight on each trial costs seconds.
     weights = {init.name: init for init in initializers}
     into_float32 = _read_in_float32(model, types)
-    del model.graph.initializer[:]
+    producer, _ = graph_links(model)
     nodes = []
     for node in model.graph.node:
         if node.op_type == "Conv" and types.get(node.output[0]) == TensorProto.FLOAT16:
-            nodes += _simulated_conv(node, kernel, node.name in into_float32, weights, initializers)
+            halves = _over_summed_halves(node, producer, weights, initializers) if kernel != STRESS_MODEL else []
+            nodes += [*halves[:-1], *_simulated_conv(halves[-1] if halves else node, kernel,
+                                                     node.name in into_float32, weights, initializers)]
             continue
         nodes.append(node)
         for index, name in enumerate(node.output):
