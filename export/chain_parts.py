@@ -105,13 +105,25 @@ def _made_of_weights(graph) -> set:
     return made
 
 
+def _before_casts_and_quantization(tensor: str, producers: dict) -> str:
+    """The tensor that `tensor` is a Cast or a quantize-dequantize of (through any number of
+    them), else `tensor`."""
+    node = producers.get(tensor)
+    while node is not None and node.op_type in ("Cast", "QuantizeLinear", "DequantizeLinear"):
+        tensor = node.input[0]
+        node = producers.get(tensor)
+    return tensor
+
+
 def encoder_maps(whole: onnx.ModelProto) -> list:
-    """The four tensors the decoder heads read (c1..c4, in the precision the graph keeps them)."""
+    """The four tensors the decoder heads read (c1..c4, in the precision the encoder writes
+    them): before the Casts and Q/DQ that only the decoders read through (an INT8 decoder's
+    quantized input, a float16 decoder's cast), as the chain's decoders are FP32."""
     graph = whole.graph
     heads = [node for node in graph.node if node.name.startswith(DECODER_HEADS)]
     made_inside = {output for node in heads for output in node.output}
     weights, producers = _made_of_weights(graph), _producers(graph)
-    read = {tensor for node in heads for tensor in node.input
+    read = {_before_casts_and_quantization(tensor, producers) for node in heads for tensor in node.input
             if tensor and tensor not in made_inside and tensor not in weights and tensor in producers}
     by_scale = {}
     for tensor in read:

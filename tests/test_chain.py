@@ -93,9 +93,11 @@ def test_the_encoder_maps_are_found_in_reduced_precision_graphs_too(model_seed0)
                                                       (1, 2, 3, 512)]
 
 
-def test_a_quantized_decoder_weight_is_not_taken_for_an_encoder_map(model_seed0):
+def test_an_int8_decoder_reads_the_same_encoder_maps(model_seed0):
     """An INT8 plan may quantize a decoder's convolution: the decoders then read its weight
-    through a DequantizeLinear, a tensor made of weights alone, not one of the encoder's maps."""
+    through a DequantizeLinear (a tensor made of weights alone), and the maps through
+    quantize-dequantize pairs, also where a float16 decoder casts the dequantized map: the
+    chain's FP32 decoders take the maps themselves."""
     from onnx import helper, numpy_helper
 
     whole = onnx.load(ModelDir.open(model_seed0).variant_path("fp32"))
@@ -111,6 +113,18 @@ def test_a_quantized_decoder_weight_is_not_taken_for_an_encoder_map(model_seed0)
     whole.graph.node.append(helper.make_node("DequantizeLinear", [quantized, f"{quantized}_scale"], [dequantized],
                                              name=f"{conv.input[1]}_DequantizeLinear"))
     conv.input[1] = dequantized
+    for scale, tensor in enumerate(maps):  # as ONNX Runtime's quantizer and lower_to_fp16 name them
+        quantized, dequantized = f"{tensor}_QuantizeLinear_Output", f"{tensor}_DequantizeLinear_Output"
+        whole.graph.initializer.append(numpy_helper.from_array(np.array(0.05, np.float32), f"{quantized}/scale"))
+        whole.graph.node.extend([
+            helper.make_node("QuantizeLinear", [tensor, f"{quantized}/scale"], [quantized], name=quantized),
+            helper.make_node("DequantizeLinear", [quantized, f"{quantized}/scale"], [dequantized], name=dequantized),
+            helper.make_node("Cast", [dequantized], [f"{dequantized}/fp16"], to=onnx.TensorProto.FLOAT16,
+                             name=f"{dequantized}/fp16/lower")])
+        for node in whole.graph.node:
+            if node.name.startswith(("/decode_head/", "/decode_head_conf/")) and tensor in node.input:
+                reads = dequantized if node.name.startswith("/decode_head_conf/") else f"{dequantized}/fp16"
+                node.input[:] = [reads if name == tensor else name for name in node.input]
     assert encoder_maps(whole) == maps
     assert set(cut_chain_parts(whole)) == {"noiseprint", "encoder"}
 

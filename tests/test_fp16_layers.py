@@ -425,6 +425,7 @@ def test_row_chunks_keep_stage_1_scores_within_the_chunk_size_at_full_size():
     assert scores_bytes > 8 * CHUNK_BYTES and scores_bytes / chunks <= CHUNK_BYTES
 
 
+@pytest.mark.slow
 def test_network_runs_reusing_block_outputs_run_only_what_a_change_reaches(model_seed0, monkeypatch):
     """With the reference's block outputs kept, a graph changed in a decoder runs the decoders
     alone (an unchanged one from its inputs, for its output), one changed in Noiseprint++ runs
@@ -452,8 +453,9 @@ def test_network_runs_reusing_block_outputs_run_only_what_a_change_reaches(model
         lowered = upcast_fp16(lower_to_fp16(graph, changed))
         ours = runs.raw_outputs(lowered)
         assert blocks_run[-1] == expected - {"noiseprint++"}
+        session = create_session(lowered.SerializeToString())
         for raw, x in zip(ours, prepared):
-            whole = run_session(create_session(lowered.SerializeToString()), x)
+            whole = run_session(session, x)
             for name in ("localization_logits", "confidence_logits", "noiseprint"):
                 assert np.array_equal(getattr(raw, name), getattr(whole, name)), name
 
