@@ -34,6 +34,7 @@ from trufor_trt.precision.budgets import FP16_BUDGET
 from trufor_trt.precision.conv16 import channel_centers, lower_convolutions
 from trufor_trt.precision.flops import node_flops
 from trufor_trt.precision.fp16 import KERNEL_MODELS, STRESS_MODEL, lower_to_fp16, tensor_types, upcast_fp16
+from trufor_trt.export.chain_parts import with_outputs
 from trufor_trt.export.measure import (OUTPUTS, NetworkRuns, create_session_from_model, deviation,
                                       reference_analyses, worst_by_output)
 
@@ -127,19 +128,10 @@ def _unit_outputs(model: onnx.ModelProto, units: list) -> dict:
             for output in node.output if types.get(output) == onnx.TensorProto.FLOAT}
 
 
-def _probed(model: onnx.ModelProto, tensors) -> onnx.ModelProto:
-    """A copy of `model` that also outputs `tensors` (float32)."""
-    probed = onnx.ModelProto.FromString(model.SerializeToString())
-    known = {output.name for output in probed.graph.output} | {value.name for value in probed.graph.input}
-    probed.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-                               for name in tensors if name not in known)
-    return probed
-
-
 def activation_ranges(model: onnx.ModelProto, inputs: list, units: list) -> dict:
     """unit -> the largest |activation| its nodes wrote on the calibration inputs."""
     owner = _unit_outputs(model, units)
-    session = create_session_from_model(_probed(model, owner))
+    session = create_session_from_model(with_outputs(model, owner))
     names = [output.name for output in session.get_outputs()]
     ranges = {unit.name: 0.0 for unit in units}
     for prepared in inputs:
@@ -208,7 +200,7 @@ def noiseprint_centers(graph: onnx.ModelProto, inputs: list) -> dict:
     """Conv name -> the mean of each channel of its input over `inputs`, float16-exact.
     `graph`: Noiseprint++ alone."""
     convs = {node.name: node.input[0] for node in graph.graph.node if node.op_type == "Conv"}
-    session = create_session_from_model(_probed(graph, set(convs.values())))
+    session = create_session_from_model(with_outputs(graph, set(convs.values())))
     names = [output.name for output in session.get_outputs()]
     sums = {}
     for prepared in inputs:
