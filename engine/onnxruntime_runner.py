@@ -73,6 +73,15 @@ def run_session(session, prepared: np.ndarray) -> RawOutputs:
     return RawOutputs.from_batch_of_one(*outputs)
 
 
+def run_noiseprint_band(session, prepared: np.ndarray, noiseprint: np.ndarray, top: int, bottom: int,
+                        first: int, last: int) -> None:
+    """Noiseprint++'s rows top..bottom into `noiseprint`, from `session` (a Noiseprint++ graph)
+    run on `prepared`'s rows first..last (a band of bands.noiseprint_row_bands)."""
+    rows = np.ascontiguousarray(prepared[:, :, first:last])
+    band = session.run([NOISEPRINT], {INPUT_NAME: rows})[0]
+    noiseprint[:, :, top:bottom] = band[:, :, top - first:bottom - first]
+
+
 @dataclass(frozen=True)
 class CpuSessions:
     """A chain's four graphs (CPU_VARIANTS' parts, in that order), one session each."""
@@ -110,9 +119,7 @@ class SessionParts(ChainParts):
         self.logits = [np.empty((1, channels, *grid), np.float32) for channels in (2, 1)]
 
     def noiseprint_band(self, top: int, bottom: int, first: int, last: int) -> None:
-        rows = np.ascontiguousarray(self.prepared[:, :, first:last])
-        band = self.sessions.noiseprint.run([NOISEPRINT], {INPUT_NAME: rows})[0]
-        self.noiseprint[:, :, top:bottom] = band[:, :, top - first:bottom - first]
+        run_noiseprint_band(self.sessions.noiseprint, self.prepared, self.noiseprint, top, bottom, first, last)
 
     def encoder(self) -> None:
         maps = self.sessions.features.run(list(FEATURES), {INPUT_NAME: self.prepared, NOISEPRINT: self.noiseprint})

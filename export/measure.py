@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 
 from trufor_trt.bands import noiseprint_row_bands
-from trufor_trt.engine.onnxruntime_runner import create_session
+from trufor_trt.engine.onnxruntime_runner import create_session, run_noiseprint_band
 from trufor_trt.engine.postprocess import decision_flipped, postprocess
 from trufor_trt.engine.runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs
 from trufor_trt.export.chain_parts import cut_after_noiseprint, cut_from, with_outputs
@@ -28,10 +28,8 @@ def _in_row_bands(session, prepared: np.ndarray) -> np.ndarray:
     """A Noiseprint++ graph's output on `prepared`, computed in exact row bands."""
     height, width = prepared.shape[2:]
     noiseprint = np.empty((1, 1, height, width), np.float32)
-    for top, bottom, first, last in noiseprint_row_bands(height, max(1, NOISEPRINT_BAND_PIXELS // width)):
-        rows = np.ascontiguousarray(prepared[:, :, first:last])
-        band = session.run([OUTPUT_NAMES[2]], {INPUT_NAME: rows})[0]
-        noiseprint[:, :, top:bottom] = band[:, :, top - first:bottom - first]
+    for band in noiseprint_row_bands(height, max(1, NOISEPRINT_BAND_PIXELS // width)):
+        run_noiseprint_band(session, prepared, noiseprint, *band)
     return noiseprint
 
 
