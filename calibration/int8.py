@@ -89,7 +89,8 @@ def keep_int8_only(quantized: onnx.ModelProto, fp32: onnx.ModelProto, nodes: set
     on an activation stays where a node of `nodes` writes or reads it, and other nodes read
     their FP32 weights again. Quantizing once and subsetting costs no quantizer run per trial."""
     from trufor_trt.precision.blocks import graph_links
-    from trufor_trt.precision.fp16 import copy_without_weights, finish_graph
+    from trufor_trt.precision.fp16 import finish_graph
+    from trufor_trt.precision.weight_store import copy_without_weights
 
     graph = copy_without_weights(quantized)
     producer, readers = graph_links(graph)

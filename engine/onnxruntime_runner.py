@@ -45,10 +45,12 @@ def _register_shared_arena(ort) -> None:
         _shared_arena_registered = True
 
 
-def create_session(graph, threads: int = 0, spinning: bool = True):
+def create_session(graph, threads: int = 0, spinning: bool = True, initializers=None):
     """An ONNX Runtime CPU session configured for one image at a time of varying size.
     `graph`: a path, or a serialized model (bytes). `spinning`: idle worker threads busy-wait
-    for the next operator (good for one session, bad for sessions taking turns)."""
+    for the next operator (good for one session, bad for sessions taking turns).
+    `initializers`: name -> OrtValue for the graph's external-data initializers
+    (precision/weight_store.py), kept alive by the caller."""
     import onnxruntime as ort
 
     _register_shared_arena(ort)
@@ -63,6 +65,8 @@ def create_session(graph, threads: int = 0, spinning: bool = True):
     options.add_session_config_entry("session.use_env_allocators", "1")
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.log_severity_level = 3
+    if initializers:
+        options.add_external_initializers(list(initializers), list(initializers.values()))
     source = graph if isinstance(graph, bytes) else str(graph)
     return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
 

@@ -34,8 +34,9 @@ from trufor_trt.precision.budgets import FP16_BUDGET
 from trufor_trt.precision.conv16 import channel_centers, lower_convolutions
 from trufor_trt.precision.flops import node_flops
 from trufor_trt.precision.fp16 import KERNEL_MODELS, STRESS_MODEL, lower_to_fp16, tensor_types, upcast_fp16
+from trufor_trt.precision.weight_store import INLINE, WeightStore
 from trufor_trt.export.chain_parts import with_outputs
-from trufor_trt.export.measure import (OUTPUTS, NetworkRuns, create_session_from_model, deviation,
+from trufor_trt.export.measure import (OUTPUTS, KernelOrder, NetworkRuns, create_session_from_model, deviation,
                                       reference_analyses, worst_by_output)
 
 ALWAYS_FP32 = frozenset({"LayerNormalization", "Softmax", "Cast", "Constant"})
@@ -103,11 +104,12 @@ def candidate_units(model: onnx.ModelProto) -> list:
     return units + [Unit(block, frozenset(nodes)) for block, nodes in sorted(blocks.items())]
 
 
-def lower_plan(model: onnx.ModelProto, half_nodes: set, conv_forms: dict, centers: dict) -> tuple:
-    """(the graph with the plan's nodes in float16, names of all its float16 nodes)."""
-    lowered, conv_half = lower_convolutions(model, conv_forms, centers) if conv_forms else (model, set())
+def lower_plan(model: onnx.ModelProto, half_nodes: set, conv_forms: dict, centers: dict, store=INLINE) -> tuple:
+    """(the graph with the plan's nodes in float16, names of all its float16 nodes); `store`:
+    where its weights are held (precision/weight_store.py)."""
+    lowered, conv_half = lower_convolutions(model, conv_forms, centers, store) if conv_forms else (model, set())
     # Each pass copies the graph: skipped where it has nothing to lower (a trial of one unit).
-    lowered = lower_to_fp16(lowered, half_nodes) if half_nodes else lowered
+    lowered = lower_to_fp16(lowered, half_nodes, store) if half_nodes else lowered
     return lowered, set(half_nodes) | conv_half
 
 
@@ -128,10 +130,11 @@ def _unit_outputs(model: onnx.ModelProto, units: list) -> dict:
             for output in node.output if types.get(output) == onnx.TensorProto.FLOAT}
 
 
-def activation_ranges(model: onnx.ModelProto, inputs: list, units: list) -> dict:
-    """unit -> the largest |activation| its nodes wrote on the calibration inputs."""
+def activation_ranges(model: onnx.ModelProto, inputs: list, units: list, store=INLINE) -> dict:
+    """unit -> the largest |activation| its nodes wrote on the calibration inputs (`store`:
+    where `model` holds its weights)."""
     owner = _unit_outputs(model, units)
-    session = create_session_from_model(with_outputs(model, owner))
+    session = create_session_from_model(with_outputs(model, owner), store)
     names = [output.name for output in session.get_outputs()]
     ranges = {unit.name: 0.0 for unit in units}
     for prepared in inputs:
@@ -172,22 +175,32 @@ def under_kernel_models(measure_one, kernels=KERNEL_MODELS, stop_above: float = 
 
 class Measure:
     """Deviation of candidate graphs from FP32 on a fixed set of inputs (references kept), the
-    worst under each kernel model (precision/fp16.py)."""
+    worst under each kernel model (precision/fp16.py). Its graphs hold their weights in
+    `store` (precision/weight_store.py): a trial copies and serializes no weights."""
 
-    def __init__(self, model, inputs, head, centers: dict, share=budget_share, reuse_blocks=False):
-        """`share`: errors -> the share of the budget they use (what `stop_above` is in);
-        `reuse_blocks`: see NetworkRuns (for trials that each change a block or two)."""
-        self.model, self.head, self.centers, self.share = model, head, centers, share
-        self.runs = NetworkRuns(inputs, model, attention_chains(model), reuse_blocks)
+    def __init__(self, model, inputs, head, centers: dict, share=budget_share, store=None, order=None):
+        """`share`: errors -> the share of the budget they use (what `stop_above` is in); `store`:
+        a WeightStore to share with other measures (default: one of its own); `order`: a
+        KernelOrder to share with them (default: one of its own)."""
+        self.store, self.order = store or WeightStore(), order or KernelOrder()
+        self.model, self.head, self.centers, self.share = self.store.detach(model), head, centers, share
+        # Trials change a few units at a time: each runs from the block outputs it shares with
+        # the reference or a recent trial (NetworkRuns' reuse_blocks).
+        self.runs = NetworkRuns(inputs, self.model, attention_chains(model), reuse_blocks=True, store=self.store)
         self.reference = reference_analyses(self.runs, head)
 
-    def graph(self, graph: onnx.ModelProto, stop_above: float = math.inf, kernels=KERNEL_MODELS) -> dict:
-        return under_kernel_models(
-            lambda kernel: deviation(upcast_fp16(graph, kernel), self.reference, self.runs, self.head),
-            kernels, stop_above, differ=has_float16_convolution(graph), share=self.share)
+    def graph(self, graph: onnx.ModelProto, stop_above: float = math.inf, kernels=None) -> dict:
+        """The deviation under `kernels` (default: every kernel model, in the shared order)."""
+        graph = self.store.detach(graph)
+        measured = under_kernel_models(
+            lambda kernel: deviation(upcast_fp16(graph, kernel, self.store), self.reference, self.runs, self.head),
+            kernels or self.order.kernels, stop_above, differ=has_float16_convolution(graph), share=self.share)
+        if kernels is None:
+            self.order.note(measured["by_kernel_model"], self.share)
+        return measured
 
     def __call__(self, half_nodes: set, conv_forms: dict, stop_above: float = math.inf) -> dict:
-        return self.graph(lower_plan(self.model, half_nodes, conv_forms, self.centers)[0], stop_above)
+        return self.graph(lower_plan(self.model, half_nodes, conv_forms, self.centers, self.store)[0], stop_above)
 
 
 def noiseprint_graph(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -325,16 +338,18 @@ def plan_fp16(model: onnx.ModelProto, inputs: list, head, large_inputs=(), on_st
     """The plan from calibration crops `inputs`, checked on `large_inputs` at full size."""
     noiseprint = noiseprint_graph(model)
     centers = noiseprint_centers(noiseprint, inputs)
-    measure = Measure(model, inputs, head, centers)
+    store, order = WeightStore(), KernelOrder()
+    model = store.detach(model)
+    measure = Measure(model, inputs, head, centers, store=store, order=order)
     # Alone, a block is tried on the first SOLO_INPUTS crops only (whole-network trials are
     # most of the planning time; the joint trials on every crop and at full size decide). A
     # Noiseprint++ layer is tried on every crop: its trials are cheap, and on the seed-0
     # checkpoint the first layer moved Noiseprint++ 10x more on the 8th crop than on the first two.
     solo = {"conv": NoiseprintMeasure(noiseprint, inputs, centers),
-            "block": Measure(model, inputs[:SOLO_INPUTS], head, centers, reuse_blocks=True)}
+            "block": Measure(model, inputs[:SOLO_INPUTS], head, centers, store=store, order=order)}
     units = candidate_units(model)
     on_step(f"measuring activation ranges of {len(units)} units")
-    ranges = activation_ranges(model, inputs, units)
+    ranges = activation_ranges(model, inputs, units, store)
     flops = node_flops(model, *FLOP_SIZE)
     plan, earned, cost = Fp16Plan(), {}, {}
     for unit in units:
@@ -360,7 +375,7 @@ def plan_fp16(model: onnx.ModelProto, inputs: list, head, large_inputs=(), on_st
     for large in sorted(large_inputs, key=lambda x: -x.shape[2] * x.shape[3]):
         for image, limit, record in full_size_steps(large, plan):
             size = size_label(image)
-            at_size = Measure(model, [image], head, centers)
+            at_size = Measure(model, [image], head, centers, store=store, order=order)
 
             def on_large(units, limit, at_size=at_size, size=size, record=record):
                 errors = record[size] = at_size(*_assemble(units), stop_above=limit)
@@ -370,7 +385,7 @@ def plan_fp16(model: onnx.ModelProto, inputs: list, head, large_inputs=(), on_st
         plan.sizes_measured.append(size_label(large))
     plan.half_nodes, plan.conv_forms = _assemble(earned)
     plan.centers = {conv: centers[conv] for conv in plan.conv_forms}
-    final = lower_plan(model, plan.half_nodes, plan.conv_forms, centers)[0]
+    final = lower_plan(model, plan.half_nodes, plan.conv_forms, centers, store)[0]
     if len(earned) != checked_on_crops:
         plan.deviation_by_size["crops"] = measure.graph(final)
     on_step(f"measuring the plan under the {STRESS_MODEL} stress model")

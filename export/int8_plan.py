@@ -27,10 +27,11 @@ from trufor_trt.calibration.int8 import (CALIBRATION_METHODS, QUANTIZED_OPERATOR
 from trufor_trt.engine.preprocess import size_label
 from trufor_trt.engine.runner import INPUT_NAME
 from trufor_trt.export.chain_parts import cut_after_noiseprint, join_after_noiseprint
-from trufor_trt.export.measure import create_session_from_model
+from trufor_trt.export.measure import KernelOrder, create_session_from_model
 from trufor_trt.precision.blocks import attention_chains, pixel_sum_chains
 from trufor_trt.precision.budgets import INT8_TARGET
 from trufor_trt.precision.flops import node_flops
+from trufor_trt.precision.weight_store import WeightStore
 from trufor_trt.export.fp16_plan import (FLOP_SIZE, NOISEPRINT, NOISEPRINT_OUTPUT, Measure, candidate_units,
                                          give_back_until_within, lower_plan)
 
@@ -68,16 +69,17 @@ class _Int8Graphs:
     (method, weight scales) runs once, over every candidate; a trial keeps a subset of it.
     Every candidate comes after Noiseprint++, so only that part is calibrated and quantized,
     fed the FP32 Noiseprint++'s output: the calibration's 840 tensors were Noiseprint++'s at
-    full resolution for a third of its time and most of its memory."""
+    full resolution for a third of its time and most of its memory. The graphs hold their
+    weights in `store` (precision/weight_store.py)."""
 
-    def __init__(self, fp32: onnx.ModelProto, inputs: list, fp16: dict, candidates: set, scratch: Path):
-        self.fp32, self.scratch = fp32, scratch
+    def __init__(self, fp32: onnx.ModelProto, inputs: list, fp16: dict, candidates: set, scratch: Path, store):
+        self.fp32, self.scratch, self.store = store.detach(fp32), scratch, store
         self.half_nodes, self.conv_forms, self.candidates = fp16["half_nodes"], fp16["conv_forms"], candidates
         self.centers = fp16["centers"]
         parts = cut_after_noiseprint(fp32)
-        self.noiseprint_part, self.rest_path = parts["noiseprint"], scratch / "after_noiseprint.onnx"
+        self.noiseprint_part, self.rest_path = store.detach(parts["noiseprint"]), scratch / "after_noiseprint.onnx"
         onnx.save(parts["rest"], self.rest_path)
-        session = create_session_from_model(self.noiseprint_part)
+        session = create_session_from_model(parts["noiseprint"])
         self.feeds = [{INPUT_NAME: x, NOISEPRINT_OUTPUT: session.run([NOISEPRINT_OUTPUT], {INPUT_NAME: x})[0]}
                       for x in inputs]
         self._quantized = {}
@@ -86,7 +88,7 @@ class _Int8Graphs:
         key = (method, per_channel)
         if key not in self._quantized:
             rest = quantize_nodes(self.rest_path, self.feeds, self.candidates, method, per_channel, self.scratch)
-            self._quantized[key] = join_after_noiseprint(self.noiseprint_part, rest, self.fp32)
+            self._quantized[key] = join_after_noiseprint(self.noiseprint_part, self.store.detach(rest), self.fp32)
         return self._quantized[key]
 
     def build(self, int8_nodes: set, method: str, per_channel: bool) -> tuple:
@@ -94,7 +96,7 @@ class _Int8Graphs:
         quantized = keep_int8_only(self._all_quantized(method, per_channel), self.fp32, int8_nodes)
         quantized.ir_version = self.fp32.ir_version
         forms = {conv: form for conv, form in self.conv_forms.items() if conv not in int8_nodes}
-        return lower_plan(quantized, self.half_nodes - int8_nodes, forms, self.centers)
+        return lower_plan(quantized, self.half_nodes - int8_nodes, forms, self.centers, self.store)
 
 
 def _candidates(fp32: onnx.ModelProto, fp16_units: dict) -> dict:
@@ -135,13 +137,15 @@ def plan_int8(fp32: onnx.ModelProto, inputs: list, head, fp16: dict, large_input
               on_step=print) -> tuple:
     """(plan, graph, names of its float16 nodes). `fp16`: {"units": the FP16 plan's unit
     decisions, "half_nodes", "conv_forms"} of the folder's FP16 variant."""
-    measure = Measure(fp32, inputs, head, fp16["centers"], share=int8_share)
+    store, order = WeightStore(), KernelOrder()
+    light = store.detach(fp32)
+    measure = Measure(light, inputs, head, fp16["centers"], share=int8_share, store=store, order=order)
     candidates = _candidates(fp32, fp16["units"])
     flops = node_flops(fp32, *FLOP_SIZE)
     plan = Int8Plan()
     with tempfile.TemporaryDirectory(prefix="trufor-int8-") as scratch:
         everything = set().union(*candidates.values()) if candidates else set()
-        graphs = _Int8Graphs(fp32, inputs, fp16, everything, Path(scratch))
+        graphs = _Int8Graphs(fp32, inputs, fp16, everything, Path(scratch), store)
         _choose_quantization(graphs, measure, everything, plan, on_step)
         earned, cost = {}, {}
         for name, nodes in candidates.items():
@@ -170,7 +174,7 @@ def plan_int8(fp32: onnx.ModelProto, inputs: list, head, fp16: dict, large_input
         plan.sizes_measured = sorted({size_label(x) for x in inputs})
         for large in sorted(large_inputs, key=lambda x: -x.shape[2] * x.shape[3]):
             size = size_label(large)
-            at_size = Measure(fp32, [large], head, fp16["centers"], share=int8_share)
+            at_size = Measure(light, [large], head, fp16["centers"], share=int8_share, store=store, order=order)
             give_back_until_within(earned, cost, lambda units, limit, at=at_size, size=size: share_of(units, limit, at, size),
                                    1.0, plan.units, f"at {size}", on_step, full_size=True)
             plan.sizes_measured.append(size)
@@ -178,4 +182,4 @@ def plan_int8(fp32: onnx.ModelProto, inputs: list, head, fp16: dict, large_input
         graph, plan.half_nodes = graphs.build(plan.int8_nodes, plan.method, plan.per_channel)
         if large_inputs and "crops" in plan.deviation_by_size:
             plan.deviation_by_size["crops"] = measure.graph(graph)
-    return plan, graph, plan.half_nodes
+    return plan, store.attach(graph), plan.half_nodes

@@ -1,6 +1,7 @@
 """How far a graph variant moves the published outputs from the FP32 graph, on the CPU."""
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -11,17 +12,21 @@ from trufor_trt.engine.postprocess import decision_flipped, postprocess
 from trufor_trt.engine.runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs
 from trufor_trt.export.chain_parts import cut_after_noiseprint, cut_from, with_outputs
 from trufor_trt.precision.blocks import block_of, graph_links
+from trufor_trt.precision.kernel_models import KERNEL_MODELS
 from trufor_trt.precision.row_chunks import attention_in_row_chunks, row_chunks_for
+from trufor_trt.precision.weight_store import INLINE
 
 OUTPUTS = ("map", "conf", "score", "np++")
 NOISEPRINT_RUNS_KEPT = 8  # distinct Noiseprint++ parts whose outputs are kept
+RUNS_KEPT = 2  # recent runs whose block outputs are kept (one per kernel model: a plan alternates them)
 # Noiseprint++'s simulated FP16 forms hold several 64- and 128-channel full-resolution tensors
 # at once: 6 GB more at 1536x2048 whole, a band's share of it in row bands (exact: bands.py).
 NOISEPRINT_BAND_PIXELS = 2 ** 20
 
 
-def create_session_from_model(model: onnx.ModelProto):
-    return create_session(model.SerializeToString())
+def create_session_from_model(model: onnx.ModelProto, store=INLINE):
+    """A session of `model`, whose weights `store` holds (precision/weight_store.py)."""
+    return create_session(model.SerializeToString(), initializers=store.initializers(model))
 
 
 def _in_row_bands(session, prepared: np.ndarray) -> np.ndarray:
@@ -55,6 +60,21 @@ def unchanged_tensors(candidate: onnx.ModelProto, reference: onnx.ModelProto, in
     return unchanged
 
 
+@dataclass
+class _Run:
+    """A run whose block outputs are kept: a later graph reads what it computes as this one did."""
+    noiseprint: bytes  # the digest of its Noiseprint++ part
+    rest: onnx.ModelProto  # its graph after Noiseprint++, uncut
+    outputs: dict  # block output -> its value per input (float32 ones)
+
+
+def _quantized(graph: onnx.ModelProto) -> bool:
+    """Whether `graph` has Q/DQ: ONNX Runtime fuses a quantized operator with its Q/DQ pairs,
+    and a block output taken (or fed) between them changes what it computes, so such a graph
+    runs whole."""
+    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in graph.graph.node)
+
+
 class NetworkRuns:
     """Whole-network graphs (TensorRT-shaped, any precision) run on a fixed list of inputs,
     compared with a reference graph run on them first (`reference_outputs`).
@@ -63,74 +83,103 @@ class NetworkRuns:
     of a 256 px run and a third of a 1536x2048 one: each graph runs as two parts, Noiseprint++
     and the rest, and Noiseprint++'s outputs are kept per distinct Noiseprint++ part (by the
     SHA-256 of its serialized graph), so a trial that leaves it as it was runs only the rest.
-    With `reuse_blocks`, the reference's block outputs are kept too, and a trial runs only what
-    its changes reach: from the last block outputs it computes as the reference does (a
-    decoder's trial runs the decoder). Self-attention runs in row chunks where the inputs are
-    large (precision/row_chunks.py)."""
+    With `reuse_blocks`, the block outputs of the reference and of the last RUNS_KEPT runs are
+    kept too, and a trial runs only what its changes reach: from the last block outputs it
+    computes as one of those runs did (a decoder's trial runs the decoder; a plan's next
+    candidate, a few units given back, runs from the first of them). Self-attention runs in
+    row chunks where the inputs are large (precision/row_chunks.py). A graph with Q/DQ (INT8)
+    runs whole."""
 
-    def __init__(self, inputs: list, reference: onnx.ModelProto, attention_chains=(), reuse_blocks=False):
-        self.inputs, self.attention_chains = inputs, list(attention_chains)
+    def __init__(self, inputs: list, reference: onnx.ModelProto, attention_chains=(), reuse_blocks=False,
+                 store=INLINE):
+        """`store`: where the graphs hold their weights (precision/weight_store.py)."""
+        self.inputs, self.attention_chains, self.store = inputs, list(attention_chains), store
         self._noiseprint = {}  # digest -> Noiseprint++ output per input
-        self._block_outputs = {}  # tensor -> the reference's value per input
+        self._reuse_blocks, self._reference, self._recent = reuse_blocks, None, []
         parts = cut_after_noiseprint(reference)
-        self._reference_rest = parts["rest"] if reuse_blocks else None
-        self._reference_noiseprint = self._noiseprint_digest(parts["noiseprint"])[0]
-        kept = block_boundaries(parts["rest"]) if reuse_blocks else set()
-        self.reference_outputs = self._run(parts["noiseprint"], parts["rest"], kept)
+        self.reference_outputs = self._run(parts["noiseprint"], parts["rest"])
 
     @staticmethod
-    def _noiseprint_digest(part: onnx.ModelProto) -> tuple:
-        serialized = part.SerializeToString()
-        return hashlib.sha256(serialized).digest(), serialized
+    def _noiseprint_digest(part: onnx.ModelProto) -> bytes:
+        return hashlib.sha256(part.SerializeToString()).digest()
 
-    def _noiseprint_outputs(self, digest: bytes, serialized: bytes) -> list:
+    def _noiseprint_outputs(self, digest: bytes, part: onnx.ModelProto) -> list:
         if digest not in self._noiseprint:
-            session = create_session(serialized)
+            session = create_session_from_model(part, self.store)
             if len(self._noiseprint) >= NOISEPRINT_RUNS_KEPT:
                 del self._noiseprint[next(iter(self._noiseprint))]
             self._noiseprint[digest] = [_in_row_bands(session, x) for x in self.inputs]
         return self._noiseprint[digest]
 
-    def _changed_part(self, rest: onnx.ModelProto, noiseprint_digest: bytes) -> onnx.ModelProto:
-        """What of `rest` must run: from the kept block outputs it computes unchanged."""
-        unchanged_inputs = {INPUT_NAME} | ({OUTPUT_NAMES[2]} if noiseprint_digest == self._reference_noiseprint
-                                           else set())
-        given = unchanged_tensors(rest, self._reference_rest, unchanged_inputs) & set(self._block_outputs)
-        if not given:
-            return rest
-        return cut_from(rest, given, {name: self._block_outputs[name][0] for name in given})
+    def _part_to_run(self, rest: onnx.ModelProto, noiseprint_digest: bytes) -> tuple:
+        """(what of `rest` must run, the kept run it reads block outputs from or None, the
+        tensors `rest` computes as that run did): the kept run that leaves the least to run."""
+        best = (rest, None, set())
+        for kept in [self._reference, *self._recent] if self._reference else []:
+            inputs = {INPUT_NAME} | ({OUTPUT_NAMES[2]} if noiseprint_digest == kept.noiseprint else set())
+            unchanged = unchanged_tensors(rest, kept.rest, inputs)
+            given = unchanged & set(kept.outputs)
+            if given:
+                part = cut_from(rest, given, {name: kept.outputs[name][0] for name in given})
+                if len(part.graph.node) < len(best[0].graph.node):
+                    best = (part, kept, unchanged)
+        return best
 
     def _rest_session(self, rest: onnx.ModelProto):
         largest = max(self.inputs, key=lambda x: x.shape[2] * x.shape[3])
         attention_in_row_chunks(rest, self.attention_chains, row_chunks_for(*largest.shape[2:]))
-        return create_session(rest.SerializeToString())
+        return create_session_from_model(rest, self.store)
 
-    def _run(self, noiseprint_part: onnx.ModelProto, rest: onnx.ModelProto, keep=frozenset()) -> list:
-        """RawOutputs per input; the values of `keep` (tensors of `rest`) kept as block outputs."""
-        digest, serialized = self._noiseprint_digest(noiseprint_part)
-        noiseprints = self._noiseprint_outputs(digest, serialized)
-        if keep:
-            rest = with_outputs(rest, keep)
-        elif self._block_outputs:
-            rest = self._changed_part(rest, digest)
-        session = self._rest_session(rest)
+    def _run(self, noiseprint_part: onnx.ModelProto, rest: onnx.ModelProto) -> list:
+        """RawOutputs per input (with `reuse_blocks`, the run's block outputs kept)."""
+        digest = self._noiseprint_digest(noiseprint_part)
+        noiseprints = self._noiseprint_outputs(digest, noiseprint_part)
+        reuse = self._reuse_blocks and not _quantized(rest)
+        part, source, unchanged = self._part_to_run(rest, digest) if reuse else (rest, None, set())
+        kept = {name: source.outputs[name] for name in unchanged & set(source.outputs)} if source else {}
+        computed = block_boundaries(rest) - set(kept) if reuse else set()
+        # A copy either way: row chunking rewrites the graph it runs, and `rest` is kept as it is.
+        part = with_outputs(part, computed & {output for node in part.graph.node for output in node.output})
+        session = self._rest_session(part)
         names = [output.name for output in session.get_outputs()]
         read = {value.name for value in session.get_inputs()}
         outputs = []
         for index, (prepared, noiseprint) in enumerate(zip(self.inputs, noiseprints)):
             feeds = {INPUT_NAME: prepared, OUTPUT_NAMES[2]: noiseprint,
-                     **{name: kept[index] for name, kept in self._block_outputs.items() if name in read}}
+                     **{name: values[index] for name, values in kept.items() if name in read}}
             values = dict(zip(names, session.run(names, {name: feeds[name] for name in read})))
-            for name in keep:  # shapes are recomputed: a fed shape's length would be unknown
+            for name in computed & set(values):  # shapes are recomputed: a fed shape's length would be unknown
                 if values[name].dtype == np.float32:
-                    self._block_outputs.setdefault(name, []).append(values[name])
+                    kept.setdefault(name, []).append(values[name])
             outputs.append(RawOutputs.from_batch_of_one(values[OUTPUT_NAMES[0]], values[OUTPUT_NAMES[1]], noiseprint))
+        if reuse:
+            self._keep(_Run(digest, rest, kept))
         return outputs
+
+    def _keep(self, run: _Run) -> None:
+        if self._reference is None:
+            self._reference = run
+        else:
+            self._recent = [*self._recent, run][-RUNS_KEPT:]
 
     def raw_outputs(self, graph: onnx.ModelProto) -> list:
         """The graph's RawOutputs on each input."""
         parts = cut_after_noiseprint(graph)
         return self._run(parts["noiseprint"], parts["rest"])
+
+
+class KernelOrder:
+    """The order a plan's trials measure the kernel models in: the one that used the most of
+    the budget in the last trial that measured them all first. A candidate past its limit under
+    the first is not measured under the others (under_kernel_models), so a failing full-size
+    trial usually costs one run, not one per kernel model."""
+
+    def __init__(self, kernels=KERNEL_MODELS):
+        self.kernels = list(kernels)
+
+    def note(self, by_kernel: dict, share) -> None:
+        measured = sorted(by_kernel, key=lambda kernel: -share(by_kernel[kernel]))
+        self.kernels = measured + [kernel for kernel in self.kernels if kernel not in by_kernel]
 
 
 def reference_analyses(runs: NetworkRuns, head) -> list:

@@ -13,6 +13,7 @@ from trufor_trt.precision.flops import flops_by_precision, node_flops, node_prec
 from trufor_trt.precision.fp16 import lower_to_fp16, upcast_fp16
 from trufor_trt.precision.kernel_models import KERNEL_MODELS, STRESS_MODEL
 from trufor_trt.precision.typing_check import precision_problems
+from trufor_trt.precision.weight_store import WeightStore
 
 from conftest import run_onnx, small_onnx_model
 
@@ -352,6 +353,26 @@ def test_a_trial_past_the_budget_under_one_kernel_model_skips_the_other():
     assert measured == [KERNEL_MODELS[0]] and same["by_kernel_model"][KERNEL_MODELS[1]]["np++"] == 8e-3
 
 
+def test_the_kernel_model_that_used_the_most_budget_is_measured_first_next_time():
+    """After a trial under both, the worse goes first: a candidate past its limit there costs
+    one run. A trial that stopped at the first keeps the order."""
+    from trufor_trt.export.fp16_plan import budget_share, under_kernel_models
+    from trufor_trt.export.measure import KernelOrder
+
+    order, measured = KernelOrder(), []
+    second = KERNEL_MODELS[1]
+
+    def measure(kernel):
+        measured.append(kernel)
+        return {"np++": 8e-3 if kernel == second else 1e-3}
+
+    order.note(under_kernel_models(measure, order.kernels)["by_kernel_model"], budget_share)
+    assert measured == list(KERNEL_MODELS) and order.kernels == [second, KERNEL_MODELS[0]]
+    measured.clear()
+    order.note(under_kernel_models(measure, order.kernels, stop_above=1.0)["by_kernel_model"], budget_share)
+    assert measured == [second] and order.kernels == [second, KERNEL_MODELS[0]]
+
+
 def test_a_full_size_image_is_searched_on_its_half_size_centre_crop_first():
     """The half-size search (within the plan's margin, recorded apart), then the full size within
     the budget; an image below HALF_SIZE_SEARCH_FROM goes to the full size directly."""
@@ -427,33 +448,38 @@ def test_row_chunks_keep_stage_1_scores_within_the_chunk_size_at_full_size():
 
 @pytest.mark.slow
 def test_network_runs_reusing_block_outputs_run_only_what_a_change_reaches(model_seed0, monkeypatch):
-    """With the reference's block outputs kept, a graph changed in a decoder runs the decoders
-    alone (an unchanged one from its inputs, for its output), one changed in Noiseprint++ runs
-    all but the RGB stream's first stage (which does not read Noiseprint++), and the outputs
-    equal the whole graph's bit for bit."""
+    """With block outputs kept, a graph changed in a decoder runs the decoders alone (an
+    unchanged one from its inputs, for its output), one changed in Noiseprint++ runs all but
+    the RGB stream's first stage (which does not read Noiseprint++), one changed in both runs
+    the decoders alone again (from the last run's block outputs, not the reference's), and the
+    outputs equal the whole graph's bit for bit."""
     from trufor_trt.engine.onnxruntime_runner import create_session, run_session
     from trufor_trt.engine.preprocess import prepare_input
     from trufor_trt.export import measure
+    from trufor_trt.export.measure import create_session_from_model
     from trufor_trt.export.synthetic import synthetic_image
     from trufor_trt.precision.blocks import attention_chains, block_of
 
     graph = onnx.load(model_seed0 / "trufor_fp32.onnx")
     prepared = [prepare_input(synthetic_image(64, 96, seed=seed)) for seed in (3, 4)]
-    blocks_run = []
+    blocks_run, store = [], WeightStore()
     original = {node.name for node in graph.graph.node}
-    monkeypatch.setattr(measure, "create_session", lambda serialized: blocks_run.append(
-        {block_of(node.name) for node in onnx.load_from_string(serialized).graph.node if node.name in original})
-        or create_session(serialized))
-    runs = measure.NetworkRuns(prepared, graph, attention_chains(graph), reuse_blocks=True)
+    monkeypatch.setattr(measure, "create_session_from_model", lambda model, store: blocks_run.append(
+        {block_of(node.name) for node in model.graph.node if node.name in original})
+        or create_session_from_model(model, store))
+    light = store.detach(graph)
+    runs = measure.NetworkRuns(prepared, light, attention_chains(graph), reuse_blocks=True, store=store)
+    decoders = {"localization decoder", "confidence decoder"}
     decoder = {node.name for node in graph.graph.node if block_of(node.name) == "localization decoder"}
     first_layer = next(node.name for node in graph.graph.node if node.op_type == "Conv")
     assert block_of(first_layer) == "noiseprint++"
-    for changed, expected in ((decoder, {"localization decoder", "confidence decoder"}),
-                              ({first_layer}, set(map(block_of, original)) - {"rgb stream, stage 1"})):
-        lowered = upcast_fp16(lower_to_fp16(graph, changed))
+    for changed, expected in ((decoder, decoders),
+                              ({first_layer}, set(map(block_of, original)) - {"rgb stream, stage 1"}),
+                              ({first_layer} | decoder, decoders)):
+        lowered = upcast_fp16(lower_to_fp16(light, changed, store), store=store)
         ours = runs.raw_outputs(lowered)
         assert blocks_run[-1] == expected - {"noiseprint++"}
-        session = create_session(lowered.SerializeToString())
+        session = create_session(store.attach(lowered).SerializeToString())
         for raw, x in zip(ours, prepared):
             whole = run_session(session, x)
             for name in ("localization_logits", "confidence_logits", "noiseprint"):
@@ -467,6 +493,7 @@ def test_network_runs_reuse_noiseprint_in_bands_and_equal_the_whole_graph(model_
     from trufor_trt.engine.onnxruntime_runner import create_session, run_session
     from trufor_trt.engine.preprocess import prepare_input
     from trufor_trt.export import measure
+    from trufor_trt.export.measure import create_session_from_model
     from trufor_trt.export.chain_parts import cut_after_noiseprint, join_after_noiseprint
     from trufor_trt.export.synthetic import synthetic_image
     from trufor_trt.precision.blocks import attention_chains, block_of
@@ -474,9 +501,10 @@ def test_network_runs_reuse_noiseprint_in_bands_and_equal_the_whole_graph(model_
     graph = onnx.load(model_seed0 / "trufor_fp32.onnx")
     prepared = prepare_input(synthetic_image(120, 72, seed=2))
     monkeypatch.setattr(measure, "NOISEPRINT_BAND_PIXELS", 72 * 40)  # 3 bands
-    sessions = []
-    monkeypatch.setattr(measure, "create_session", lambda serialized: sessions.append(1) or create_session(serialized))
-    runs = measure.NetworkRuns([prepared], graph, attention_chains(graph))
+    sessions, store = [], WeightStore()
+    monkeypatch.setattr(measure, "create_session_from_model",
+                        lambda model, store: sessions.append(1) or create_session_from_model(model, store))
+    runs = measure.NetworkRuns([prepared], store.detach(graph), attention_chains(graph), store=store)
     ours, whole = runs.reference_outputs[0], run_session(create_session(graph.SerializeToString()), prepared)
     parts = cut_after_noiseprint(graph)  # and joined again, as INT8 quantizes the rest alone
     joined = run_session(create_session(join_after_noiseprint(parts["noiseprint"], parts["rest"], graph)
@@ -485,9 +513,37 @@ def test_network_runs_reuse_noiseprint_in_bands_and_equal_the_whole_graph(model_
         assert np.array_equal(getattr(ours, name), getattr(whole, name)), name
         assert np.array_equal(getattr(joined, name), getattr(whole, name)), name
     decoder = {node.name for node in graph.graph.node if block_of(node.name) == "localization decoder"}
-    lowered = upcast_fp16(lower_to_fp16(graph, decoder))
+    lowered = upcast_fp16(lower_to_fp16(store.detach(graph), decoder, store), store=store)
     assert len(sessions) == 2
     changed = runs.raw_outputs(lowered)[0]
     assert len(sessions) == 3  # the rest only
     assert np.array_equal(changed.noiseprint, whole.noiseprint)
     assert not np.array_equal(changed.localization_logits, whole.localization_logits)
+
+
+def test_graphs_of_a_weight_store_are_the_inline_graphs_without_their_bytes():
+    """Passes and sessions over a WeightStore's graphs (large weights held once, stubs in the
+    graph) make exactly the graphs they make with the weights inside, and run them to the same
+    bits; equal weights get equal stubs, and a stub holds no bytes."""
+    from trufor_trt.engine.onnxruntime_runner import create_session
+    from trufor_trt.precision.weight_store import INLINE_BYTES
+
+    rng = np.random.default_rng(8)
+    weight = rng.standard_normal((64, 64, 3, 3)).astype(np.float32)  # 147 KB: held in the store
+    model = _conv_graph(weight, rng.standard_normal(64).astype(np.float32))
+    x = rng.uniform(0.0, 2.0, size=(1, 64, 8, 8)).astype(np.float32)
+    store = WeightStore()
+    light = store.detach(model)
+    stub = next(tensor for tensor in light.graph.initializer if tensor.name == "w")
+    assert weight.nbytes >= INLINE_BYTES and not stub.raw_data and light.ByteSize() < INLINE_BYTES
+    assert store.detach(model) == light  # by content
+    for kernel in (*KERNEL_MODELS, STRESS_MODEL):
+        for form in ("centered", "centered_split"):
+            inline = upcast_fp16(lower_to_fp16(lower_convolutions(model, {"conv": form}, _centers_of(x))[0],
+                                               {"relu"}), kernel)
+            held = upcast_fp16(lower_to_fp16(lower_convolutions(light, {"conv": form}, _centers_of(x), store)[0],
+                                             {"relu"}, store), kernel, store)
+            assert store.attach(held).SerializeToString() == inline.SerializeToString(), (kernel, form)
+            expected = create_session(inline.SerializeToString()).run(None, {"x": x})[0]
+            session = create_session(held.SerializeToString(), initializers=store.initializers(held))
+            assert np.array_equal(session.run(None, {"x": x})[0], expected), (kernel, form)

@@ -32,7 +32,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from trufor_trt.precision.fp16 import copy_without_weights, finish_graph
+from trufor_trt.precision.fp16 import finish_graph
+from trufor_trt.precision.weight_store import INLINE, copy_without_weights
 
 CONV_FORMS = ("centered", "centered_split")
 SPLIT_TERMS = 2  # float16 products per product of the layer in the split form
@@ -75,19 +76,20 @@ def _split_centered(name: str) -> list:
                              name=f"{name}/x_split")]
 
 
-def _lower_centered(node: onnx.NodeProto, weights: np.ndarray, bias, center: np.ndarray, split: bool) -> tuple:
+def _lower_centered(node: onnx.NodeProto, weights: np.ndarray, bias, center: np.ndarray, split: bool,
+                    store) -> tuple:
     """(nodes, initializers) computing `node`'s output as conv16(x - c) + conv(ones, K, b);
     `split`: the centered input as hi + lo, one float16 convolution over both."""
     name, x, output = node.name, node.input[0], node.output[0]
     offset_kernel = np.einsum("oikl,i->okl", weights.astype(np.float64), center.astype(np.float64))
-    new = [numpy_helper.from_array(center.reshape(1, -1, 1, 1).astype(np.float32), f"{name}/center"),
-           numpy_helper.from_array(np.concatenate([weights] * (SPLIT_TERMS if split else 1), axis=1)
-                                   .astype(np.float16), f"{name}/w16"),
-           numpy_helper.from_array(offset_kernel[:, None].astype(np.float32), f"{name}/w_offset")]
+    new = [store.tensor(center.reshape(1, -1, 1, 1).astype(np.float32), f"{name}/center"),
+           store.tensor(np.concatenate([weights] * (SPLIT_TERMS if split else 1), axis=1).astype(np.float16),
+                        f"{name}/w16"),
+           store.tensor(offset_kernel[:, None].astype(np.float32), f"{name}/w_offset")]
     ones_nodes, ones, ones_initializers = _ones_like_image(name, x)
     offset_inputs = [ones, f"{name}/w_offset"]
     if bias is not None:
-        new.append(numpy_helper.from_array(bias.astype(np.float32), f"{name}/b"))
+        new.append(store.tensor(bias.astype(np.float32), f"{name}/b"))
         offset_inputs.append(f"{name}/b")
     conv_input = f"{name}/x_split" if split else f"{name}/x_centered16"
     conv = helper.make_node("Conv", [conv_input, f"{name}/w16"], [f"{output}/conv16"], name=name)
@@ -104,21 +106,21 @@ def _lower_centered(node: onnx.NodeProto, weights: np.ndarray, bias, center: np.
     return nodes, new + ones_initializers
 
 
-def _lower_one(node: onnx.NodeProto, form: str, initializers: dict, center: np.ndarray) -> tuple:
+def _lower_one(node: onnx.NodeProto, form: str, initializers: dict, center: np.ndarray, store) -> tuple:
     if node.input[1] not in initializers or any(a.name == "group" and a.i != 1 for a in node.attribute):
         raise ValueError(f"{node.name}: only ungrouped convolutions with constant weights")
-    weights = numpy_helper.to_array(initializers[node.input[1]])
+    weights = store.array(initializers[node.input[1]])
     if center is None or center.shape != (weights.shape[1],):
         raise ValueError(f"{node.name}: needs one center per input channel ({weights.shape[1]})")
     has_bias = len(node.input) > 2 and node.input[2]
-    bias = numpy_helper.to_array(initializers[node.input[2]]) if has_bias else None
-    return _lower_centered(node, weights, bias, center, split=form == "centered_split")
+    bias = store.array(initializers[node.input[2]]) if has_bias else None
+    return _lower_centered(node, weights, bias, center, form == "centered_split", store)
 
 
-def lower_convolutions(model: onnx.ModelProto, forms: dict, centers: dict) -> tuple:
+def lower_convolutions(model: onnx.ModelProto, forms: dict, centers: dict, store=INLINE) -> tuple:
     """(the graph with each Conv of `forms` (node name -> "centered") lowered around
     `centers` (node name -> one float32 center per input channel), names of the nodes that
-    compute in float16)."""
+    compute in float16). `store`: where its weights are held (precision/weight_store.py)."""
     unknown = set(forms.values()) - set(CONV_FORMS)
     if unknown:
         raise ValueError(f"unknown convolution forms {sorted(unknown)}")
@@ -130,7 +132,7 @@ def lower_convolutions(model: onnx.ModelProto, forms: dict, centers: dict) -> tu
         if node.name in forms and node.op_type == "Conv":
             center = centers.get(node.name)
             replaced, new = _lower_one(node, forms[node.name], initializers,
-                                       None if center is None else np.asarray(center, np.float32))
+                                       None if center is None else np.asarray(center, np.float32), store)
             nodes += replaced
             new_initializers += new
             half_nodes |= {node.name, f"{node.name}/x_split"} if forms[node.name] == "centered_split" else {node.name}

@@ -12,40 +12,18 @@
   under each modelled kernel; what a GPU's own tactics do, only a run on the GPU shows.
 """
 
-import google.protobuf.message
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from trufor_trt.precision.blocks import graph_links
 from trufor_trt.precision.kernel_models import ACCUMULATION_CHANNELS, KERNEL_MODELS, STRESS_MODEL
+from trufor_trt.precision.weight_store import INLINE, copy_without_weights
 
 
 # Float inputs that are parameters, not data: they keep their type (Resize's roi and scales).
 PARAMETER_INPUTS = {"Resize": {1, 2}}
 HALF_SUFFIX = "/fp16"
-
-
-def _copy_fields(source, target, skip: str) -> None:
-    for field, value in source.ListFields():
-        if field.name == skip:
-            continue
-        if isinstance(value, (str, bytes, int, float)):
-            setattr(target, field.name, value)
-        elif isinstance(value, google.protobuf.message.Message):
-            getattr(target, field.name).CopyFrom(value)
-        else:  # a repeated field
-            getattr(target, field.name).extend(value)
-
-
-def copy_without_weights(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` whose graph has no initializers: a pass gives finish_graph the
-    original's weights and keeps those its graph reads. A whole copy of the ~270 MB of weights
-    (serialized and parsed) cost each pass of an FP16 trial half a second."""
-    copy = onnx.ModelProto()
-    _copy_fields(model, copy, skip="graph")
-    _copy_fields(model.graph, copy.graph, skip="initializer")
-    return copy
 
 
 def tensor_types(model: onnx.ModelProto, weights=None) -> dict:
@@ -96,8 +74,9 @@ def finish_graph(model: onnx.ModelProto, nodes: list, initializers: list) -> onn
     return model
 
 
-def lower_to_fp16(model: onnx.ModelProto, half_nodes: set) -> onnx.ModelProto:
-    """The graph with `half_nodes` (node names) computing in float16."""
+def lower_to_fp16(model: onnx.ModelProto, half_nodes: set, store=INLINE) -> onnx.ModelProto:
+    """The graph with `half_nodes` (node names) computing in float16 (`store`: where its
+    weights are held, precision/weight_store.py)."""
     weights = list(model.graph.initializer)
     model = copy_without_weights(model)
     types = tensor_types(model, weights)
@@ -108,8 +87,7 @@ def lower_to_fp16(model: onnx.ModelProto, half_nodes: set) -> onnx.ModelProto:
         if name not in half_twin:
             twin = name + HALF_SUFFIX
             if name in initializers:
-                values = numpy_helper.to_array(initializers[name]).astype(np.float16)
-                new_initializers.append(numpy_helper.from_array(values, twin))
+                new_initializers.append(store.converted(initializers[name], np.float16, twin))
             else:
                 nodes.append(_cast(name, twin, TensorProto.FLOAT16, "lower"))
             half_twin[name] = twin
@@ -151,9 +129,9 @@ def _conv_attributes(node: onnx.NodeProto) -> dict:
 
 
 def _partial_conv(node: onnx.NodeProto, weight: np.ndarray, first: int, last: int, part: str,
-                  initializers: list) -> list:
+                  initializers: list, store) -> list:
     """Nodes computing into `part` the conv of input channels first..last-1 alone."""
-    initializers += [numpy_helper.from_array(weight[:, first:last], f"{part}/w"),
+    initializers += [store.tensor(np.ascontiguousarray(weight[:, first:last]), f"{part}/w"),
                      numpy_helper.from_array(np.array([first], np.int64), f"{part}/start"),
                      numpy_helper.from_array(np.array([last], np.int64), f"{part}/end"),
                      numpy_helper.from_array(np.array([1], np.int64), f"{part}/axis")]
@@ -162,15 +140,15 @@ def _partial_conv(node: onnx.NodeProto, weight: np.ndarray, first: int, last: in
             helper.make_node("Conv", [f"{part}/x", f"{part}/w"], [part], name=part, **_conv_attributes(node))]
 
 
-def _accumulated_in_fp16(node: onnx.NodeProto, target: str, weights: dict, initializers: list) -> list:
+def _accumulated_in_fp16(node: onnx.NodeProto, target: str, weights: dict, initializers: list, store) -> list:
     """An ungrouped Conv, without its bias, into `target` as float16 accumulation would sum it:
     a partial sum per ACCUMULATION_CHANNELS input channels, each and every running total rounded."""
-    weight = numpy_helper.to_array(weights[node.input[1]])
+    weight = store.array(weights[node.input[1]])
     nodes, total = [], ""
     for first in range(0, weight.shape[1], ACCUMULATION_CHANNELS):
         part = f"{target}/channels{first}"
         nodes += _partial_conv(node, weight, first, min(first + ACCUMULATION_CHANNELS, weight.shape[1]), part,
-                               initializers)
+                               initializers, store)
         nodes += _round16(part, f"{part}/rounded")
         if total:
             nodes += [helper.make_node("Add", [total, f"{part}/rounded"], [f"{part}/total"], name=f"{part}/total")]
@@ -179,7 +157,7 @@ def _accumulated_in_fp16(node: onnx.NodeProto, target: str, weights: dict, initi
     return nodes + [helper.make_node("Identity", [total], [target], name=f"{target}/identity")]
 
 
-def _over_summed_halves(node: onnx.NodeProto, producer: dict, weights: dict, initializers: list) -> list:
+def _over_summed_halves(node: onnx.NodeProto, producer: dict, weights: dict, initializers: list, store) -> list:
     """conv16's split form, a Conv over Concat([hi, lo]) with weights [W, W], as [an Add of hi
     and lo, the Conv of their sum with W] (empty where `node` is not that form): the same sum of
     products, half of them. hi + lo is exact in float32 (two 11-bit halves of one value, the
@@ -189,12 +167,12 @@ def _over_summed_halves(node: onnx.NodeProto, producer: dict, weights: dict, ini
     if concat is None or concat.op_type != "Concat" or len(concat.input) != 2 \
             or _conv_attributes(concat).get("axis") != 1 or node.input[1] not in weights:
         return []
-    weight = numpy_helper.to_array(weights[node.input[1]])
+    weight = store.array(weights[node.input[1]])
     channels = weight.shape[1] // 2
     if weight.shape[1] % 2 or not np.array_equal(weight[:, :channels], weight[:, channels:]):
         return []
     summed, halved = f"{node.name}/hi_plus_lo", f"{node.input[1]}/one_half"
-    initializers.append(numpy_helper.from_array(np.ascontiguousarray(weight[:, :channels]), halved))
+    initializers.append(store.tensor(np.ascontiguousarray(weight[:, :channels]), halved))
     conv = onnx.NodeProto()
     conv.CopyFrom(node)
     conv.input[0], conv.input[1] = summed, halved
@@ -202,7 +180,7 @@ def _over_summed_halves(node: onnx.NodeProto, producer: dict, weights: dict, ini
 
 
 def _simulated_conv(node: onnx.NodeProto, kernel: str, into_float32: bool, weights: dict,
-                    initializers: list) -> list:
+                    initializers: list, store) -> list:
     """A float16 Conv in float32 on its (already rounded) inputs, rounded as `kernel` rounds."""
     output, has_bias = node.output[0], len(node.input) > 2 and bool(node.input[2])
     if kernel == "fused":
@@ -211,7 +189,7 @@ def _simulated_conv(node: onnx.NodeProto, kernel: str, into_float32: bool, weigh
         return [_renamed(node, f"{output}/sum"), *_round16(f"{output}/sum", output)]
     grouped = _conv_attributes(node).get("group", 1) != 1
     if kernel == "fp16_accumulation" and not grouped and weights[node.input[1]].dims[1] > ACCUMULATION_CHANNELS:
-        nodes = _accumulated_in_fp16(node, f"{output}/product", weights, initializers)
+        nodes = _accumulated_in_fp16(node, f"{output}/product", weights, initializers, store)
     else:
         bare = helper.make_node("Conv", list(node.input[:2]), [f"{output}/product"], name=node.name,
                                 **_conv_attributes(node))
@@ -220,8 +198,8 @@ def _simulated_conv(node: onnx.NodeProto, kernel: str, into_float32: bool, weigh
     if has_bias:
         # cuDNN's order (PyTorch): the product is written in float16, then the bias added.
         column = f"{node.name}/bias_column"
-        bias = numpy_helper.to_array(weights[node.input[2]])
-        initializers.append(numpy_helper.from_array(bias.reshape(1, -1, 1, 1), column))
+        bias = store.array(weights[node.input[2]])
+        initializers.append(store.tensor(bias.reshape(1, -1, 1, 1), column))
         nodes += [helper.make_node("Add", [f"{output}/product_rounded", column], [f"{output}/biased"],
                                    name=f"{output}/biased"), *_round16(f"{output}/biased", output)]
     return nodes
@@ -234,13 +212,14 @@ def _renamed(node: onnx.NodeProto, output: str) -> onnx.NodeProto:
     return copy
 
 
-def upcast_fp16(model: onnx.ModelProto, kernel: str = "fused") -> onnx.ModelProto:
+def upcast_fp16(model: onnx.ModelProto, kernel: str = "fused", store=INLINE) -> onnx.ModelProto:
     """A float32 graph that rounds to float16 wherever `model` stores float16, its float16
-    convolutions rounding as the `kernel` model says (KERNEL_MODELS, STRESS_MODEL)."""
+    convolutions rounding as the `kernel` model says (KERNEL_MODELS, STRESS_MODEL); `store`:
+    where its weights are held (precision/weight_store.py)."""
     if kernel not in (*KERNEL_MODELS, STRESS_MODEL):
         raise ValueError(f"unknown kernel model {kernel!r}")
-    initializers = [numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float32), init.name)
-                    if init.data_type == TensorProto.FLOAT16 else init for init in model.graph.initializer]
+    initializers = [store.converted(init, np.float32, init.name) if init.data_type == TensorProto.FLOAT16 else init
+                    for init in model.graph.initializer]
     types = tensor_types(model)
     model = copy_without_weights(model)
     # By name, converted only where read: converting every weight on each trial costs seconds.
@@ -250,9 +229,10 @@ def upcast_fp16(model: onnx.ModelProto, kernel: str = "fused") -> onnx.ModelProt
     nodes = []
     for node in model.graph.node:
         if node.op_type == "Conv" and types.get(node.output[0]) == TensorProto.FLOAT16:
-            halves = _over_summed_halves(node, producer, weights, initializers) if kernel != STRESS_MODEL else []
+            halves = _over_summed_halves(node, producer, weights, initializers, store) \
+                if kernel != STRESS_MODEL else []
             nodes += [*halves[:-1], *_simulated_conv(halves[-1] if halves else node, kernel,
-                                                     node.name in into_float32, weights, initializers)]
+                                                     node.name in into_float32, weights, initializers, store)]
             continue
         nodes.append(node)
         for index, name in enumerate(node.output):
