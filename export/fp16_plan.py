@@ -35,9 +35,10 @@ from trufor_trt.precision.conv16 import channel_centers, lower_convolutions
 from trufor_trt.precision.flops import node_flops
 from trufor_trt.precision.fp16 import KERNEL_MODELS, STRESS_MODEL, lower_to_fp16, tensor_types, upcast_fp16
 from trufor_trt.precision.weight_store import INLINE, WeightStore
-from trufor_trt.export.chain_parts import with_outputs
-from trufor_trt.export.measure import (OUTPUTS, KernelOrder, NetworkRuns, create_session_from_model, deviation,
-                                      reference_analyses, worst_by_output)
+from trufor_trt.export.chain_parts import cut_from, with_outputs
+from trufor_trt.export.measure import (OUTPUTS, KernelOrder, NetworkRuns, budget_share, create_session_from_model,
+                                      deviation, reference_analyses, under_kernel_models, unchanged_tensors,
+                                      worst_by_output)
 
 ALWAYS_FP32 = frozenset({"LayerNormalization", "Softmax", "Cast", "Constant"})
 FP16_RANGE_LIMIT = 2.0 ** 14
@@ -144,33 +145,10 @@ def activation_ranges(model: onnx.ModelProto, inputs: list, units: list, store=I
     return ranges
 
 
-def budget_share(errors: dict) -> float:
-    """The largest fraction of its budget any measured output uses (a flipped decision: inf)."""
-    if errors.get("flipped"):
-        return float("inf")
-    return max(errors[name] / FP16_BUDGET[name] for name in OUTPUTS if name in errors)
-
-
 def has_float16_convolution(graph: onnx.ModelProto) -> bool:
     """Whether a Conv reads float16 weights: where none does, the kernel models coincide."""
     half = {init.name for init in graph.graph.initializer if init.data_type == onnx.TensorProto.FLOAT16}
     return any(node.op_type == "Conv" and node.input[1] in half for node in graph.graph.node)
-
-
-def under_kernel_models(measure_one, kernels=KERNEL_MODELS, stop_above: float = math.inf,
-                        differ: bool = True, share=budget_share) -> dict:
-    """The worst deviation over the kernel models, each model's own under "by_kernel_model".
-    `measure_one(kernel)` -> deviation. Past `stop_above` of the budget the rest are not run:
-    the candidate fails either way (`share`: errors -> the share of the budget they use).
-    `differ` False: the simulated graphs are the same under every model (no float16
-    convolution), measured once and recorded for each."""
-    by_kernel = {}
-    for kernel in kernels:
-        by_kernel[kernel] = measure_one(kernel) if differ or not by_kernel else next(iter(by_kernel.values()))
-        if share(by_kernel[kernel]) > stop_above:
-            break
-    worst = {name: max(errors[name] for errors in by_kernel.values()) for name in by_kernel[kernels[0]]}
-    return {**worst, "by_kernel_model": by_kernel}
 
 
 class Measure:
@@ -226,15 +204,28 @@ def noiseprint_centers(graph: onnx.ModelProto, inputs: list) -> dict:
 class NoiseprintMeasure:
     """Deviation of Noiseprint++ alone (its graph cut out of the network) with some of its
     convolutions lowered: what a layer moves first is Noiseprint++ itself, and this trial costs
-    a fraction of a whole-network one (the joint trials then measure every output)."""
+    a fraction of a whole-network one (the joint trials then measure every output). The FP32
+    graph's input to each convolution is kept, so a trial runs from the input of the first
+    layer it changes (the layers before compute as the FP32 graph does): half the layers, on
+    average, for a layer tried alone."""
 
     def __init__(self, graph, inputs, centers: dict):
         self.graph, self.inputs, self.centers = graph, inputs, centers
-        self.reference = self._run(self.graph)
+        convolution_inputs = {node.input[0] for node in graph.graph.node if node.op_type == "Conv"} - {INPUT_NAME}
+        session = create_session_from_model(with_outputs(graph, convolution_inputs))
+        names = [output.name for output in session.get_outputs()]
+        runs = [dict(zip(names, session.run(names, {INPUT_NAME: prepared}))) for prepared in inputs]
+        self.reference = [run[NOISEPRINT_OUTPUT] for run in runs]
+        self._kept = {name: [run[name] for run in runs] for name in convolution_inputs}
 
     def _run(self, graph):
-        session = create_session_from_model(graph)
-        return [session.run(None, {INPUT_NAME: prepared})[0] for prepared in self.inputs]
+        given = unchanged_tensors(graph, self.graph, {INPUT_NAME}) & set(self._kept)
+        part = cut_from(graph, given, {name: self._kept[name][0] for name in given}) if given else graph
+        session = create_session_from_model(part)
+        read = [value.name for value in session.get_inputs()]
+        return [session.run([NOISEPRINT_OUTPUT], {name: prepared if name == INPUT_NAME else self._kept[name][index]
+                                                  for name in read})[0]
+                for index, prepared in enumerate(self.inputs)]
 
     def _deviation(self, conv_forms: dict, kernel: str) -> dict:
         lowered = upcast_fp16(lower_convolutions(self.graph, conv_forms, self.centers)[0], kernel)
@@ -363,6 +354,7 @@ def plan_fp16(model: onnx.ModelProto, inputs: list, head, large_inputs=(), on_st
         if form:
             earned[unit.name] = (unit, form)
             cost[unit.name] = entry["budget_share"] / max(unit_flops, 1)
+    del solo  # their kept activations (Noiseprint++'s at every layer) are not needed past here
 
     def on_crops(units, limit):
         errors = plan.deviation_by_size["crops"] = measure(*_assemble(units), stop_above=limit)

@@ -1,6 +1,7 @@
 """How far a graph variant moves the published outputs from the FP32 graph, on the CPU."""
 
 import hashlib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +13,7 @@ from trufor_trt.engine.postprocess import decision_flipped, postprocess
 from trufor_trt.engine.runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs
 from trufor_trt.export.chain_parts import cut_after_noiseprint, cut_from, with_outputs
 from trufor_trt.precision.blocks import block_of, graph_links
+from trufor_trt.precision.budgets import FP16_BUDGET
 from trufor_trt.precision.kernel_models import KERNEL_MODELS
 from trufor_trt.precision.row_chunks import attention_in_row_chunks, row_chunks_for
 from trufor_trt.precision.weight_store import INLINE
@@ -68,11 +70,13 @@ class _Run:
     outputs: dict  # block output -> its value per input (float32 ones)
 
 
-def _quantized(graph: onnx.ModelProto) -> bool:
-    """Whether `graph` has Q/DQ: ONNX Runtime fuses a quantized operator with its Q/DQ pairs,
-    and a block output taken (or fed) between them changes what it computes, so such a graph
-    runs whole."""
-    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in graph.graph.node)
+def cut_points(graph: onnx.ModelProto) -> set:
+    """The block outputs a run may keep and a later run start from: not those a QuantizeLinear
+    reads or a DequantizeLinear writes. ONNX Runtime fuses a quantized operator with its Q/DQ
+    pairs, and an output taken or fed between them would change what it computes."""
+    producer, readers = graph_links(graph)
+    return {tensor for tensor in block_boundaries(graph) if producer[tensor].op_type != "DequantizeLinear"
+            and not any(reader.op_type == "QuantizeLinear" for reader in readers.get(tensor, ()))}
 
 
 class NetworkRuns:
@@ -87,8 +91,7 @@ class NetworkRuns:
     kept too, and a trial runs only what its changes reach: from the last block outputs it
     computes as one of those runs did (a decoder's trial runs the decoder; a plan's next
     candidate, a few units given back, runs from the first of them). Self-attention runs in
-    row chunks where the inputs are large (precision/row_chunks.py). A graph with Q/DQ (INT8)
-    runs whole."""
+    row chunks where the inputs are large (precision/row_chunks.py)."""
 
     def __init__(self, inputs: list, reference: onnx.ModelProto, attention_chains=(), reuse_blocks=False,
                  store=INLINE):
@@ -134,10 +137,9 @@ class NetworkRuns:
         """RawOutputs per input (with `reuse_blocks`, the run's block outputs kept)."""
         digest = self._noiseprint_digest(noiseprint_part)
         noiseprints = self._noiseprint_outputs(digest, noiseprint_part)
-        reuse = self._reuse_blocks and not _quantized(rest)
-        part, source, unchanged = self._part_to_run(rest, digest) if reuse else (rest, None, set())
+        part, source, unchanged = self._part_to_run(rest, digest)
         kept = {name: source.outputs[name] for name in unchanged & set(source.outputs)} if source else {}
-        computed = block_boundaries(rest) - set(kept) if reuse else set()
+        computed = cut_points(rest) - set(kept) if self._reuse_blocks else set()
         # A copy either way: row chunking rewrites the graph it runs, and `rest` is kept as it is.
         part = with_outputs(part, computed & {output for node in part.graph.node for output in node.output})
         session = self._rest_session(part)
@@ -152,7 +154,7 @@ class NetworkRuns:
                 if values[name].dtype == np.float32:
                     kept.setdefault(name, []).append(values[name])
             outputs.append(RawOutputs.from_batch_of_one(values[OUTPUT_NAMES[0]], values[OUTPUT_NAMES[1]], noiseprint))
-        if reuse:
+        if self._reuse_blocks:
             self._keep(_Run(digest, rest, kept))
         return outputs
 
@@ -166,6 +168,29 @@ class NetworkRuns:
         """The graph's RawOutputs on each input."""
         parts = cut_after_noiseprint(graph)
         return self._run(parts["noiseprint"], parts["rest"])
+
+
+def budget_share(errors: dict) -> float:
+    """The largest fraction of its budget any measured output uses (a flipped decision: inf)."""
+    if errors.get("flipped"):
+        return float("inf")
+    return max(errors[name] / FP16_BUDGET[name] for name in OUTPUTS if name in errors)
+
+
+def under_kernel_models(measure_one, kernels=KERNEL_MODELS, stop_above: float = math.inf,
+                        differ: bool = True, share=budget_share) -> dict:
+    """The worst deviation over the kernel models, each model's own under "by_kernel_model".
+    `measure_one(kernel)` -> deviation. Past `stop_above` of the budget the rest are not run:
+    the candidate fails either way (`share`: errors -> the share of the budget they use).
+    `differ` False: the simulated graphs are the same under every model (no float16
+    convolution), measured once and recorded for each."""
+    by_kernel = {}
+    for kernel in kernels:
+        by_kernel[kernel] = measure_one(kernel) if differ or not by_kernel else next(iter(by_kernel.values()))
+        if share(by_kernel[kernel]) > stop_above:
+            break
+    worst = {name: max(errors[name] for errors in by_kernel.values()) for name in by_kernel[kernels[0]]}
+    return {**worst, "by_kernel_model": by_kernel}
 
 
 class KernelOrder:

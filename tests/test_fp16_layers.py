@@ -336,7 +336,7 @@ def test_at_full_size_growing_units_go_first_attention_first_several_at_once():
 
 
 def test_a_trial_past_the_budget_under_one_kernel_model_skips_the_other():
-    from trufor_trt.export.fp16_plan import under_kernel_models
+    from trufor_trt.export.measure import under_kernel_models
 
     measured = []
 
@@ -356,8 +356,7 @@ def test_a_trial_past_the_budget_under_one_kernel_model_skips_the_other():
 def test_the_kernel_model_that_used_the_most_budget_is_measured_first_next_time():
     """After a trial under both, the worse goes first: a candidate past its limit there costs
     one run. A trial that stopped at the first keeps the order."""
-    from trufor_trt.export.fp16_plan import budget_share, under_kernel_models
-    from trufor_trt.export.measure import KernelOrder
+    from trufor_trt.export.measure import KernelOrder, budget_share, under_kernel_models
 
     order, measured = KernelOrder(), []
     second = KERNEL_MODELS[1]
@@ -547,3 +546,30 @@ def test_graphs_of_a_weight_store_are_the_inline_graphs_without_their_bytes():
             expected = create_session(inline.SerializeToString()).run(None, {"x": x})[0]
             session = create_session(held.SerializeToString(), initializers=store.initializers(held))
             assert np.array_equal(session.run(None, {"x": x})[0], expected), (kernel, form)
+
+
+def test_a_noiseprint_layer_trial_runs_from_its_kept_input_and_equals_the_whole_graph(model_seed0):
+    """A trial of layer k runs from the FP32 graph's input to layer k (the layers before are
+    unchanged): its Noiseprint++ equals the whole lowered graph's bit for bit, first, middle and
+    last layer, both forms."""
+    from trufor_trt.engine.onnxruntime_runner import create_session
+    from trufor_trt.engine.preprocess import prepare_input
+    from trufor_trt.engine.runner import INPUT_NAME
+    from trufor_trt.export import fp16_plan
+    from trufor_trt.export.measure import unchanged_tensors
+    from trufor_trt.export.synthetic import synthetic_image
+
+    graph = fp16_plan.noiseprint_graph(onnx.load(model_seed0 / "trufor_fp32.onnx"))
+    inputs = [prepare_input(synthetic_image(40, 56, seed=seed)) for seed in (5, 6)]
+    centers = fp16_plan.noiseprint_centers(graph, inputs)
+    measure = fp16_plan.NoiseprintMeasure(graph, inputs, centers)
+    convs = [node for node in graph.graph.node if node.op_type == "Conv"]
+    assert set(measure._kept) == {conv.input[0] for conv in convs[1:]}  # every layer's input but the image
+    for conv in (convs[0], convs[len(convs) // 2], convs[-1]):
+        for form in ("centered", "centered_split"):
+            lowered = upcast_fp16(lower_convolutions(graph, {conv.name: form}, centers)[0], "rounded_output")
+            given = unchanged_tensors(lowered, graph, {INPUT_NAME}) & set(measure._kept)
+            assert (conv.input[0] in given) == (conv is not convs[0])  # the layer's kept input is fed
+            whole = create_session(lowered.SerializeToString())
+            for prepared, value in zip(inputs, measure._run(lowered)):
+                assert np.array_equal(value, whole.run(None, {INPUT_NAME: prepared})[0]), (conv.name, form)

@@ -131,7 +131,7 @@ def _within(errors: dict, budget: dict) -> bool:
 
 
 def test_fp16_plan_puts_most_flops_in_fp16_within_budget_up_to_its_max_shape(reduced_model):
-    from trufor_trt.export.fp16_plan import budget_share
+    from trufor_trt.export.measure import budget_share
     from trufor_trt.precision.budgets import FP16_BUDGET
     from trufor_trt.precision.kernel_models import KERNEL_MODELS, STRESS_MODEL
 

@@ -59,12 +59,6 @@ class InlineWeights:
         """The initializer `tensor` as `dtype`, named `name`."""
         return numpy_helper.from_array(self.array(tensor).astype(dtype), name)
 
-    def detach(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        return model
-
-    def attach(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        return model
-
     def initializers(self, model: onnx.ModelProto) -> dict:
         """What an ONNX Runtime session of `model` is given besides its bytes: nothing here."""
         return {}
