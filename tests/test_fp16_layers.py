@@ -485,6 +485,7 @@ def test_network_runs_reusing_block_outputs_run_only_what_a_change_reaches(model
                 assert np.array_equal(getattr(raw, name), getattr(whole, name)), name
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_network_runs_reuse_noiseprint_in_bands_and_equal_the_whole_graph(model_seed0, monkeypatch):
     """Split after Noiseprint++ and Noiseprint++ in row bands, a graph's outputs are the whole
     graph's bit for bit (and so are the two parts joined again); a second graph that changes only what follows Noiseprint++ does not run

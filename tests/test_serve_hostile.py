@@ -162,6 +162,7 @@ def test_protocol_and_routing_errors_are_json(guarded):
         assert f'trufor_requests_rejected_total{{reason="{reason}"}}' in metrics, reason
 
 
+@pytest.mark.slow  # over 10 s on 2 cores
 def test_a_connection_flood_cannot_starve_a_client_or_the_descriptors(guarded):
     process, url, port, log = guarded
     before = _descriptors(process.pid)
