@@ -187,36 +187,45 @@ def noiseprint_graph(model: onnx.ModelProto) -> onnx.ModelProto:
     return Extractor(model).extract_model([INPUT_NAME], [NOISEPRINT_OUTPUT])
 
 
-def noiseprint_centers(graph: onnx.ModelProto, inputs: list) -> dict:
-    """Conv name -> the mean of each channel of its input over `inputs`, float16-exact.
-    `graph`: Noiseprint++ alone."""
-    convs = {node.name: node.input[0] for node in graph.graph.node if node.op_type == "Conv"}
-    session = create_session_from_model(with_outputs(graph, set(convs.values())))
+def _convolution_inputs(graph: onnx.ModelProto) -> dict:
+    """Conv name -> the tensor it reads."""
+    return {node.name: node.input[0] for node in graph.graph.node if node.op_type == "Conv"}
+
+
+def noiseprint_activations(graph: onnx.ModelProto, inputs: list) -> list:
+    """Per input: Noiseprint++'s output and the input of each of its convolutions (tensor ->
+    value, the image included), from one run of `graph` (Noiseprint++ alone)."""
+    session = create_session_from_model(with_outputs(graph, set(_convolution_inputs(graph).values())))
     names = [output.name for output in session.get_outputs()]
+    return [{INPUT_NAME: prepared, **dict(zip(names, session.run(names, {INPUT_NAME: prepared})))}
+            for prepared in inputs]
+
+
+def noiseprint_centers(graph: onnx.ModelProto, activations: list) -> dict:
+    """Conv name -> the mean of each channel of its input over the inputs of `activations`
+    (noiseprint_activations), float16-exact. `graph`: Noiseprint++ alone."""
+    convs = _convolution_inputs(graph)
     sums = {}
-    for prepared in inputs:
-        values = {INPUT_NAME: prepared, **dict(zip(names, session.run(names, {INPUT_NAME: prepared})))}
+    for values in activations:
         for name in convs.values():
             sums[name] = sums.get(name, 0.0) + values[name].astype(np.float64).mean(axis=(0, 2, 3))
-    return {conv: channel_centers(sums[name] / len(inputs)) for conv, name in convs.items()}
+    return {conv: channel_centers(sums[name] / len(activations)) for conv, name in convs.items()}
 
 
 class NoiseprintMeasure:
     """Deviation of Noiseprint++ alone (its graph cut out of the network) with some of its
     convolutions lowered: what a layer moves first is Noiseprint++ itself, and this trial costs
     a fraction of a whole-network one (the joint trials then measure every output). The FP32
-    graph's input to each convolution is kept, so a trial runs from the input of the first
-    layer it changes (the layers before compute as the FP32 graph does): half the layers, on
-    average, for a layer tried alone."""
+    graph's input to each convolution is kept (`activations`: noiseprint_activations'), so a
+    trial runs from the input of the first layer it changes (the layers before compute as the
+    FP32 graph does): half the layers, on average, for a layer tried alone."""
 
-    def __init__(self, graph, inputs, centers: dict):
-        self.graph, self.inputs, self.centers = graph, inputs, centers
-        convolution_inputs = {node.input[0] for node in graph.graph.node if node.op_type == "Conv"} - {INPUT_NAME}
-        session = create_session_from_model(with_outputs(graph, convolution_inputs))
-        names = [output.name for output in session.get_outputs()]
-        runs = [dict(zip(names, session.run(names, {INPUT_NAME: prepared}))) for prepared in inputs]
-        self.reference = [run[NOISEPRINT_OUTPUT] for run in runs]
-        self._kept = {name: [run[name] for run in runs] for name in convolution_inputs}
+    def __init__(self, graph, activations: list, centers: dict):
+        self.graph, self.centers = graph, centers
+        self.inputs = [values[INPUT_NAME] for values in activations]
+        self.reference = [values[NOISEPRINT_OUTPUT] for values in activations]
+        self._kept = {name: [values[name] for values in activations]
+                      for name in set(_convolution_inputs(graph).values()) - {INPUT_NAME}}
 
     def _run(self, graph):
         given = unchanged_tensors(graph, self.graph, {INPUT_NAME}) & set(self._kept)
@@ -328,7 +337,8 @@ def full_size_steps(large: np.ndarray, plan: Fp16Plan) -> list:
 def plan_fp16(model: onnx.ModelProto, inputs: list, head, large_inputs=(), on_step=print) -> Fp16Plan:
     """The plan from calibration crops `inputs`, checked on `large_inputs` at full size."""
     noiseprint = noiseprint_graph(model)
-    centers = noiseprint_centers(noiseprint, inputs)
+    activations = noiseprint_activations(noiseprint, inputs)
+    centers = noiseprint_centers(noiseprint, activations)
     store, order = WeightStore(), KernelOrder()
     model = store.detach(model)
     measure = Measure(model, inputs, head, centers, store=store, order=order)
@@ -336,7 +346,7 @@ def plan_fp16(model: onnx.ModelProto, inputs: list, head, large_inputs=(), on_st
     # most of the planning time; the joint trials on every crop and at full size decide). A
     # Noiseprint++ layer is tried on every crop: its trials are cheap, and on the seed-0
     # checkpoint the first layer moved Noiseprint++ 10x more on the 8th crop than on the first two.
-    solo = {"conv": NoiseprintMeasure(noiseprint, inputs, centers),
+    solo = {"conv": NoiseprintMeasure(noiseprint, activations, centers),
             "block": Measure(model, inputs[:SOLO_INPUTS], head, centers, store=store, order=order)}
     units = candidate_units(model)
     on_step(f"measuring activation ranges of {len(units)} units")
@@ -354,7 +364,7 @@ def plan_fp16(model: onnx.ModelProto, inputs: list, head, large_inputs=(), on_st
         if form:
             earned[unit.name] = (unit, form)
             cost[unit.name] = entry["budget_share"] / max(unit_flops, 1)
-    del solo  # their kept activations (Noiseprint++'s at every layer) are not needed past here
+    del solo, activations  # Noiseprint++'s activations at every layer are not needed past here
 
     def on_crops(units, limit):
         errors = plan.deviation_by_size["crops"] = measure(*_assemble(units), stop_above=limit)

@@ -73,13 +73,14 @@ class _Int8Graphs:
     weights in `store` (precision/weight_store.py)."""
 
     def __init__(self, fp32: onnx.ModelProto, inputs: list, fp16: dict, candidates: set, scratch: Path, store):
-        self.fp32, self.scratch, self.store = store.detach(fp32), scratch, store
+        """`fp32`: the FP32 graph, its weights in `store`."""
+        self.fp32, self.scratch, self.store = fp32, scratch, store
         self.half_nodes, self.conv_forms, self.candidates = fp16["half_nodes"], fp16["conv_forms"], candidates
         self.centers = fp16["centers"]
         parts = cut_after_noiseprint(fp32)
-        self.noiseprint_part, self.rest_path = store.detach(parts["noiseprint"]), scratch / "after_noiseprint.onnx"
-        onnx.save(parts["rest"], self.rest_path)
-        session = create_session_from_model(parts["noiseprint"])
+        self.noiseprint_part, self.rest_path = parts["noiseprint"], scratch / "after_noiseprint.onnx"
+        onnx.save(store.attach(parts["rest"]), self.rest_path)  # the quantizer reads a whole graph
+        session = create_session_from_model(self.noiseprint_part, store)
         self.feeds = [{INPUT_NAME: x, NOISEPRINT_OUTPUT: session.run([NOISEPRINT_OUTPUT], {INPUT_NAME: x})[0]}
                       for x in inputs]
         self._quantized = {}
@@ -145,7 +146,7 @@ def plan_int8(fp32: onnx.ModelProto, inputs: list, head, fp16: dict, large_input
     plan = Int8Plan()
     with tempfile.TemporaryDirectory(prefix="trufor-int8-") as scratch:
         everything = set().union(*candidates.values()) if candidates else set()
-        graphs = _Int8Graphs(fp32, inputs, fp16, everything, Path(scratch), store)
+        graphs = _Int8Graphs(light, inputs, fp16, everything, Path(scratch), store)
         _choose_quantization(graphs, measure, everything, plan, on_step)
         earned, cost = {}, {}
         for name, nodes in candidates.items():

@@ -562,8 +562,9 @@ def test_a_noiseprint_layer_trial_runs_from_its_kept_input_and_equals_the_whole_
 
     graph = fp16_plan.noiseprint_graph(onnx.load(model_seed0 / "trufor_fp32.onnx"))
     inputs = [prepare_input(synthetic_image(40, 56, seed=seed)) for seed in (5, 6)]
-    centers = fp16_plan.noiseprint_centers(graph, inputs)
-    measure = fp16_plan.NoiseprintMeasure(graph, inputs, centers)
+    activations = fp16_plan.noiseprint_activations(graph, inputs)
+    centers = fp16_plan.noiseprint_centers(graph, activations)
+    measure = fp16_plan.NoiseprintMeasure(graph, activations, centers)
     convs = [node for node in graph.graph.node if node.op_type == "Conv"]
     assert set(measure._kept) == {conv.input[0] for conv in convs[1:]}  # every layer's input but the image
     for conv in (convs[0], convs[len(convs) // 2], convs[-1]):

@@ -340,11 +340,12 @@ def _simulated_noiseprint(model_dir: Path, prepared, plan: dict) -> dict:
     import onnx
 
     from trufor_trt.engine.model_dir import ModelDir
-    from trufor_trt.export.fp16_plan import NoiseprintMeasure, noiseprint_graph, recorded_plan
+    from trufor_trt.export.fp16_plan import NoiseprintMeasure, noiseprint_activations, noiseprint_graph, recorded_plan
 
     fp32 = onnx.load(ModelDir.open(model_dir).variant_path("fp32"))
     recorded = recorded_plan(fp32, plan)
-    measure = NoiseprintMeasure(noiseprint_graph(fp32), [prepared], recorded["centers"])
+    graph = noiseprint_graph(fp32)
+    measure = NoiseprintMeasure(graph, noiseprint_activations(graph, [prepared]), recorded["centers"])
     return {kernel: errors["np++"]
             for kernel, errors in measure(set(), recorded["conv_forms"])["by_kernel_model"].items()}
 
