@@ -1,7 +1,8 @@
 """The CUDA layer's interface: the little of CUDA that the TensorRT runner and builder need,
-implemented by pycuda (cuda_pycuda.py, the `trt` extra) and by NVIDIA's cuda-python
-(cuda_bindings.py, the `trt-cuda-python` extra; TensorRT's own samples use it since 10.14, and
-it needs no compiler on a Jetson); cuda_layer.py picks one.
+implemented by pycuda (cuda_pycuda.py, the `trt-cu13` / `trt-cu12` extras) and by NVIDIA's
+cuda-python (cuda_bindings.py, the `trt-cu13-cuda-python` / `trt-cu12-cuda-python` extras;
+TensorRT's own samples use it since 10.14, and it needs no compiler on a Jetson); cuda_layer.py
+picks one.
 
 Each layer retains a device's primary context (the one the CUDA runtime and TensorRT use) once
 per process and keeps it; `current()` makes it current on the calling thread for one call, so

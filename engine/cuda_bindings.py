@@ -1,6 +1,8 @@
 """The CUDA layer on NVIDIA's cuda-python (`cuda-bindings` >= 12.6: `cuda.bindings.driver`).
 
 Every driver call returns (CUresult, values...); `_call` turns a failure into an EngineError.
+Where there is no driver (no libcuda), the first call raises instead (RuntimeError, or its
+subclass DynamicLibNotFoundError since 12.9): the layer then is not usable, said in one line.
 """
 
 import ctypes
@@ -9,20 +11,21 @@ import numpy as np
 
 from trufor_trt.engine.cuda import CudaLayer, DeviceBuffer, Event, PinnedBuffer, Stream, format_driver_version
 from trufor_trt.engine.cuda import Gpu
-from trufor_trt.errors import EngineError
+from trufor_trt.errors import EngineError, one_line
 
 NAME_BYTES = 256
 
 
-def native_handle(cuda_object) -> int:
-    """The address a cuda-bindings object stands for (a device pointer, a stream): through
-    get_cuda_native_handle where the bindings have it (int(object) is deprecated since 13.0),
-    int() on the releases before it."""
+def native_handle(handle) -> int:
+    """The address a cuda-bindings handle (a stream, an event) stands for: through
+    get_cuda_native_handle where the bindings have it (int(handle) is deprecated for handles
+    since 13.0), int() on the releases before it. Device pointers are not handles: a CUdeviceptr
+    is an address, and int() is its conversion on every release (get_cuda_native_handle refuses it)."""
     try:
         from cuda.bindings.utils import get_cuda_native_handle
     except ImportError:
-        return int(cuda_object)
-    return int(get_cuda_native_handle(cuda_object))
+        return int(handle)
+    return int(get_cuda_native_handle(handle))
 
 
 class CudaPythonLayer(CudaLayer):
@@ -38,6 +41,8 @@ class CudaPythonLayer(CudaLayer):
             count = self._call(driver.cuDeviceGetCount())
         except EngineError as exc:
             raise EngineError(f"no usable CUDA driver or GPU (cuda-python): {exc}") from None
+        except RuntimeError as exc:  # no libcuda: cuda-bindings raise (DynamicLibNotFoundError, 12.9+)
+            raise EngineError(f"no NVIDIA GPU or driver found (cuda-python: {one_line(exc)})") from None
         if count == 0:
             raise EngineError("no CUDA GPU found: TensorRT engines are built and run on the GPU")
 
@@ -113,7 +118,7 @@ class CudaPythonLayer(CudaLayer):
 
 class _Device(DeviceBuffer):
     def __init__(self, layer: CudaPythonLayer, pointer):
-        self.layer, self.pointer, self.address = layer, pointer, native_handle(pointer)
+        self.layer, self.pointer, self.address = layer, pointer, int(pointer)
 
     def free(self) -> None:
         self.layer._call(self.layer.cu.cuMemFree(self.pointer))

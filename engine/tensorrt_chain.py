@@ -22,6 +22,7 @@ from trufor_trt.engine.runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs
 from trufor_trt.engine.tensorrt_plan import Sidecar
 from trufor_trt.engine.tensorrt_shared import SHARED_ENGINES, activation_bytes, check_room, deserialized
 from trufor_trt.engine.timing import StageClock
+from trufor_trt.engine.tensorrt_start import tensorrt_logger, tensorrt_said
 from trufor_trt.errors import EngineError
 from trufor_trt.files import sha256_bytes
 
@@ -30,9 +31,11 @@ SCALE_OF = {"c1": 0, "c2": 1, "c3": 2, "c4": 3}
 
 def _user_managed_context(trt, engine, name: str):
     strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+    mark = tensorrt_logger(trt).mark()
     context = engine.create_execution_context(strategy)
     if context is None:
-        raise EngineError(f"TensorRT could not create an execution context for the chain's {name} engine")
+        raise EngineError(f"TensorRT could not create an execution context for the chain's {name} "
+                          f"engine{tensorrt_said(trt, mark)}")
     return context
 
 
@@ -56,14 +59,18 @@ class _Part:
         for name, (span, shape) in inputs.items():
             if not self.context.set_input_shape(name, tuple(shape)):
                 raise EngineError(f"the chain's {self.name} engine refused {name} of shape {tuple(shape)}")
-            self.context.set_tensor_address(name, span.address)
+            self._place(name, span)
         for name, (span, capacity) in outputs.items():
             shape = tuple(self.context.get_tensor_shape(name))
             if min(shape) < 0 or int(np.prod(shape)) * FLOAT32 > capacity:
                 raise EngineError(f"the chain's {self.name} engine makes {name} {shape}, more than its buffer holds")
-            self.context.set_tensor_address(name, span.address)
+            self._place(name, span)
         if not self.context.execute_async_v3(stream.handle):
             raise EngineError(f"TensorRT failed to enqueue the chain's {self.name} engine")
+
+    def _place(self, name: str, span) -> None:
+        if not self.context.set_tensor_address(name, span.address):
+            raise EngineError(f"TensorRT refused the address of {name} in the chain's {self.name} engine")
 
 
 def _largest(profile: PartProfile, name: str) -> int:
@@ -201,13 +208,13 @@ class DeviceParts(ChainParts):
         self.buffers, self.host = {}, {}
 
 
-def _part_engine(runtime, folder: Path, record: dict):
+def _part_engine(trt, runtime, folder: Path, record: dict):
     """A chained engine, once its bytes are checked against the chain's sidecar."""
     path = folder / record["file"]
     data = path.read_bytes()
     if sha256_bytes(data) != record["sha256"]:
         raise EngineError(f"engine {path}: differs from the engine its chain's sidecar describes: build it again")
-    return deserialized(runtime, path, data)
+    return deserialized(trt, runtime, path, data)
 
 
 class LoadedChain:
@@ -218,7 +225,7 @@ class LoadedChain:
         self.bands = BandPlan(**self.chain["bands"])
         self.acquired = []
         try:
-            parts = {part: _Part(trt, self._acquire(path / record["file"], record), part)
+            parts = {part: _Part(trt, self._acquire(trt, path / record["file"], record), part)
                      for part, record in self.chain["parts"].items()}
             profiles = {part: PartProfile(part, {name: [tuple(shape) for shape in shapes]
                                                  for name, shapes in record["profile"].items()})
@@ -230,9 +237,9 @@ class LoadedChain:
             raise
         self.device_bytes = self.device.device_bytes
 
-    def _acquire(self, part_path: Path, record: dict):
+    def _acquire(self, trt, part_path: Path, record: dict):
         engine = SHARED_ENGINES.acquire(part_path, self.ordinal,
-                                        lambda runtime: _part_engine(runtime, self.path, record))
+                                        lambda runtime: _part_engine(trt, runtime, self.path, record))
         self.acquired.append(part_path)
         return engine
 

@@ -22,7 +22,7 @@ from trufor_trt.engine.tensorrt_chain import LoadedChain
 from trufor_trt.engine.tensorrt_plan import Sidecar, io_contract_problems, survey_engines
 from trufor_trt.engine.tensorrt_shared import (SHARED_ENGINES, activation_bytes, check_room, deserialized,
                                                memory_shortfall)
-from trufor_trt.engine.tensorrt_start import import_tensorrt
+from trufor_trt.engine.tensorrt_start import import_tensorrt, tensorrt_logger, tensorrt_said
 
 
 def output_shape(name: str, height: int, width: int) -> tuple:
@@ -52,7 +52,7 @@ def _check_profile(engine, profile, path: Path) -> None:
 
 def _deserialized(trt, runtime, path: Path, sidecar: Sidecar):
     """The engine of `path`, checked against the model's I/O and the sidecar's profile."""
-    engine = deserialized(runtime, path, sidecar.engine_bytes(path))
+    engine = deserialized(trt, runtime, path, sidecar.engine_bytes(path))
     problems = io_contract_problems(engine_io(trt, engine))
     if problems:
         raise EngineError(f"engine {path.name} does not match the model's inputs and outputs: "
@@ -86,10 +86,11 @@ class _LoadedEngine:
         # What this runner takes on the device: the context's activations and its buffers.
         self.device_bytes = activation_bytes(engine) + sum(self.nbytes.values())
         check_room(self.device_bytes, cuda, path, budget)
+        mark = tensorrt_logger(trt).mark()
         self.context = engine.create_execution_context()
         if self.context is None:
             raise EngineError(f"TensorRT could not create an execution context for {path.name}: "
-                              f"{memory_shortfall(engine, cuda)}")
+                              f"{memory_shortfall(engine, cuda)}{tensorrt_said(trt, mark)}")
         self.stream = cuda.stream()
         self.events = [cuda.event() for _ in range(4)]
         self.host = {name: cuda.pinned_buffer(size) for name, size in self.nbytes.items()}

@@ -5,7 +5,7 @@ the room check made before anything is allocated."""
 import threading
 from pathlib import Path
 
-from trufor_trt.engine.tensorrt_start import start_runtime
+from trufor_trt.engine.tensorrt_start import start_runtime, tensorrt_logger, tensorrt_said
 from trufor_trt.errors import EngineError
 
 
@@ -72,11 +72,12 @@ class _SharedEngines:
 SHARED_ENGINES = _SharedEngines()
 
 
-def deserialized(runtime, path: Path, data: bytes):
+def deserialized(trt, runtime, path: Path, data: bytes):
     """The engine in `data` (the checked bytes of `path`)."""
+    mark = tensorrt_logger(trt).mark()
     engine = runtime.deserialize_cuda_engine(data)
     if engine is None:
-        raise EngineError(f"TensorRT could not load {path}")
+        raise EngineError(f"TensorRT could not load {path}{tensorrt_said(trt, mark)}")
     return engine
 
 

@@ -9,6 +9,7 @@ What fails on real machines:
   so `doctor` and `--backend auto` create a Runtime (under the CUDA context) before they say yes.
 """
 
+import sys
 import threading
 
 from trufor_trt.errors import EngineError, one_line
@@ -37,12 +38,55 @@ def import_tensorrt():
     return tensorrt
 
 
+def _logger_class(trt):
+    """The project's ILogger: TensorRT's warnings and errors on stderr (never stdout, where
+    `doctor --json` writes; trt.Logger prints to stdout), the last ones kept for the reasons."""
+
+    class ProjectLogger(trt.ILogger):
+        def __init__(self):
+            trt.ILogger.__init__(self)
+            self.severity = trt.ILogger.Severity
+            self.lock = threading.Lock()
+            self.heard = 0
+            self.last = {}  # "error" / "warning" -> (the count when heard, the message)
+
+        def log(self, severity, msg):
+            if int(severity) > int(self.severity.WARNING):
+                return
+            kind = "warning" if severity == self.severity.WARNING else "error"
+            text = " ".join(str(msg).split())
+            with self.lock:
+                self.heard += 1
+                self.last[kind] = (self.heard, text)
+            print(f"TensorRT {kind}: {text}", file=sys.stderr, flush=True)
+
+        def mark(self) -> int:
+            """A point to ask `said_since` about (before a call that may fail)."""
+            return self.heard
+
+        def said_since(self, mark: int) -> str:
+            """The last error TensorRT logged after `mark`, else its last warning ('' if none)."""
+            for kind in ("error", "warning"):
+                count, text = self.last.get(kind, (0, ""))
+                if count > mark:
+                    return text
+            return ""
+
+    return ProjectLogger
+
+
 def tensorrt_logger(trt):
-    """The process's one trt.Logger (TensorRT expects a single logger per process)."""
+    """The process's one logger (TensorRT expects a single logger per process)."""
     with _LOGGER_LOCK:
         if "logger" not in _LOGGER:
-            _LOGGER["logger"] = trt.Logger(trt.Logger.WARNING)
+            _LOGGER["logger"] = _logger_class(trt)()
         return _LOGGER["logger"]
+
+
+def tensorrt_said(trt, mark: int) -> str:
+    """'; TensorRT said: ...' with what TensorRT logged since `mark` ('' if nothing)."""
+    said = tensorrt_logger(trt).said_since(mark)
+    return f"; TensorRT said: {said}" if said else ""
 
 
 def _driver_hint(driver_version: str) -> str:
@@ -53,22 +97,15 @@ def _driver_hint(driver_version: str) -> str:
     return (f"this driver supports CUDA {driver_version}; " if driver_version else "") + INSTALL_BY_DRIVER
 
 
-def _cuda_start_failure(what: str, trt, driver_version: str, exc: BaseException) -> EngineError:
-    """The one line for a Runtime or Builder that TensorRT could not create."""
-    hint = _driver_hint(driver_version)
-    return EngineError(f"TensorRT {getattr(trt, '__version__', '?')} could not start CUDA for its {what} "
-                       f"({one_line(exc)}): the TensorRT build needs a newer driver, or no GPU is usable; "
-                       f"{hint}")
-
-
 def _created(what: str, factory, trt, driver_version: str):
+    logger = tensorrt_logger(trt)
+    mark = logger.mark()
     try:
-        made = factory(tensorrt_logger(trt))
+        return factory(logger)
     except (TypeError, RuntimeError) as exc:  # pybind11's "factory function returned nullptr"
-        raise _cuda_start_failure(what, trt, driver_version, exc) from None
-    if made is None:
-        raise _cuda_start_failure(what, trt, driver_version, ValueError("returned None"))
-    return made
+        raise EngineError(f"TensorRT {getattr(trt, '__version__', '?')} could not start CUDA for its {what} "
+                          f"({one_line(exc)}{tensorrt_said(trt, mark)}): the TensorRT build needs a newer "
+                          f"driver, or no GPU is usable; {_driver_hint(driver_version)}") from None
 
 
 def start_runtime(trt, driver_version: str = ""):

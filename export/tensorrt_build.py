@@ -14,8 +14,8 @@ from trufor_trt.engine.model_dir import ModelDir
 from trufor_trt.engine.runner import INPUT_NAME
 from trufor_trt.engine.tensorrt_plan import (BuildSettings, Profile, Sidecar, build_settings, engine_path,
                                              profile_from_options, sidecar_path)
-from trufor_trt.engine.tensorrt_start import import_tensorrt, start_builder, tensorrt_logger
-from trufor_trt.errors import EngineError
+from trufor_trt.engine.tensorrt_start import import_tensorrt, start_builder, tensorrt_logger, tensorrt_said
+from trufor_trt.errors import EngineError, one_line
 from trufor_trt.files import sha256_bytes, write_atomically
 
 
@@ -26,14 +26,29 @@ def _network_flags(trt) -> int:
     return 0 if flag is None else 1 << int(flag)
 
 
+def _parser_errors(parser) -> str:
+    """The parser's errors, each as its description and the node it is about."""
+    errors = []
+    for index in range(parser.num_errors):
+        error = parser.get_error(index)
+        node = error.node_name()
+        errors.append(" ".join(error.desc().split()) + (f" (node {node})" if node else ""))
+    return "; ".join(errors) or "no reason given"
+
+
 def _parse(trt, builder, graph, name: str):
     """`graph`: the ONNX file's path, or a serialized graph (a chain's part, cut in memory)."""
     network = builder.create_network(_network_flags(trt))
-    parser = trt.OnnxParser(network, tensorrt_logger(trt))
+    logger = tensorrt_logger(trt)
+    mark = logger.mark()
+    try:
+        parser = trt.OnnxParser(network, logger)
+    except TypeError as exc:  # pybind11's "factory function returned nullptr"
+        raise EngineError(f"TensorRT could not create its ONNX parser ({one_line(exc)}"
+                          f"{tensorrt_said(trt, mark)})") from None
     parsed = parser.parse(graph) if isinstance(graph, bytes) else parser.parse_from_file(str(graph))
     if not parsed:
-        errors = "; ".join(str(parser.get_error(index)) for index in range(parser.num_errors))
-        raise EngineError(f"TensorRT could not parse {name}: {errors}")
+        raise EngineError(f"TensorRT could not parse {name}: {_parser_errors(parser)}")
     return network, parser
 
 
@@ -60,11 +75,21 @@ def _config(trt, builder, settings: BuildSettings, shapes: dict, workspace_gib: 
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * (1 << 30)))
     for flag in settings.cleared_flags:
         config.clear_flag(getattr(trt.BuilderFlag, flag))
+    if config.add_optimization_profile(_optimization_profile(builder, shapes)) < 0:  # TensorRT found it invalid
+        raise EngineError(f"TensorRT refused the optimization profile {shapes}: build with other "
+                          "--min-shape / --opt-shape / --max-shape")
+    return config, _timing_cache(config, cached, on_step)
+
+
+def _optimization_profile(builder, shapes: dict):
     optimization = builder.create_optimization_profile()
     for name, (smallest, typical, largest) in shapes.items():
-        optimization.set_shape(name, smallest, typical, largest)
-    config.add_optimization_profile(optimization)
-    return config, _timing_cache(config, cached, on_step)
+        try:
+            optimization.set_shape(name, smallest, typical, largest)
+        except ValueError as exc:  # TensorRT's check of min <= opt <= max
+            raise EngineError(f"TensorRT refused the shapes of {name} {smallest} .. {largest} "
+                              f"({one_line(exc)})") from None
+    return optimization
 
 
 def serialize_engine(trt, settings: BuildSettings, graph, name: str, shapes: dict, workspace_gib: float,
@@ -76,9 +101,10 @@ def serialize_engine(trt, settings: BuildSettings, graph, name: str, shapes: dic
     network, _parser = _parse(trt, builder, graph, name)
     cached = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
     config, cache = _config(trt, builder, settings, shapes, workspace_gib, cached, on_step)
+    mark = tensorrt_logger(trt).mark()
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise EngineError(f"TensorRT could not build an engine from {name} (see its log above)")
+        raise EngineError(f"TensorRT could not build an engine from {name}{tensorrt_said(trt, mark)}")
     if cache_path:
         write_atomically(cache_path, bytes(cache.serialize()))
     return bytes(serialized)

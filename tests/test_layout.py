@@ -215,3 +215,20 @@ def test_the_suite_collects_where_torch_onnx_and_ray_are_not_installed(tmp_path)
                                str(REPO / "tests")], cwd=REPO, env=environment, capture_output=True, text=True,
                               timeout=300)
     assert finished.returncode == 0, finished.stdout[-2000:]
+
+
+EXTRA_NAMED = re.compile(r'trufor-trt\[([a-z0-9,-]+)\]')
+
+
+def test_every_extra_an_install_hint_names_exists():
+    """The extras the code, the README and the install hints name are pyproject's (an old name
+    in a hint sends a user to `pip install` something pip refuses)."""
+    from trufor_trt.installed import MODULE_EXTRAS, install_command
+
+    extras = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    sources = [path for folder in ("trufor_trt", "export", "calibration", "engine", "benchmarks")
+               for path in (REPO / folder).rglob("*.py")] + [REPO / "README.md"]
+    texts = [path.read_text() for path in sources] + [install_command(module) for module in MODULE_EXTRAS]
+    named = {extra for text in texts for group in EXTRA_NAMED.findall(text) for extra in group.split(",")}
+    assert {"cpu", "trt-cu12", "trt-cu13-cuda-python"} <= named
+    assert named <= extras, f"extras named that pyproject does not have: {named - extras}"

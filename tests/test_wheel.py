@@ -65,3 +65,33 @@ def test_the_installed_command_shows_help_and_passes_selftest(fresh_venv):
     # Its backend on a CPU is ONNX Runtime: this is also the suite's selftest on the CPU.
     selftest = _run([str(command), "selftest"], cwd=fresh_venv, env=environment)
     assert "PASS: onnxruntime" in selftest.stdout
+
+
+# JetPack 6 (Ubuntu 22.04, glibc 2.35) on Python 3.10: the wheels its pip takes.
+JETPACK6_PLATFORMS = ["manylinux2014_aarch64", *(f"manylinux_2_{minor}_aarch64" for minor in range(17, 36))]
+
+
+def _resolve_for_jetson(requirements: list, platforms: list, target: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet",
+                           "--disable-pip-version-check", "--target", str(target), "--python-version", "3.10",
+                           "--only-binary=:all:", *(f"--platform={platform}" for platform in platforms),
+                           *requirements], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("extra, platforms", [(None, ["manylinux2014_aarch64"]), ("cpu", JETPACK6_PLATFORMS)],
+                         ids=["base-manylinux2014", "cpu-jetpack6"])
+def test_a_jetson_install_resolves_to_aarch64_cp310_wheels(extra, platforms, tmp_path):
+    """What `pip install trufor-trt` (and `[cpu]`) asks for, resolved as JetPack 6's Python 3.10
+    would: every dependency in pyproject has an aarch64 / cp310 wheel. (onnxruntime >= 1.17
+    publishes aarch64 wheels for glibc 2.28 only, which JetPack 6's 2.35 runs.)"""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = [*project["dependencies"], *(project["optional-dependencies"][extra] if extra else [])]
+    result = _resolve_for_jetson(requirements, platforms, tmp_path / "target")
+    if any(sign in result.stderr for sign in ("(from versions: none)", "NewConnectionError", "Failed to establish")):
+        pytest.skip(f"no package index answered: {result.stderr.strip().splitlines()[-1]}")
+    missing = [line for line in result.stderr.splitlines() if "No matching distribution found for" in line]
+    assert not missing, f"no aarch64 / cp310 wheel: {missing}"
+    if result.returncode != 0:
+        pytest.skip(f"no package index answered: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
