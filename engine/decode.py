@@ -1,39 +1,46 @@
-"""Image decoding with OpenCV that gives the same RGB array as `PIL.Image.open(p).convert("RGB")`.
+"""Image decoding exactly as the official code feeds the network: `PIL.Image.open(p).convert("RGB")`.
 
-- No EXIF rotation (the official code never rotates; OpenCV's IMREAD_UNCHANGED does not either).
-- Alpha is dropped, not composited; grey and palette images are expanded to RGB.
-- CMYK / YCCK JPEGs are decoded by Pillow itself (see _decode_with_pillow).
-- 16-bit images: each sample v becomes round(v / 257), the linear rescale of 0..65535 onto
-  0..255. Pillow (so the official code) differs here: 16-bit RGB keeps the high byte (v >> 8,
-  at most one level from ours), 16-bit grey is clipped at 255 (most such images turn white).
+Pillow decodes every accepted format, so every file gives the official pixels: no EXIF rotation,
+alpha dropped (not composited), grey and palette images expanded (a GIF's transparent index
+keeps its palette colour, a first frame smaller than the screen is placed on it as Pillow
+places it), 16-bit samples as Pillow converts them (RGB keeps each sample's high byte; grey
+is clipped at 255).
 - Refused with an ImageError and a one-line reason: missing, not a regular file (a FIFO, a
   device), larger than a file limit, empty, not an image, corrupt or truncated, smaller than the
-  network accepts, larger than a pixel limit. The size is read from the header of every accepted
-  format (image_headers.py) before any pixel is decoded (decompression bombs), and a file's
-  bytes are read only once its first ones are an image's.
+  network accepts, larger than a pixel limit. The size is checked twice before any pixel is
+  decoded: from the header of every accepted format (image_headers.py: a bomb never reaches a
+  codec, some of which allocate the whole canvas when they open a file), and from the size
+  Pillow itself parsed, the size it then decodes (a file whose headers disagree cannot slip one
+  past the other). A file's bytes are read once, bounded, only once its first ones are an image's.
 """
 
 import errno
 import io
 import os
 import stat
+import struct
 import sys
 import warnings
 from pathlib import Path
 
-import cv2
 import numpy as np
+from PIL import Image
 
 from trufor_trt.architecture import MIN_SIDE
 from trufor_trt.engine.image_headers import SNIFF_BYTES, header_size, jpeg_layout, sniff_format
-from trufor_trt.errors import ImageError
+from trufor_trt.errors import ImageError, one_line
 from trufor_trt.held_setting import HeldSetting
 
 DEFAULT_MAX_PIXELS = 150_000_000
 # The largest image file read (--max-file): an uncompressed 16-bit TIFF at the default pixel
 # limit is 0.9 GB.
 DEFAULT_MAX_FILE = 1024 ** 3
-SIXTEEN_BIT_STEP = 257  # 65535 / 255
+# Pillow's name of each format image_headers.sniff_format names: the file is opened as that
+# format alone (Pillow would otherwise try its other plugins on it).
+PILLOW_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "GIF": "GIF", "BMP": "BMP", "TIFF": "TIFF", "WebP": "WEBP"}
+# Pillow's own bomb check stops at twice Image.MAX_IMAGE_PIXELS; --max-pixels, checked on the
+# size Pillow parsed, is the limit here, so Pillow's warning below it says nothing new.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 def _jpeg_is_complete(data: bytes) -> bool:
     """A whole JPEG has an end-of-image marker after its first scan (0xFF is byte-stuffed
@@ -59,25 +66,21 @@ def separate_python_stderr() -> None:
 
 
 def _silence_decoders():
-    """OpenCV's log off and descriptor 2 on /dev/null; returns what they were."""
-    log_level = cv2.utils.logging.getLogLevel()
-    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    """Descriptor 2 on /dev/null; returns what it was."""
     sys.stderr.flush()
     saved = os.dup(2)
     with open(os.devnull, "wb") as devnull:
         os.dup2(devnull.fileno(), 2)
-    return log_level, saved
+    return saved
 
 
-def _restore_decoders(previous) -> None:
-    log_level, saved = previous
+def _restore_decoders(saved) -> None:
     os.dup2(saved, 2)
     os.close(saved)
-    cv2.utils.logging.setLogLevel(log_level)
 
 
-# A corrupt file is reported once, by us: OpenCV's log and the codec libraries' own warnings
-# (libjpeg's "Corrupt JPEG data", libpng's), which they write straight to file descriptor 2,
+# A corrupt file is reported once, by us: the codec libraries' own warnings (libtiff's, for
+# one), which they write straight to file descriptor 2,
 # are silenced while files are decoded (the process's descriptor 2: this program's own messages
 # go through separate_python_stderr's duplicate of it). The pipeline's host workers decode at
 # once: the first decode silences, the last restores.
@@ -93,43 +96,30 @@ def _check_size(path, height: int, width: int, max_pixels: int) -> None:
                                f"of {MIN_SIDE} px a side")
 
 
-def _to_rgb8(path, pixels: np.ndarray) -> np.ndarray:
-    if pixels.dtype == np.uint16:
-        pixels = np.rint(pixels / SIXTEEN_BIT_STEP).astype(np.uint8)
-    elif pixels.dtype != np.uint8:
-        raise ImageError(path, f"unsupported sample type {pixels.dtype} (8- and 16-bit only)")
-    if pixels.ndim == 2:
-        return np.ascontiguousarray(np.repeat(pixels[:, :, None], 3, axis=2))
-    channels = pixels.shape[2]
-    if channels == 1:
-        return np.ascontiguousarray(np.repeat(pixels, 3, axis=2))
-    if channels in (3, 4):
-        return np.ascontiguousarray(pixels[:, :, 2::-1])  # BGR(A) -> RGB, alpha dropped
-    raise ImageError(path, f"unsupported channel count {channels}")
-
-
 def _admit(path, height: int, width: int, admit) -> None:
     reason = admit(height, width) if admit is not None else None
     if reason:
         raise ImageError(path, reason)
 
 
-def _decode_with_pillow(path, data: bytes) -> np.ndarray:
-    """A four-component JPEG (CMYK, YCCK, Adobe-inverted or not) through Pillow itself: OpenCV's
-    CMYK conversion rounds differently (most samples +1, which moves the map by 2e-2)."""
-    from PIL import Image
-
-    pillow_limit = Image.MAX_IMAGE_PIXELS
+def _pillow_image(label, data: bytes, kind: str, max_pixels: int, admit) -> np.ndarray:
+    """The pixels of `data` as Pillow gives them (convert("RGB")), once the size Pillow parsed
+    from the file, which is the size it decodes, is within the limits."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            Image.MAX_IMAGE_PIXELS = None  # --max-pixels, checked from the header, is the limit
-            with Image.open(io.BytesIO(data)) as image:
-                return np.ascontiguousarray(np.asarray(image.convert("RGB")))
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(path, f"truncated or corrupt JPEG (the decoder could not read it: {exc})") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = pillow_limit
+        with quiet_decoders(), Image.open(io.BytesIO(data), formats=[PILLOW_FORMATS[kind]]) as image:
+            width, height = image.size
+            _check_size(label, height, width, max_pixels)
+            _admit(label, height, width, admit)
+            return np.ascontiguousarray(np.asarray(image.convert("RGB")))
+    except Image.UnidentifiedImageError:  # a variant of the format Pillow has no mode for
+        raise ImageError(label, f"unsupported {kind} (the decoder has no mode for this kind of {kind} "
+                                "file; the official code cannot read it either)") from None
+    except Image.DecompressionBombError:
+        raise ImageError(label, f"image has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, more than the "
+                                "decoder takes") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError) as exc:  # Pillow's kinds
+        raise ImageError(label, f"truncated or corrupt {kind} (the decoder could not read it: "
+                                f"{one_line(exc)})") from None
 
 
 _SPECIAL_FILES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
@@ -199,12 +189,4 @@ def decode_bytes(data: bytes, label, max_pixels: int = DEFAULT_MAX_PIXELS, admit
     _admit(label, *size, admit)
     if kind == "JPEG" and not _jpeg_is_complete(data):
         raise ImageError(label, "truncated or corrupt JPEG (no end-of-image marker)")
-    if kind == "JPEG" and jpeg_layout(data)[3] == 4:
-        return _decode_with_pillow(label, data)
-    with quiet_decoders():
-        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    if pixels is None:
-        raise ImageError(label, f"truncated or corrupt {kind} (the decoder could not read it)")
-    _check_size(label, pixels.shape[0], pixels.shape[1], max_pixels)
-    _admit(label, pixels.shape[0], pixels.shape[1], admit)
-    return _to_rgb8(label, pixels)
+    return _pillow_image(label, data, kind, max_pixels, admit)

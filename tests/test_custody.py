@@ -259,6 +259,25 @@ def test_watch_never_files_away_an_original_replaced_while_it_was_analysed(tmp_p
     assert any("changed after it was analysed" in notice for notice in notices), notices
 
 
+def test_the_bytes_a_record_hashes_are_the_bytes_it_decoded_though_the_file_is_replaced_between(
+        tmp_path, torch_runner):
+    """The file is read once: replaced after the job opened (hashed), its evidence is still the
+    first file's, under the first file's SHA-256."""
+    from trufor_trt.batch.analyze import analyse_file, complete_job, open_job
+    from trufor_trt.batch.inputs import ImageJob
+    from trufor_trt.engine.timing import StageClock
+
+    image = shared_crop(tmp_path / "in" / "a.png", 0)
+    old_bytes = image.read_bytes()
+    options = AnalyzeOptions(out_dir=tmp_path / "out", write_png=False)
+    flight = open_job(ImageJob(image, "a.png"), torch_runner, options)
+    os.replace(shared_crop(tmp_path / "other.png", 1), image)
+    result = complete_job(flight, torch_runner, options)
+    assert result.record.status == "ok" and result.record.provenance["input_sha256"] == sha256_bytes(old_bytes)
+    _, expected = analyse_file(image, torch_runner, StageClock(), data=old_bytes)
+    np.testing.assert_array_equal(result.analysis.localization_map, expected.localization_map)
+
+
 @pytest.fixture
 def edited_model(tmp_path, model_seed0) -> Path:
     """A copy of the seed-0 model folder (graphs linked, manifest and detection head copied)."""
@@ -335,8 +354,8 @@ def test_outputs_never_go_among_the_originals(tmp_path, monkeypatch, checkpoint_
 
 
 def _float_tiff(side: int = 4000) -> bytes:
-    """A valid TIFF of 32-bit float samples, which the decoder takes seconds to read and then
-    refuses (8- and 16-bit only): a long window in which the codecs are silenced."""
+    """A valid TIFF of three 32-bit float samples a pixel, which the decoder (Pillow, as the
+    official code) refuses: it has no mode for them."""
     rows, columns = np.mgrid[0:side, 0:side].astype(np.float32) / side
     return cv2.imencode(".tif", np.stack([rows, columns, rows * columns], -1), [cv2.IMWRITE_TIFF_COMPRESSION, 8])[1].tobytes()
 
@@ -357,7 +376,7 @@ def test_no_line_of_ours_is_lost_while_the_codecs_are_silenced(tmp_path, checkpo
     for image in sorted(images.iterdir()):
         mentions = [line for line in lines if str(image) in line]
         assert len(mentions) == 1, (image.name, lines)
-    assert sum(line.startswith("failed ") and "unsupported sample type float32" in line for line in lines) == 2
+    assert sum(line.startswith("failed ") and "unsupported TIFF" in line for line in lines) == 2
 
 
 def test_validate_runs_the_torch_backend_from_the_checkpoint_it_is_given(tmp_path, model_seed0, checkpoint_seed0):

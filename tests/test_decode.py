@@ -1,5 +1,6 @@
 """Decoding gives Pillow's `Image.open(p).convert("RGB")`, and refuses bad input in one line."""
 
+import io
 import os
 import struct
 import threading
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trufor_trt.engine.decode import MIN_SIDE, decode_image
+from trufor_trt.engine.decode import MIN_SIDE, decode_bytes, decode_image
 from trufor_trt.errors import ImageError
 
 from conftest import IMAGES_DIR
@@ -64,21 +65,94 @@ def test_jpeg_exif_orientation_is_not_applied(tmp_path):
     np.testing.assert_array_equal(decoded, pillow_rgb(path))
 
 
-def test_sixteen_bit_images_are_rescaled_linearly(tmp_path):
-    deep = np.random.default_rng(3).integers(0, 65536, (33, 35, 3), dtype=np.uint16)
-    deep[0, :4, 0] = [0, 128, 129, 65535]
-    path = tmp_path / "deep.png"
-    assert cv2.imwrite(str(path), deep[:, :, ::-1])
-    decoded = decode_image(path)
-    np.testing.assert_array_equal(decoded, np.rint(deep / 257.0).astype(np.uint8))
-    assert list(decoded[0, :4, 0]) == [0, 0, 1, 255]
+# Every mode Pillow has, in every format the decoder accepts (those Pillow writes it in).
+MATRIX_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV",
+                "I", "I;16", "I;16B", "F")
+MATRIX_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP")
 
 
-def test_sixteen_bit_grey_becomes_three_equal_channels(tmp_path):
-    deep = np.full((32, 32), 257 * 200, dtype=np.uint16)
-    path = tmp_path / "grey16.png"
-    assert cv2.imwrite(str(path), deep)
-    assert (decode_image(path) == 200).all()
+def _in_mode(mode: str) -> Image.Image:
+    rgb = Image.fromarray(_pixels(34, 45))
+    if mode.startswith("I;16"):
+        deep = np.random.default_rng(5).integers(0, 65536, (34, 45), dtype=np.uint16)
+        return Image.frombytes(mode, (45, 34), deep.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
+    if mode in ("I", "F"):
+        values = np.random.default_rng(6).integers(-5, 70000, (34, 45))
+        return Image.fromarray(values.astype(np.int32 if mode == "I" else np.float32))
+    return rgb.convert(mode) if mode not in ("PA", "RGBX") else rgb.convert("RGBA").convert(mode)
+
+
+def _saved(image: Image.Image, image_format: str, **options):
+    buffer = io.BytesIO()
+    try:
+        image.save(buffer, image_format, **options)
+    except (OSError, KeyError, ValueError, TypeError):  # Pillow does not write this mode in this format
+        return None
+    return buffer.getvalue()
+
+
+def _official(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.array(image.convert("RGB"))
+
+
+def test_every_mode_in_every_format_decodes_as_pillows_convert_rgb():
+    """The matrix: each mode Pillow writes in each accepted format (16-bit, float, palettes
+    with and without transparency...), bit for bit the official code's pixels."""
+    cases = {f"{mode} {image_format}": _saved(_in_mode(mode), image_format)
+             for mode in MATRIX_MODES for image_format in MATRIX_FORMATS}
+    cases["P+transparency GIF"] = _saved(_in_mode("P"), "GIF", transparency=5, optimize=False)
+    cases["P+transparency PNG"] = _saved(_in_mode("P"), "PNG", transparency=5)
+    written = {name: data for name, data in cases.items() if data is not None}
+    differ = [name for name, data in written.items()
+              if not np.array_equal(decode_bytes(data, name), _official(data))]
+    assert not differ, differ
+    assert len(written) >= 60, sorted(set(cases) - set(written))
+
+
+def _gif_descriptor(data: bytes) -> int:
+    """Where a GIF's first image descriptor starts (after the colour table and any extensions)."""
+    offset = 13 + (3 * 2 ** ((data[10] & 7) + 1) if data[10] & 0x80 else 0)
+    while data[offset] == 0x21:  # an extension: its label, then sub-blocks up to an empty one
+        offset += 2
+        while data[offset]:
+            offset += data[offset] + 1
+        offset += 1
+    assert data[offset] == 0x2C
+    return offset
+
+
+def _gif_on_a_larger_screen() -> bytes:
+    """A transparent GIF whose first (only) frame is smaller than its logical screen, placed inside it."""
+    gif = bytearray(_saved(_in_mode("P"), "GIF", transparency=3, optimize=False))
+    start = _gif_descriptor(bytes(gif))
+    gif[6:10] = struct.pack("<HH", 80, 60)  # the screen; the frame keeps its 45 x 34
+    gif[start + 1:start + 5] = struct.pack("<HH", 20, 10)  # the frame's left and top on the screen
+    return bytes(gif)
+
+
+def _bmp_555(pixels: np.ndarray) -> bytes:
+    """A 16-bit (5-5-5) BMP of `pixels` (rows bottom-up, padded to 4 bytes)."""
+    height, width, _ = pixels.shape
+    packed = ((pixels[:, :, 0].astype(np.uint16) >> 3) << 10 | (pixels[:, :, 1].astype(np.uint16) >> 3) << 5
+              | pixels[:, :, 2].astype(np.uint16) >> 3).astype("<u2")
+    rows = [packed[row].tobytes().ljust((width * 2 + 3) // 4 * 4, b"\0") for row in range(height - 1, -1, -1)]
+    body = b"".join(rows)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 16, 0, len(body), 2835, 2835, 0, 0)
+    return b"BM" + struct.pack("<IHHI", 14 + len(info) + len(body), 0, 0, 14 + len(info)) + info + body
+
+
+@pytest.mark.parametrize("name", ["gif_transparent_index", "gif_frame_smaller_than_screen", "bmp_16_bit"])
+def test_the_files_the_issue_names_give_the_official_pixels(name):
+    data = {"gif_transparent_index": lambda: _saved(_in_mode("P"), "GIF", transparency=5, optimize=False),
+            "gif_frame_smaller_than_screen": _gif_on_a_larger_screen,
+            "bmp_16_bit": lambda: _bmp_555(_pixels(34, 45))}[name]()
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.size[0] >= MIN_SIDE and (name != "bmp_16_bit" or image.info.get("compression") == 0)
+    np.testing.assert_array_equal(decode_bytes(data, name), _official(data))
+    if name == "bmp_16_bit":  # what OpenCV, the decoder before, made of it (these GIFs it reads as Pillow does)
+        opencv = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)[:, :, ::-1]
+        assert np.abs(opencv.astype(int) - _official(data)).max() > 0
 
 
 def _png_bytes(width: int, height: int, with_pixels: bool) -> bytes:
@@ -183,14 +257,6 @@ def test_cmyk_and_ycck_jpegs_decode_exactly_like_pillow(tmp_path, index, quality
     assert opencv_differs  # what this guards against: OpenCV's own CMYK conversion
 
 
-def test_sixteen_bit_rgb_differs_from_pillow_by_at_most_one_level(tmp_path):
-    values = np.linspace(0, 65535, 40 * 50 * 3).round().astype(np.uint16).reshape(40, 50, 3)
-    cv2.imwrite(str(tmp_path / "rgb16.png"), values[:, :, ::-1])
-    ours, pillows = decode_image(tmp_path / "rgb16.png"), pillow_rgb(tmp_path / "rgb16.png")
-    np.testing.assert_array_equal(pillows, (values >> 8).astype(np.uint8))  # the high byte
-    assert np.abs(ours.astype(int) - pillows.astype(int)).max() == 1
-
-
 def test_a_corrupt_jpeg_is_reported_by_us_alone(tmp_path, capfd):
     # Complete markers around damaged entropy-coded data: libjpeg itself warns on stderr.
     data = bytearray(cv2.imencode(".jpg", _pixels(64, 64))[1].tobytes())
@@ -204,10 +270,10 @@ def test_a_corrupt_jpeg_is_reported_by_us_alone(tmp_path, capfd):
 
 def test_decoders_are_quiet_for_several_threads_at_once_and_everything_is_restored():
     """The pipeline's host workers decode at once: one decode must not wait for another to
-    finish, and descriptor 2 and OpenCV's log level come back when the last one ends."""
+    finish, and descriptor 2 comes back when the last one ends."""
     from trufor_trt.engine.decode import quiet_decoders
 
-    before = (os.fstat(2).st_ino, os.fstat(2).st_dev), cv2.utils.logging.getLogLevel()
+    before = (os.fstat(2).st_ino, os.fstat(2).st_dev)
     inside, leave, second_done = threading.Event(), threading.Event(), threading.Event()
 
     def first() -> None:
@@ -226,9 +292,24 @@ def test_decoders_are_quiet_for_several_threads_at_once_and_everything_is_restor
         thread.start()
     try:
         assert second_done.wait(5), "a decode waited for another one to finish"
-        assert (os.fstat(2).st_ino, os.fstat(2).st_dev) != before[0]  # still silenced: the first decodes on
+        assert (os.fstat(2).st_ino, os.fstat(2).st_dev) != before  # still silenced: the first decodes on
     finally:
         leave.set()
         for thread in threads:
             thread.join(10)
-    assert ((os.fstat(2).st_ino, os.fstat(2).st_dev), cv2.utils.logging.getLogLevel()) == before
+    assert (os.fstat(2).st_ino, os.fstat(2).st_dev) == before
+
+
+def test_every_format_the_decoder_takes_is_found_in_a_folder_and_an_inbox(tmp_path):
+    """A GIF is taken when named, so a folder or watch's inbox must not pass it over."""
+    from trufor_trt.batch.inputs import expand_inputs
+    from trufor_trt.engine.decode import PILLOW_FORMATS
+    from trufor_trt.service.inbox import Inbox
+
+    suffixes = {"PNG": ".png", "JPEG": ".jpg", "GIF": ".gif", "BMP": ".bmp", "TIFF": ".tif", "WebP": ".webp"}
+    assert set(suffixes) == set(PILLOW_FORMATS)
+    for kind, suffix in suffixes.items():
+        (tmp_path / f"{kind}{suffix}").write_bytes(_saved(_in_mode("RGB"), PILLOW_FORMATS[kind]))
+    names = sorted(f"{kind}{suffix}" for kind, suffix in suffixes.items())
+    assert sorted(job.relative for job in expand_inputs([str(tmp_path)])) == names
+    assert sorted(str(relative) for _, relative in Inbox(tmp_path)._candidates()) == names

@@ -40,6 +40,29 @@ def _tiff(width: int, height: int) -> bytes:
     return b"II*\x00" + struct.pack("<I", 8) + directory + struct.pack("<I", 0) + strip
 
 
+def _tiff_two_sizes(first: tuple, second: tuple) -> bytes:
+    """A TIFF whose directory states its width and length twice (first, then second (w, h))."""
+    strip = zlib.compress(b"\0" * 64)
+    entries = [(256, 4, 1, first[0]), (257, 4, 1, first[1]), (256, 4, 1, second[0]), (257, 4, 1, second[1]),
+               (258, 3, 1, 8), (259, 3, 1, 8), (262, 3, 1, 1), (273, 4, 1, 8 + 2 + 12 * 10 + 4), (277, 3, 1, 1),
+               (279, 4, 1, len(strip))]
+    directory = struct.pack("<H", len(entries)) + b"".join(struct.pack("<HHII", *entry) for entry in entries)
+    return b"II*\x00" + struct.pack("<I", 8) + directory + struct.pack("<I", 0) + strip
+
+
+def test_a_tiff_that_states_two_sizes_is_held_to_the_one_it_decodes(tmp_path):
+    """Whichever size the header check reads, the limit holds for the size the decoder parsed:
+    each order of a small and a 900 MP size is refused (or decoded small) in bounded memory and time."""
+    for order, sizes in {"small-first": ((64, 64), (30000, 30000)), "large-first": ((30000, 30000), (64, 64))}.items():
+        (tmp_path / f"{order}.tif").write_bytes(_tiff_two_sizes(*sizes))
+    code = (f"import time\nfor path in sorted(Path({str(tmp_path)!r}).glob('*.tif')):\n"
+            "    started = time.monotonic()\n"
+            "    try:\n        assert decode_bytes(read_image_file(path), path).size <= 3 * 150_000_000\n"
+            "    except ImageError:\n        pass\n"
+            "    assert time.monotonic() - started < 2, path\n")
+    assert _peak_rss_growth(code) < 200 * MIB
+
+
 def _bombs() -> dict:
     """Format -> a small file claiming far more pixels than --max-pixels' default allows."""
     vp8x = bytes([0, 0, 0, 0]) + (16383 - 1).to_bytes(3, "little") + (16383 - 1).to_bytes(3, "little")

@@ -15,16 +15,16 @@ from typing import Optional
 
 import numpy as np
 
-from trufor_trt.engine.decode import DEFAULT_MAX_FILE, DEFAULT_MAX_PIXELS, decode_bytes, decode_image
+from trufor_trt.engine.decode import DEFAULT_MAX_FILE, DEFAULT_MAX_PIXELS, decode_bytes, read_image_file
 from trufor_trt.engine.postprocess import Analysis, postprocess
 from trufor_trt.engine.preprocess import prepare_input
 from trufor_trt.engine.runner import RawOutputs, Runner
 from trufor_trt.engine.timing import StageClock
-from trufor_trt.errors import RunnerFailure, TruforError, one_line
-from trufor_trt.files import sha256_file
+from trufor_trt.errors import ImageError, RunnerFailure, TruforError, one_line
+from trufor_trt.files import sha256_bytes, sha256_file
 from trufor_trt.batch.inputs import ImageJob
 from trufor_trt.batch.outputs import OutputNameError, OutputPaths, write_unit
-from trufor_trt.batch.provenance import input_sha256, provenance, read_saved, why_redo
+from trufor_trt.batch.provenance import provenance, read_saved, why_redo
 from trufor_trt.batch.records import Record, utc_now
 
 
@@ -64,16 +64,17 @@ class ImageInFlight:
     raw: Optional[RawOutputs] = None
     analysis: Optional[Analysis] = None
     done: bool = False  # failed, or its outputs reused: the later stages pass it by
+    unreadable: Optional[ImageError] = None  # why its file could not be read, said when it is decoded
 
 
 # The stage sequence, once: decode + prepare -> infer -> postprocess (-> write, in finish_job).
-def _decode(flight: ImageInFlight, runner: Runner, max_pixels: int, max_file_bytes: int = DEFAULT_MAX_FILE) -> None:
+def _decode(flight: ImageInFlight, runner: Runner, max_pixels: int) -> None:
     job, clock = flight.job, flight.clock
     with clock.stage("decode"):
-        if job.data is None:
-            flight.rgb = decode_image(job.path, max_pixels=max_pixels, admit=runner.refusal, max_bytes=max_file_bytes)
-        else:
-            flight.rgb = decode_bytes(job.data, job.path, max_pixels=max_pixels, admit=runner.refusal)
+        if flight.unreadable is not None:
+            raise flight.unreadable
+        flight.rgb = decode_bytes(job.data, job.path, max_pixels=max_pixels, admit=runner.refusal)
+        flight.job = replace(job, data=None)  # decoded: the bytes are not needed any more
     with clock.stage("preprocess"):
         flight.prepared = prepare_input(flight.rgb)
 
@@ -94,7 +95,7 @@ def analyse_file(path, runner: Runner, clock: StageClock, max_pixels: int = DEFA
                  data: Optional[bytes] = None):
     """decode -> prepare -> infer -> postprocess, each stage timed; returns (rgb, Analysis).
     `data`: the image's bytes when it is not read from `path` (an upload). Raises on failure."""
-    flight = ImageInFlight(ImageJob(Path(path), "", data), clock)
+    flight = _read_once(ImageJob(Path(path), "", data), clock, DEFAULT_MAX_FILE)
     _decode(flight, runner, max_pixels)
     _infer(flight, runner)
     _postprocess(flight, runner.detection_head)
@@ -153,14 +154,26 @@ def _check_existing_unit(flight: ImageInFlight, options: AnalyzeOptions, holder:
         flight.done = True
 
 
+def _read_once(job: ImageJob, clock: StageClock, max_bytes: int) -> ImageInFlight:
+    """The image in flight with its bytes, read once (bounded): the bytes its record's SHA-256
+    names are the bytes decoded, whatever happens to the file meanwhile."""
+    if job.data is not None:
+        return ImageInFlight(job, clock)
+    try:
+        return ImageInFlight(replace(job, data=read_image_file(job.path, max_bytes)), clock)
+    except ImageError as exc:
+        return ImageInFlight(job, clock, unreadable=exc)
+
+
 def open_job(job: ImageJob, runner: Runner, options: AnalyzeOptions,
              holder: Optional[Record] = None) -> ImageInFlight:
     """The image's record, before any stage; done already when its outputs can be reused, or
     when its output name is refused. `holder`: the results log's latest record naming the
     image's output name, which vouches for what its unit holds."""
-    made_by = provenance(input_sha256(job.path, job.data, options.max_file_bytes), runner)
-    record = Record(str(job.path), backend=runner.backend, precision=runner.precision, provenance=made_by)
-    flight = ImageInFlight(job, StageClock(), JobResult(record))
+    flight = _read_once(job, StageClock(), options.max_file_bytes)
+    made_by = provenance(sha256_bytes(flight.job.data) if flight.job.data is not None else None, runner)
+    flight.result = JobResult(Record(str(job.path), backend=runner.backend, precision=runner.precision,
+                                     provenance=made_by))
     if options.out_dir is None:
         return flight
     try:
@@ -169,6 +182,8 @@ def open_job(job: ImageJob, runner: Runner, options: AnalyzeOptions,
         _failed(flight, exc)
         return flight
     _check_existing_unit(flight, options, holder)
+    if flight.done:  # reused or refused: its bytes are not needed
+        flight.job = replace(flight.job, data=None)
     return flight
 
 
@@ -193,7 +208,7 @@ def _failed(flight: ImageInFlight, exc: Exception) -> None:
 
 
 def decode_job(flight: ImageInFlight, runner: Runner, options: AnalyzeOptions) -> None:
-    _contained(flight, _decode, runner, options.max_pixels, options.max_file_bytes)
+    _contained(flight, _decode, runner, options.max_pixels)
 
 
 def infer_job(flight: ImageInFlight, runner: Runner) -> None:
