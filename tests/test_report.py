@@ -58,7 +58,7 @@ def test_every_image_is_listed_with_its_score_and_every_failure_with_its_reason(
         else:
             assert shown[name] == f"{record['score']:.6f}" and f"{record['score']:.4f}" in page
     assert "56, <strong>" in page and "1 failed" in page
-    thumbnails = re.findall(r'src="(report_files/[^"]+)"', page)
+    thumbnails = re.findall(r'src="\./(report_files/[^"]+)"', page)
     assert len(thumbnails) == 55 * 4  # image, map, confidence, overlay of each analysed image
     assert all((out / link).is_file() for link in thumbnails)
 
@@ -102,3 +102,31 @@ def test_chromium_renders_the_page_sorts_it_and_shows_the_hostile_name_as_text(r
                     "--window-size=1280,900", f"--screenshot={screenshot}", (out / "report.html").as_uri()],
                    capture_output=True, timeout=120)
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_names_that_look_like_urls_or_reorder_text_stay_files_and_text(model_seed0, tmp_path):
+    """A name is never a link target of its own (`javascript:`, `http:` stay files beside the
+    page, percent-encoded), bidirectional controls are shown as escapes, and the page runs its
+    own script alone (a Content-Security-Policy with that script's hash)."""
+    import base64
+    import hashlib
+
+    from conftest import shared_crop
+
+    images = tmp_path / "in"
+    names = ["javascript:alert(1).png", "http:example.org.png", "photo\u202egnp.exe.png"]
+    for index, name in enumerate(names):
+        shared_crop(images / name, index)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["analyze", str(images), "--out", str(out), "--model", str(model_seed0),
+                                      "--backend", "onnxruntime", "--report", "--no-png"])
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text()
+    targets = re.findall(r'(?:href|src)="([^"]*)"', page)
+    assert targets and all(target.startswith(("./", "data:", "file://")) for target in targets), targets
+    assert "./javascript%3Aalert%281%29.png.npz" in targets and "./http%3Aexample.org.png.npz" in targets
+    assert "\u202e" not in page and "photo\\u202egnp.exe.png" in page
+    script = re.search(r"<script>(.*?)</script>", page, re.S).group(1)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    policy = re.search(r'<meta http-equiv="Content-Security-Policy" content="([^"]+)">', page).group(1)
+    assert f"script-src 'sha256-{digest}'" in policy and "default-src 'none'" in policy

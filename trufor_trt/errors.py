@@ -35,9 +35,12 @@ def one_line(exc: BaseException) -> str:
 
 _CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
 _CONTROL.update({0x2028: "\\u2028", 0x2029: "\\u2029"})  # line and paragraph separators
+# Bidirectional controls: a right-to-left override turns "gpj.exe" into what reads "exe.jpg".
+_CONTROL.update({code: f"\\u{code:04x}" for code in (0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F),
+                                                       *range(0x2066, 0x206A))})
 
 
 def printable(text: str) -> str:
     """`text` with every control character written as an escape: a file name holding a newline
-    cannot start a second, forged line in a log."""
+    cannot start a second, forged line in a log, nor a bidirectional control reorder what is shown."""
     return str(text).translate(_CONTROL)

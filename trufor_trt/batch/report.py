@@ -16,16 +16,20 @@ byte for byte (its date is that of the latest record).
 
 import base64
 import os
+import hashlib
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+from urllib.parse import quote
 
 import cv2
 import numpy as np
 
 from trufor_trt import __version__
 from trufor_trt.engine.postprocess import DECISION_THRESHOLD
+from trufor_trt.errors import printable
 from trufor_trt.files import write_atomically
 from trufor_trt.batch.pictures import encoded, heatmap_bgr, thumbnail_jpeg
 from trufor_trt.batch.provenance import input_sha256
@@ -61,7 +65,9 @@ class ReportRow:
 
 
 def _link(path: Path, report_dir: Path) -> str:
-    return Path(os.path.relpath(path.resolve(), report_dir.resolve())).as_posix()
+    """A relative link, percent-encoded and starting with ./ : a name like `javascript:x.png` or
+    `http:host.png` stays a file beside the page."""
+    return "./" + quote(Path(os.path.relpath(path.resolve(), report_dir.resolve())).as_posix())
 
 
 def _original(record: Record, out_dir: Path) -> Optional[str]:
@@ -110,7 +116,7 @@ def _thumbnails(row: ReportRow, record: Record, out_dir: Path, report_dir: Path)
 
 def _row(image: ImageRow, out_dir: Path, report_dir: Path) -> ReportRow:
     record, made = image.record, image.made
-    row = ReportRow(name=record.input, status=image.status, reason=image.reason, score=record.score,
+    row = ReportRow(name=printable(record.input), status=image.status, reason=image.reason, score=record.score,
                     analysed_at=made.analysed_at or "", times_ms=made.times_ms)
     if record.height:
         row.size = f"{record.width} x {record.height}"
@@ -160,8 +166,22 @@ def render(rows: list, summary: dict, title: str) -> str:
                               keep_trailing_newline=True)
     template = environment.get_template("report.html")
     ordered = sorted(rows, key=lambda row: (not row.holds_evidence, -(row.score or 0.0), row.name))
-    return template.render(rows=ordered, summary=summary, title=title, legend=_legend_png_base64(),
+    page = template.render(rows=ordered, summary=summary, title=title, legend=_legend_png_base64(),
                            stages=("decode", "preprocess", "inference", "postprocess", "write", "total"))
+    return page.replace(CSP_PLACE, _content_security_policy(page), 1)
+
+
+CSP_PLACE = "<!-- content security policy -->"
+
+
+def _content_security_policy(page: str) -> str:
+    """The page may run its own script alone (by its hash), show images from data: and the
+    files beside it, and load nothing else."""
+    script = re.search(r"<script>(.*?)</script>", page, re.S).group(1)
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    policy = (f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; "
+              "img-src data: file: 'self'; base-uri 'none'; form-action 'none'")
+    return f'<meta http-equiv="Content-Security-Policy" content="{policy}">'
 
 
 def build_report(out_dir, report_path=None) -> Path:
