@@ -42,6 +42,7 @@ PILLOW_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "GIF": "GIF", "BMP": "BMP", "TIF
 # size Pillow parsed, is the limit here, so Pillow's warning below it says nothing new.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
+
 def _jpeg_is_complete(data: bytes) -> bool:
     """A whole JPEG has an end-of-image marker after its first scan (0xFF is byte-stuffed
     inside scans, so the marker cannot occur there by chance)."""

@@ -39,8 +39,7 @@ _JPEG_FRAME_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xC
 
 
 def jpeg_layout(data: bytes):
-    """(height, width, offset of the first scan, component count) from the JPEG marker
-    segments, or None."""
+    """(height, width, offset of the first scan) from the JPEG marker segments, or None."""
     size, offset = None, 2
     while offset + 4 <= len(data):
         if data[offset] != 0xFF:
@@ -51,9 +50,9 @@ def jpeg_layout(data: bytes):
             continue
         length = struct.unpack(">H", data[offset + 2:offset + 4])[0]
         if marker in _JPEG_FRAME_MARKERS and offset + 10 <= len(data):
-            size = (*struct.unpack(">HH", data[offset + 5:offset + 9]), data[offset + 9])
+            size = struct.unpack(">HH", data[offset + 5:offset + 9])
         if marker == 0xDA:  # start of scan: entropy-coded data follows
-            return (size[0], size[1], offset, size[2]) if size else None
+            return (*size, offset) if size else None
         offset += 2 + length
     return None
 

@@ -13,14 +13,14 @@ import sys
 import threading
 
 from trufor_trt.errors import EngineError, one_line
+from trufor_trt.installed import install_command
 
 # Which TensorRT wheel a driver can run: CUDA 13 builds need driver >= 580 (NVIDIA's support
 # matrix); pip's plain `tensorrt` pulls the CUDA 13 build since 10.16. A Jetson gets TensorRT
 # from JetPack (6.1+: TensorRT 10.3; JetPack 6.0 has 8.6, too old for strongly typed builds).
 CUDA13_MIN_DRIVER = 580
-INSTALL_BY_DRIVER = ('pip install "trufor-trt[trt-cu13]" with an NVIDIA driver >= 580, '
-                     '"trufor-trt[trt-cu12]" with drivers 525-575; on a Jetson TensorRT comes with '
-                     'JetPack >= 6.1 (apt install nvidia-jetpack)')
+INSTALL_BY_DRIVER = (f"{install_command('tensorrt')}; on a Jetson TensorRT comes with JetPack >= 6.1 "
+                     "(apt install nvidia-jetpack)")
 MISSING_TENSORRT = f"TensorRT is not installed: {INSTALL_BY_DRIVER}"
 
 _LOGGER = {}

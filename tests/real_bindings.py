@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 CACHE = Path(os.environ.get("TRUFOR_TRT_BINDINGS_CACHE",
                             Path.home() / ".cache" / "trufor-trt-tests" / "bindings"))
 DOWNLOAD_TIMEOUT_S = 120

@@ -17,14 +17,12 @@ checks that layer on a GPU machine).
 import ast
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import IMAGES_DIR
-from real_bindings import CUDA_BINDINGS, REPO, TENSORRT, Bindings, real_bindings_factory
+from conftest import IMAGES_DIR, REPO
+from real_bindings import CUDA_BINDINGS, TENSORRT, Bindings, real_bindings_factory
 
 pytestmark = pytest.mark.real_bindings
 

@@ -21,7 +21,7 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".gif", ".t
 class ImageJob:
     path: Path  # the image file; for an upload, only its name in records and errors
     relative: str  # output name below --out, without the output's own suffix
-    data: Optional[bytes] = None  # an upload's bytes, decoded instead of reading `path`
+    data: Optional[bytes] = None  # its bytes: an upload's, or the file's read once (hashed, then decoded)
 
 
 class InputError(TruforError):

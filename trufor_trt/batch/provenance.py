@@ -17,7 +17,7 @@ import numpy as np
 from trufor_trt import __version__
 from trufor_trt.engine.decode import DEFAULT_MAX_FILE, open_regular
 from trufor_trt.errors import ImageError
-from trufor_trt.files import sha256_bytes, sha256_stream
+from trufor_trt.files import sha256_stream
 
 PROVENANCE_KEY = "trufor_trt_provenance"
 # trufor.pth.tar from the TruFor authors' TruFor_weights.zip.
@@ -31,11 +31,9 @@ REDO_REASONS = (("input_sha256", "redone: input changed"),
                 ("trufor_trt", "redone: made by another trufor-trt version"))
 
 
-def input_sha256(path, data=None, max_bytes: int = DEFAULT_MAX_FILE):
-    """The SHA-256 of `data` if given (an upload), else of the file; None where the file is not
-    one the decoder would read (not a regular file, over `max_bytes`, unreadable: it then says why)."""
-    if data is not None:
-        return sha256_bytes(data)
+def input_sha256(path, max_bytes: int = DEFAULT_MAX_FILE):
+    """The SHA-256 of the file; None where it is not one the decoder would read (not a regular
+    file, over `max_bytes`, unreadable: it then says why)."""
     try:
         with open_regular(path, max_bytes) as handle:
             return sha256_stream(handle)

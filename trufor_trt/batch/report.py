@@ -15,8 +15,8 @@ byte for byte (its date is that of the latest record).
 """
 
 import base64
-import os
 import hashlib
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -158,6 +158,10 @@ def _summary(records: list, rows: list, passed_over: int) -> dict:
     }
 
 
+# Where the template leaves room for the policy, which hashes the script of the rendered page.
+CSP_PLACE = "<!-- content security policy -->"
+
+
 def render(rows: list, summary: dict, title: str) -> str:
     from jinja2 import Environment, PackageLoader
 
@@ -169,9 +173,6 @@ def render(rows: list, summary: dict, title: str) -> str:
     page = template.render(rows=ordered, summary=summary, title=title, legend=_legend_png_base64(),
                            stages=("decode", "preprocess", "inference", "postprocess", "write", "total"))
     return page.replace(CSP_PLACE, _content_security_policy(page), 1)
-
-
-CSP_PLACE = "<!-- content security policy -->"
 
 
 def _content_security_policy(page: str) -> str:
