@@ -12,6 +12,10 @@ is clipped at 255).
   codec, some of which allocate the whole canvas when they open a file), and from the size
   Pillow itself parsed, the size it then decodes (a file whose headers disagree cannot slip one
   past the other). A file's bytes are read once, bounded, only once its first ones are an image's.
+- Bounded in time as well (decode_allowance): the codec reads the file through a reader that
+  stops it once the image's allowance has passed, a few KB at a time, so a file whose cost is
+  not in its pixels (a progressive JPEG of thousands of scans, a PNG of many compressed text
+  chunks) costs at most that; a JPEG with absurdly many scans is refused before decoding.
 """
 
 import errno
@@ -20,6 +24,7 @@ import os
 import stat
 import struct
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -28,7 +33,7 @@ from PIL import Image
 
 from trufor_trt.architecture import MIN_SIDE
 from trufor_trt.engine.image_headers import SNIFF_BYTES, header_size, jpeg_layout, sniff_format
-from trufor_trt.errors import ImageError, one_line
+from trufor_trt.errors import ImageError, IncompleteImage, one_line
 from trufor_trt.held_setting import HeldSetting
 
 DEFAULT_MAX_PIXELS = 150_000_000
@@ -38,6 +43,15 @@ DEFAULT_MAX_FILE = 1024 ** 3
 # Pillow's name of each format image_headers.sniff_format names: the file is opened as that
 # format alone (Pillow would otherwise try its other plugins on it).
 PILLOW_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "GIF": "GIF", "BMP": "BMP", "TIFF": "TIFF", "WebP": "WEBP"}
+# Seconds a decode may take (--decode-seconds): this much for any image, and as much again per
+# 10 megapixels (a plain decode here takes 0.03 s per megapixel; a Jetson's cores a few times that).
+DEFAULT_DECODE_SECONDS = 1.0
+# Scans a progressive JPEG may have: encoders write 6 to about 20; each costs a pass over every
+# block of the image, so tens of thousands are a decoding bomb, refused before any is decoded.
+MAX_JPEG_SCANS = 500
+# How much of the file the codec is handed at a time (Pillow's default is 64 KB): between two
+# reads the allowance is checked, and 64 KB of a progressive JPEG's scans can cost seconds.
+READ_SLICE = 4096
 # Pillow's own bomb check stops at twice Image.MAX_IMAGE_PIXELS; --max-pixels, checked on the
 # size Pillow parsed, is the limit here, so Pillow's warning below it says nothing new.
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
@@ -103,11 +117,36 @@ def _admit(path, height: int, width: int, admit) -> None:
         raise ImageError(path, reason)
 
 
-def _pillow_image(label, data: bytes, kind: str, max_pixels: int, admit) -> np.ndarray:
+def decode_allowance(height: int, width: int, decode_seconds: float) -> float:
+    """The seconds an image of this size may take to decode."""
+    return decode_seconds * (1 + height * width / 10e6)
+
+
+class DecodeTimeout(Exception):
+    pass
+
+
+class _ReaderWithDeadline(io.BytesIO):
+    """The file's bytes as the codec reads them, until the deadline: then every read raises."""
+
+    def __init__(self, data: bytes, deadline: float):
+        super().__init__(data)
+        self._deadline = deadline
+
+    def read(self, size=-1):
+        if time.monotonic() > self._deadline:
+            raise DecodeTimeout
+        return super().read(size)
+
+
+def _pillow_image(label, data: bytes, kind: str, max_pixels: int, admit, seconds: float) -> np.ndarray:
     """The pixels of `data` as Pillow gives them (convert("RGB")), once the size Pillow parsed
-    from the file, which is the size it decodes, is within the limits."""
+    from the file, which is the size it decodes, is within the limits; DecodeTimeout once
+    `seconds` have passed."""
+    reader = _ReaderWithDeadline(data, time.monotonic() + seconds)
     try:
-        with quiet_decoders(), Image.open(io.BytesIO(data), formats=[PILLOW_FORMATS[kind]]) as image:
+        with quiet_decoders(), Image.open(reader, formats=[PILLOW_FORMATS[kind]]) as image:
+            image.decodermaxblock = READ_SLICE
             width, height = image.size
             _check_size(label, height, width, max_pixels)
             _admit(label, height, width, admit)
@@ -119,8 +158,8 @@ def _pillow_image(label, data: bytes, kind: str, max_pixels: int, admit) -> np.n
         raise ImageError(label, f"image has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, more than the "
                                 "decoder takes") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError) as exc:  # Pillow's kinds
-        raise ImageError(label, f"truncated or corrupt {kind} (the decoder could not read it: "
-                                f"{one_line(exc)})") from None
+        raise IncompleteImage(label, f"truncated or corrupt {kind} (the decoder could not read it: "
+                                     f"{one_line(exc)})") from None
 
 
 _SPECIAL_FILES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
@@ -170,24 +209,42 @@ def read_image_file(path, max_bytes: int = DEFAULT_MAX_FILE) -> bytes:
     return data
 
 
-def decode_image(path, max_pixels: int = DEFAULT_MAX_PIXELS, admit=None, max_bytes: int = DEFAULT_MAX_FILE) -> np.ndarray:
+def decode_image(path, max_pixels: int = DEFAULT_MAX_PIXELS, admit=None, max_bytes: int = DEFAULT_MAX_FILE,
+                 decode_seconds: float = DEFAULT_DECODE_SECONDS) -> np.ndarray:
     """H x W x 3 uint8 RGB, as the official code feeds the network. `admit(height, width)`,
-    when given, may refuse the size (returning why) before any pixel is decoded."""
-    return decode_bytes(read_image_file(path, max_bytes), Path(path), max_pixels, admit)
+    when given, may refuse the size (returning why) before any pixel is decoded;
+    `decode_seconds`: see decode_allowance."""
+    return decode_bytes(read_image_file(path, max_bytes), Path(path), max_pixels, admit, decode_seconds)
 
 
-def decode_bytes(data: bytes, label, max_pixels: int = DEFAULT_MAX_PIXELS, admit=None) -> np.ndarray:
+def _check_scans(label, data: bytes) -> None:
+    scans = data.count(b"\xff\xda")  # a marker's bytes: inside a scan 0xFF is always followed by 0x00
+    if scans > MAX_JPEG_SCANS:
+        raise ImageError(label, f"JPEG of {scans:,} scans, more than the {MAX_JPEG_SCANS} any encoder writes "
+                                "(each costs a pass over the whole image: a decoding bomb)")
+
+
+def decode_bytes(data: bytes, label, max_pixels: int = DEFAULT_MAX_PIXELS, admit=None,
+                 decode_seconds: float = DEFAULT_DECODE_SECONDS) -> np.ndarray:
     """decode_image for an image already in memory (an upload); `label` names it in errors."""
     if not data:
-        raise ImageError(label, "empty file")
+        raise IncompleteImage(label, "empty file")
     kind = sniff_format(data)
     if kind is None:
         raise ImageError(label, "not an image (unknown file signature)")
     size = header_size(data, kind)
     if size is None:  # never left to a codec to find out
-        raise ImageError(label, f"truncated or corrupt {kind} (its header does not say its size)")
+        raise IncompleteImage(label, f"truncated or corrupt {kind} (its header does not say its size)")
     _check_size(label, *size, max_pixels)
     _admit(label, *size, admit)
-    if kind == "JPEG" and not _jpeg_is_complete(data):
-        raise ImageError(label, "truncated or corrupt JPEG (no end-of-image marker)")
-    return _pillow_image(label, data, kind, max_pixels, admit)
+    if kind == "JPEG":
+        if not _jpeg_is_complete(data):
+            raise IncompleteImage(label, "truncated or corrupt JPEG (no end-of-image marker)")
+        _check_scans(label, data)
+    seconds = decode_allowance(*size, decode_seconds)
+    try:
+        return _pillow_image(label, data, kind, max_pixels, admit, seconds)
+    except DecodeTimeout:
+        raise ImageError(label, f"decoding took over {seconds:.3g} s, this image's allowance (--decode-seconds "
+                                f"{decode_seconds:g}: a file that costs more than its pixels, a decoding "
+                                "bomb)") from None

@@ -412,6 +412,48 @@ def test_a_full_disk_when_results_csv_is_rewritten_is_one_line(tmp_path, checkpo
     assert "Traceback" not in result.output and _records(out)[0]["status"] == "ok"
 
 
+def test_a_full_disk_stops_the_batch_at_the_first_unit_it_cannot_write(tmp_path, checkpoint_seed0):
+    """The first image's heatmap is written to a device that is always full: the batch stops
+    there (exit 3, one line), no later image is inferred only to fail in turn."""
+    images = [shared_crop(tmp_path / "images" / f"{index}.png", index) for index in range(4)]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".0.png.heatmap.png.{os.getpid()}.tmp").symlink_to("/dev/full")
+    result = _analyze(*images, "--out", out, "--checkpoint", checkpoint_seed0, *TORCH)
+    assert result.exit_code == 3, result.output
+    assert "stopped: the output folder takes no more files (No space left on device" in _text(result)
+    assert "Traceback" not in result.output
+    assert not [record for record in _records(out) if record["status"] == "error"], _records(out)
+    assert not list(out.glob("0.png.*"))
+
+
+def test_long_names_and_folders_named_like_the_batchs_files(tmp_path, checkpoint_seed0):
+    """A 236-byte name is analysed (its temporary names are cut to fit); a name whose outputs
+    could not be named gets its reason before inference; images in folders named results.csv or
+    report.html are refused, and the batch's own files are written."""
+    source = shared_crop(tmp_path / "source.png", 0).read_bytes()
+    folder = tmp_path / "in"
+    names = {"long": "l" * 232 + ".png", "too-long": "t" * 246 + ".png", "csv": "results.csv/a.png",
+             "report": "Report.html/b.png"}
+    for name in names.values():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(source)
+    out = tmp_path / "out"
+    result = _analyze(folder, "--out", out, "--checkpoint", checkpoint_seed0, *TORCH, "--report")
+    assert result.exit_code == 1, result.output
+    records = {Path(record["input"]).relative_to(folder).as_posix(): record for record in _records(out)}
+    assert records[names["long"]]["status"] == "ok"
+    assert (out / (names["long"] + ".heatmap.png")).is_file()
+    too_long = records[names["too-long"]]
+    assert too_long["status"] == "error" and "gives a file name of 262 bytes, more than the 255" in too_long["reason"]
+    assert "inference" not in (too_long.get("times_ms") or {})
+    for key, batch_file in (("csv", "results.csv"), ("report", "Report.html")):
+        assert records[names[key]]["status"] == "error"
+        assert f"where the batch's {batch_file} is" in records[names[key]]["reason"]
+    assert (out / "results.csv").is_file() and (out / "report.html").is_file()
+    assert len(_csv_rows(out)) == 4
+
+
 def test_lines_of_results_jsonl_that_are_not_records_are_passed_over(tmp_path, checkpoint_seed0):
     image = shared_crop(tmp_path / "images" / "x.png", 0)
     out = tmp_path / "out"

@@ -3,6 +3,7 @@ reason in bounded memory and time: image bombs of each accepted format, files th
 images or not regular files, names that would forge log lines, links in a watched inbox, and
 `serve` against slow, idle, oversized, malformed and numerous clients."""
 
+import io
 import json
 import os
 import struct
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import zlib
 from pathlib import Path
 
@@ -87,6 +89,59 @@ def test_every_formats_bomb_is_refused_from_its_header(name):
     data = _bombs()[name]
     with pytest.raises(ImageError, match=r"pixels, more than the limit of 150,000,000 \(raise it with --max-pixels\)"):
         decode_bytes(data, name)
+
+
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def _progressive_jpeg_with_scans(scans: int, side: int) -> bytes:
+    """A flat progressive JPEG with `scans` more scans, each a few bytes that make the decoder
+    pass over every luma block (one end-of-band run of 32767 blocks, its Huffman table's only
+    code)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (90, 120, 150)).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    table = b"\xff\xc4" + struct.pack(">H", 20) + b"\x13" + bytes([1] + [0] * 15) + b"\xe0"
+    scan = b"\xff\xda" + struct.pack(">H", 8) + b"\x01\x01\x03\x01\x3f\x00" + b"\x7f\xff\x00"
+    return data[:-2] + table + scan * scans + data[-2:]
+
+
+def _png_with_text_chunks(chunks: int) -> bytes:
+    """A 256 x 256 PNG with `chunks` compressed text chunks, each inflating to 1 MB (with an
+    empty keyword, which Pillow's limit on text memory does not count)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (256, 256), (10, 20, 30)).save(buffer, "PNG")
+    data = buffer.getvalue()
+    text = _png_chunk(b"zTXt", b"\x00\x00" + zlib.compress(bytes(1_000_000), 9))
+    first_data = data.index(b"IDAT") - 4
+    return data[:first_data] + text * chunks + data[first_data:]
+
+
+def time_bombs() -> dict:
+    """Files whose decoding costs far more than their pixels (issue 39), all within limits of
+    size and pixels; on the code before it: about 6 s and 4 s here."""
+    return {"jpeg-scans": _progressive_jpeg_with_scans(20_000, 2048), "png-text": _png_with_text_chunks(6000)}
+
+
+def test_time_bombs_cost_under_two_seconds_and_200_mb(tmp_path):
+    for name, data in time_bombs().items():
+        (tmp_path / f"{name}.bomb").write_bytes(data)
+    code = (f"import time\nfor path in sorted(Path({str(tmp_path)!r}).glob('*.bomb')):\n"
+            "    started = time.monotonic()\n"
+            "    try:\n        decode_bytes(read_image_file(path), path)\n        raise SystemExit(f'{path} decoded')\n"
+            "    except ImageError as exc:\n        assert 'bomb' in str(exc), exc\n"
+            "    assert time.monotonic() - started < 2, (path, time.monotonic() - started)\n")
+    assert _peak_rss_growth(code) < 200 * MIB
+
+
+def test_a_decode_is_stopped_once_its_allowance_has_passed():
+    """Under the scan limit, but slow for its size: stopped mid-decode at a small allowance;
+    decoded (as Pillow decodes it) at the default."""
+    data = _progressive_jpeg_with_scans(450, 2048)
+    with pytest.raises(ImageError, match=r"decoding took over 0\.007\d* s, this image's allowance \(--decode-seconds 0\.005"):
+        decode_bytes(data, "slow.jpg", decode_seconds=0.005)
+    assert np.array_equal(decode_bytes(data, "slow.jpg"), np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
 
 
 def _real_images(folder: Path) -> dict:
@@ -193,6 +248,14 @@ def test_analyze_refuses_special_files_and_forged_names_and_goes_on(tmp_path, mo
 def test_printable_escapes_every_control_character():
     assert printable("a\nb\r\x1b[2J\x7f\x85\u2028c") == "a\\x0ab\\x0d\\x1b[2J\\x7f\\x85\\u2028c"
     assert printable("été.png") == "été.png"
+
+
+def test_names_that_differ_only_in_unicode_form_are_shown_apart():
+    """NFC / NFD twins (one file each on Linux) never show as the same name twice."""
+    composed = unicodedata.normalize("NFC", "café-한.png")
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert composed != decomposed and printable(composed) == composed
+    assert printable(decomposed) == "cafe\\u0301-\\u1112\\u1161\\u11ab.png"
 
 
 def test_watch_refuses_links_and_special_files_and_clears_a_killed_copy(tmp_path, model_seed0, service_images):

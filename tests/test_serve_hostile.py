@@ -162,6 +162,111 @@ def test_protocol_and_routing_errors_are_json(guarded):
         assert f'trufor_requests_rejected_total{{reason="{reason}"}}' in metrics, reason
 
 
+def _received_to_close(connection: socket.socket) -> bytes:
+    data = b""
+    connection.settimeout(30)
+    try:
+        while chunk := connection.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def test_a_request_smuggled_behind_ambiguous_framing_is_never_answered(guarded):
+    """Content-Length and Transfer-Encoding together: 400, the connection closed, the request
+    that rode in the chunked body never served."""
+    _, _, port, _ = guarded
+    smuggled = b"GET /readyz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode() + b"\r\n\r\n"
+    connection = _connect(port)
+    connection.sendall(b"POST /v1/analyze HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+                       + b"\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + smuggled)
+    answer = _received_to_close(connection)
+    connection.close()
+    assert answer.startswith(b"HTTP/1.1 400 ") and answer.count(b"HTTP/1.1 ") == 1, answer
+    assert b"both Content-Length and Transfer-Encoding" in answer
+
+
+def test_two_authorization_headers_are_refused_whichever_is_right(guarded):
+    _, url, _, _ = guarded
+    for pair in ([("Authorization", "Bearer wrong"), ("Authorization", f"Bearer {TOKEN}")],
+                 [("Authorization", f"Bearer {TOKEN}"), ("Authorization", "Bearer wrong")]):
+        answer = httpx.post(url + "/v1/analyze", headers=pair, content=b"not an image", timeout=30)
+        assert answer.status_code == 400 and "authorization header given 2 times" in answer.json()["error"]
+
+
+def test_a_multipart_type_in_other_letter_case_is_read_as_multipart(guarded, service_images):
+    _, url, _, _ = guarded
+    image = min(service_images.glob("*.png"), key=lambda path: path.stat().st_size).read_bytes()
+    body = (b"--b0undary\r\nContent-Disposition: form-data; name=\"image\"; filename=\"x.png\"\r\n"
+            b"Content-Type: image/png\r\n\r\n" + image + b"\r\n--b0undary--\r\n")
+    headers = {**AUTHORIZATION, "Content-Type": "Multipart/Form-Data; boundary=b0undary"}
+    multipart = httpx.post(url + "/v1/analyze", headers=headers, content=body, timeout=60)
+    raw = httpx.post(url + "/v1/analyze", headers=AUTHORIZATION, content=image, timeout=60)
+    assert multipart.status_code == raw.status_code == 200, multipart.text
+    assert multipart.json()["score"] == raw.json()["score"]
+
+
+def _trickle(port: int, stop: threading.Event) -> None:
+    """A slow-body attacker: a byte every 0.5 s, reconnecting whenever it is thrown out."""
+    while not stop.is_set():
+        connection = _connect(port)
+        try:
+            connection.sendall(b"POST /v1/analyze HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+                               + b"\r\nContent-Length: 100\r\n\r\n")
+            while not stop.wait(0.5):
+                connection.sendall(b"x")
+        except OSError:  # answered 408 and closed: come back
+            pass
+        finally:
+            connection.close()
+
+
+def test_slow_bodies_from_nine_connections_keep_no_client_out(guarded, service_images):
+    """Nine connections trickling bodies against a line of two places: every request of a
+    client with a whole body is answered 200, none 503 (each trickle holds a connection, never
+    a place)."""
+    _, url, port, _ = guarded
+    image = min(service_images.glob("*.png"), key=lambda path: path.stat().st_size).read_bytes()
+    stop = threading.Event()
+    attackers = [threading.Thread(target=_trickle, args=(port, stop)) for _ in range(9)]
+    for attacker in attackers:
+        attacker.start()
+    try:
+        time.sleep(1.0)  # every attacker connected and trickling
+        statuses = [httpx.post(url + "/v1/analyze", headers=AUTHORIZATION, content=image, timeout=60).status_code
+                    for _ in range(4)]
+    finally:
+        stop.set()
+        for attacker in attackers:
+            attacker.join(30)
+    assert statuses == [200] * 4, statuses
+
+
+def test_a_decoding_bomb_never_delays_another_client_by_more_than_two_seconds(guarded, service_images):
+    from test_hostile_input import time_bombs  # tests/ is on the path, as for conftest
+
+    _, url, _, _ = guarded
+    image = min(service_images.glob("*.png"), key=lambda path: path.stat().st_size).read_bytes()
+
+    def post(body: bytes):
+        started = time.monotonic()
+        answer = httpx.post(url + "/v1/analyze", headers=AUTHORIZATION, content=body, timeout=60)
+        return answer, time.monotonic() - started
+
+    _, alone = post(image)
+    for name, bomb in time_bombs().items():
+        answers = {}
+        thrower = threading.Thread(target=lambda: answers.setdefault("bomb", post(bomb)))
+        thrower.start()
+        time.sleep(0.3)  # the bomb's decoding has begun
+        answer, beside_bomb = post(image)
+        thrower.join(60)
+        assert answer.status_code == 200 and beside_bomb < alone + 2, (name, alone, beside_bomb)
+        refused, cost = answers["bomb"]
+        assert refused.status_code == 422 and "bomb" in refused.json()["error"] and cost < 2 + 1, (name, cost)
+
+
 @pytest.mark.slow  # over 10 s on 2 cores
 def test_a_connection_flood_cannot_starve_a_client_or_the_descriptors(guarded):
     process, url, port, log = guarded

@@ -4,6 +4,8 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 from trufor_trt.files import sha256_bytes
 from trufor_trt.service.inbox import Inbox, OriginalChanged, file_away
 
-from conftest import cli_process, stop_process
+from conftest import REPO, cli_process, stop_process
 
 SETTLE = 1.0
 DEADLINE = 300  # seconds for the whole run on a 2-core machine
@@ -86,7 +88,8 @@ def watched(model_seed0, service_images, tmp_path_factory):
         (inbox / image.name).write_bytes(image.read_bytes())
     (inbox / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     command = ["watch", str(inbox), "--out", str(out), "--done", str(done), "--failed", str(failed),
-               "--model", str(model_seed0), "--backend", "onnxruntime", "--settle", str(SETTLE), "--poll", "1"]
+               "--model", str(model_seed0), "--backend", "onnxruntime", "--settle", str(SETTLE), "--poll", "1",
+               "--retry-truncated", "2"]
     first = cli_process(root / "watch.log", *command)
     try:
         _wait_for(lambda: any(record["status"] == "ok" for record in _records(out)), "first image", first)
@@ -150,6 +153,57 @@ def test_watch_refuses_an_output_folder_inside_the_inbox(tmp_path, model_seed0):
                                       "--model", str(model_seed0)])
     assert result.exit_code == 2 and "inside INBOX" in result.output
     assert os.listdir(tmp_path / "in") == []  # refused before anything was made or loaded
+
+
+def test_a_second_watch_on_an_inbox_is_refused_in_one_line(tmp_path, model_seed0):
+    import fcntl
+
+    (tmp_path / "in").mkdir()
+    first = os.open(tmp_path / "in", os.O_RDONLY)  # the lock a first watch holds on its inbox
+    fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        second = subprocess.run([sys.executable, "-m", "trufor_trt", "watch", str(tmp_path / "in"), "--out",
+                                 str(tmp_path / "out"), "--model", str(model_seed0)],
+                                capture_output=True, text=True, timeout=60, cwd=REPO)
+    finally:
+        os.close(first)
+    assert second.returncode == 2, second.stderr
+    assert "another trufor-trt watch is watching it" in second.stderr and len(second.stderr.splitlines()) == 1
+
+
+def test_a_file_whose_writer_pauses_past_the_settle_time_is_retried_not_failed(tmp_path, model_seed0,
+                                                                                  service_images):
+    """Half an image, then a pause longer than --settle, then the rest: the half reads as
+    truncated and is left for later, not recorded or filed as failed; the whole is analysed."""
+    from trufor_trt.batch.analyze import AnalyzeOptions
+    from trufor_trt.engine.onnxruntime_runner import OnnxRuntimeRunner
+    from trufor_trt.service.watch import Watch, WatchOptions
+
+    inbox, out, done, failed = (tmp_path / name for name in ("inbox", "out", "done", "failed"))
+    inbox.mkdir()
+    data = min(service_images.glob("*.png"), key=lambda path: path.stat().st_size).read_bytes()
+    camera = open(inbox / "camera.png", "wb")
+    camera.write(data[:len(data) // 2])
+    camera.flush()
+    records, stop = [], threading.Event()
+    options = WatchOptions(AnalyzeOptions(out_dir=out, write_png=False), done_dir=done, failed_dir=failed,
+                           poll=0.2, settle=0.2)  # --retry-truncated's 30 s
+    with OnnxRuntimeRunner(model_seed0) as runner:
+        worker = threading.Thread(target=Watch(inbox, runner, options, stop, records.append, print).run)
+        worker.start()
+        try:
+            time.sleep(2.0)  # ten times the settle time: read (as truncated) more than once
+            assert records == [] and (inbox / "camera.png").is_file() and not failed.exists()
+            camera.write(data[len(data) // 2:])
+            camera.close()
+            deadline = time.monotonic() + DEADLINE
+            while not records and time.monotonic() < deadline:
+                time.sleep(0.1)
+        finally:
+            stop.set()
+            worker.join(60)
+    assert [record.status for record in records] == ["ok"], records
+    assert (done / "camera.png").read_bytes() == data
 
 
 @pytest.mark.parametrize("unit", ["trufor-trt-watch.service", "trufor-trt-serve.service"])

@@ -1,5 +1,7 @@
 """Errors the user sees as one line: each carries the reason, never a traceback."""
 
+import unicodedata
+
 
 class TruforError(Exception):
     """Base of every error this package reports to the user."""
@@ -14,9 +16,19 @@ class ImageError(TruforError):
         self.reason = reason
 
 
+class IncompleteImage(ImageError):
+    """An image file that ends before its image does (empty, truncated): what a file still being
+    written reads as, so `watch` tries it again while it is recent."""
+
+
 class RunnerFailure(TruforError):
     """The runner itself can no longer infer (device lost, engine broken): no later image would
     fare better, so a batch stops with this reason instead of failing every image in turn."""
+
+
+class OutputsUnwritable(RunnerFailure):
+    """The output folder takes no more files (full, over quota, read-only): handled as a runner
+    failure, since no later image could be written either; the batch stops at the first."""
 
 
 class CheckpointError(TruforError):
@@ -42,5 +54,17 @@ _CONTROL.update({code: f"\\u{code:04x}" for code in (0x061C, 0x200E, 0x200F, *ra
 
 def printable(text: str) -> str:
     """`text` with every control character written as an escape: a file name holding a newline
-    cannot start a second, forged line in a log, nor a bidirectional control reorder what is shown."""
-    return str(text).translate(_CONTROL)
+    cannot start a second, forged line in a log, nor a bidirectional control reorder what is shown.
+    In a name that is not in Unicode's composed form (NFC), the combining characters are escaped
+    too: two files whose names differ only in that form (macOS writes decomposed names) would
+    otherwise show as one name twice."""
+    shown = str(text).translate(_CONTROL)
+    if unicodedata.is_normalized("NFC", shown):
+        return shown
+    return "".join(f"\\u{ord(char):04x}" if unicodedata.combining(char) or _is_jamo(char) else char
+                   for char in shown)
+
+
+def _is_jamo(char: str) -> bool:
+    """A conjoining Hangul letter: what a decomposed Hangul syllable is written with."""
+    return 0x1100 <= ord(char) <= 0x11FF

@@ -10,6 +10,18 @@ from pathlib import Path
 # the process that made them, so what a killed process left behind can be told apart.
 _TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp$")
 _STAGING = re.compile(r"^\..+\.partial-(\d+)$")
+NAME_MAX = 255  # bytes in one file name: Linux's file systems (ext4, XFS, Btrfs), and macOS's
+
+
+def temporary_beside(path) -> Path:
+    """Where to write `path` before renaming it into place: a hidden name beside it that ends in
+    this process's pid; cut short where `path`'s own name is long, so that it fits wherever
+    `path`'s does (a 250-byte name must not fail for its temporary's sake)."""
+    path, tail = Path(path), f".{os.getpid()}.tmp"
+    name = path.name
+    while len(os.fsencode(f".{name}{tail}")) > max(NAME_MAX, len(os.fsencode(path.name))):
+        name = name[:-1]
+    return path.with_name(f".{name}{tail}")
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -33,7 +45,7 @@ def write_atomically(path, data: bytes) -> None:
     """Write beside the target under a temporary name, then rename over it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = temporary_beside(path)
     try:
         temporary.write_bytes(data)
         os.replace(temporary, path)

@@ -15,7 +15,8 @@ from typing import Optional
 
 import numpy as np
 
-from trufor_trt.engine.decode import DEFAULT_MAX_FILE, DEFAULT_MAX_PIXELS, decode_bytes, read_image_file
+from trufor_trt.engine.decode import (DEFAULT_DECODE_SECONDS, DEFAULT_MAX_FILE, DEFAULT_MAX_PIXELS, decode_bytes,
+                                      read_image_file)
 from trufor_trt.engine.postprocess import Analysis, postprocess
 from trufor_trt.engine.preprocess import prepare_input
 from trufor_trt.engine.runner import RawOutputs, Runner
@@ -36,6 +37,7 @@ class AnalyzeOptions:
     overwrite: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_file_bytes: int = DEFAULT_MAX_FILE  # an image file larger is refused before it is read
+    decode_seconds: float = DEFAULT_DECODE_SECONDS  # decode.decode_allowance's
 
 
 @dataclass
@@ -68,12 +70,12 @@ class ImageInFlight:
 
 
 # The stage sequence, once: decode + prepare -> infer -> postprocess (-> write, in finish_job).
-def _decode(flight: ImageInFlight, runner: Runner, max_pixels: int) -> None:
+def _decode(flight: ImageInFlight, runner: Runner, max_pixels: int, decode_seconds: float) -> None:
     job, clock = flight.job, flight.clock
     with clock.stage("decode"):
         if flight.unreadable is not None:
             raise flight.unreadable
-        flight.rgb = decode_bytes(job.data, job.path, max_pixels=max_pixels, admit=runner.refusal)
+        flight.rgb = decode_bytes(job.data, job.path, max_pixels, runner.refusal, decode_seconds)
         flight.job = replace(job, data=None)  # decoded: the bytes are not needed any more
     with clock.stage("preprocess"):
         flight.prepared = prepare_input(flight.rgb)
@@ -96,7 +98,7 @@ def analyse_file(path, runner: Runner, clock: StageClock, max_pixels: int = DEFA
     """decode -> prepare -> infer -> postprocess, each stage timed; returns (rgb, Analysis).
     `data`: the image's bytes when it is not read from `path` (an upload). Raises on failure."""
     flight = _read_once(ImageJob(Path(path), "", data), clock, DEFAULT_MAX_FILE)
-    _decode(flight, runner, max_pixels)
+    _decode(flight, runner, max_pixels, DEFAULT_DECODE_SECONDS)
     _infer(flight, runner)
     _postprocess(flight, runner.detection_head)
     return flight.rgb, flight.analysis
@@ -208,7 +210,7 @@ def _failed(flight: ImageInFlight, exc: Exception) -> None:
 
 
 def decode_job(flight: ImageInFlight, runner: Runner, options: AnalyzeOptions) -> None:
-    _contained(flight, _decode, runner, options.max_pixels)
+    _contained(flight, _decode, runner, options.max_pixels, options.decode_seconds)
 
 
 def infer_job(flight: ImageInFlight, runner: Runner) -> None:
@@ -273,5 +275,11 @@ def run_job(job: ImageJob, runner: Runner, options: AnalyzeOptions, holder: Opti
 def complete_job(flight: ImageInFlight, runner: Runner, options: AnalyzeOptions) -> JobResult:
     """The stages after open_job, in this thread (a done flight only gets its record finished)."""
     decode_job(flight, runner, options)
+    return infer_and_finish(flight, runner, options)
+
+
+def infer_and_finish(flight: ImageInFlight, runner: Runner, options: AnalyzeOptions) -> JobResult:
+    """The stages after decode_job, in this thread (`serve` decodes on other threads than its
+    runner's, so that one slow decode never holds the others' inference)."""
     infer_job(flight, runner)
     return finish_job(flight, runner.detection_head, options)

@@ -7,6 +7,7 @@ temporary name and renamed into place; the record in results.jsonl, written afte
 rename, names each file with its SHA-256: that record is what vouches for the unit.
 """
 
+import errno
 import io
 import os
 import posixpath
@@ -17,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from trufor_trt.engine.postprocess import Analysis
-from trufor_trt.errors import TruforError
-from trufor_trt.files import sha256_bytes, write_atomically
+from trufor_trt.errors import OutputsUnwritable, TruforError
+from trufor_trt.files import NAME_MAX, sha256_bytes, write_atomically
 from trufor_trt.batch.pictures import pictures
 from trufor_trt.batch.provenance import PROVENANCE_KEY, provenance_array
 
@@ -28,6 +29,10 @@ NPZ_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip member can carry
 SUFFIXES = {"npz": ".npz", "heatmap": ".heatmap.png", "conf": ".conf.png", "overlay": ".overlay.png",
             "thumbnail": ".thumb.jpg"}
 PICTURES = ("heatmap", "conf", "overlay", "thumbnail")
+# The output folder's own files, beside the units: no unit may be named into them (an input
+# folder called results.csv would otherwise make the summary's place a folder).
+RESULTS_FILE, SUMMARY_FILE, REPORT_FILE = "results.jsonl", "results.csv", "report.html"
+BATCH_FILES = (RESULTS_FILE, SUMMARY_FILE, REPORT_FILE)
 
 
 class OutputNameError(TruforError):
@@ -56,7 +61,18 @@ class OutputPaths:
 
     @classmethod
     def below(cls, out_dir: Path, relative: str) -> "OutputPaths":
-        return cls(Path(out_dir), safe_relative_name(relative))
+        """OutputNameError where the unit cannot be written as named: outside the folder, in
+        place of the folder's own files, or with a file name longer than file systems take."""
+        paths = cls(Path(out_dir), safe_relative_name(relative))
+        top = paths.name.split("/")[0]
+        if top.lower() in BATCH_FILES:
+            raise OutputNameError(f"output name {relative!r} would put its outputs where the batch's {top} "
+                                  "is: rename the input folder, or analyse it into another --out")
+        longest = max(len(os.fsencode(posixpath.basename(paths.file(kind)))) for kind in SUFFIXES)
+        if longest > NAME_MAX:
+            raise OutputNameError(f"output name {relative!r} gives a file name of {longest} bytes, more than "
+                                  f"the {NAME_MAX} file systems take: rename the input")
+        return paths
 
     def file(self, kind: str) -> str:
         """The output's name relative to the output folder (what records keep)."""
@@ -101,6 +117,19 @@ def _npz(arrays: dict) -> bytes:
     return buffer.getvalue()
 
 
+# The errors that say the folder takes no more files, whichever file is next.
+FOLDER_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _write(path: Path, data: bytes) -> None:
+    try:
+        write_atomically(path, data)
+    except OSError as exc:
+        if exc.errno in FOLDER_FULL:
+            raise OutputsUnwritable(f"the output folder takes no more files ({exc.strerror}: {path})") from None
+        raise
+
+
 def write_unit(paths: OutputPaths, rgb: np.ndarray, analysis: Analysis, made_by: dict,
                save_noiseprint: bool, with_pictures: bool) -> dict:
     """Write the image's unit, the .npz last; pictures an earlier analysis left under this name
@@ -112,6 +141,6 @@ def write_unit(paths: OutputPaths, rgb: np.ndarray, analysis: Analysis, made_by:
         for kind in PICTURES:
             paths.path(kind).unlink(missing_ok=True)
     for kind in (*PICTURES, "npz") if with_pictures else ("npz",):
-        write_atomically(paths.path(kind), contents[kind])
+        _write(paths.path(kind), contents[kind])
     return {kind: {"file": paths.file(kind), "sha256": sha256_bytes(contents[kind])}
             for kind in OutputPaths.kinds(with_pictures)}

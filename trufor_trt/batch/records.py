@@ -13,9 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
-from trufor_trt.batch.outputs import OutputNameError, safe_relative_name
+from trufor_trt.batch.outputs import RESULTS_FILE, OutputNameError, safe_relative_name
 
-RESULTS_FILE = "results.jsonl"
 STATUSES = ("ok", "skipped", "error")
 
 

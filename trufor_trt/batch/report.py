@@ -31,12 +31,12 @@ from trufor_trt import __version__
 from trufor_trt.engine.postprocess import DECISION_THRESHOLD
 from trufor_trt.errors import printable
 from trufor_trt.files import write_atomically
+from trufor_trt.batch.outputs import REPORT_FILE
 from trufor_trt.batch.pictures import encoded, heatmap_bgr, thumbnail_jpeg
 from trufor_trt.batch.provenance import input_sha256
 from trufor_trt.batch.records import RESULTS_FILE, Record, RecordIndex, output_path, read_records
 from trufor_trt.batch.summary import ImageRow, image_rows
 
-REPORT_FILE = "report.html"
 THUMBNAILS = "report_files"
 # The thumbnails of a row, and the full-size output each links to (the first the record has).
 PICTURE_LINKS = {"image": ("thumbnail",), "map": ("heatmap", "npz"), "conf": ("conf", "npz"),

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Optional
 
 from trufor_trt.files import sha256_file, write_atomically
+from trufor_trt.batch.outputs import SUMMARY_FILE
 from trufor_trt.batch.records import Record, RecordIndex, output_path
 
-SUMMARY_FILE = "results.csv"
 COLUMNS = ("input", "status", "reason", "score", "height", "width", "backend", "precision", "official",
            "analysed_at", "npz", "npz_sha256", "input_sha256", "model_sha256", "model_files_sha256",
            "trufor_trt", "total_ms", "outputs_sha256")

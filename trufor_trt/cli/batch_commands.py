@@ -16,7 +16,7 @@ from trufor_trt.batch.inputs import expand_inputs, output_folder_problem
 from trufor_trt.batch.records import RESULTS_FILE, Record
 from trufor_trt.batch.results_log import OutputFolderBusy, ResultsLogError, SummaryError
 from trufor_trt.batch.summary import SUMMARY_FILE
-from trufor_trt.cli.common import (ACCEPT_UNVALIDATED, BACKEND, CHECKPOINT, DEVICE, EXIT_FAILED, EXIT_STOPPED, MAX_FILE, MAX_MEMORY, MAX_PIXELS,
+from trufor_trt.cli.common import (ACCEPT_UNVALIDATED, BACKEND, CHECKPOINT, DECODE_SECONDS, DEVICE, EXIT_FAILED, EXIT_STOPPED, MAX_FILE, MAX_MEMORY, MAX_PIXELS,
                                    MODEL, NO_PNG, PRECISION, QUIET, SAVE_NOISEPRINT, Backend, Precision,
                                    check_checkpoint, check_results_folder, console, fail_setup, load_runners,
                                    file_limit, missing_package, record_line, runner_spec, say, shown, warn_unless_official)
@@ -112,6 +112,7 @@ def analyze(
     no_png: bool = NO_PNG,
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo images even where matching outputs exist."),
     max_pixels: int = MAX_PIXELS,
+    decode_seconds: float = DECODE_SECONDS,
     max_file: str = MAX_FILE,
     max_memory: Optional[str] = MAX_MEMORY,
     accept_unvalidated: bool = ACCEPT_UNVALIDATED,
@@ -144,7 +145,8 @@ def analyze(
         fail_setup("--streams and --workers set this process's pipeline; with --ray, --ray-workers sets the "
                    "actors and --ray-cpus each one's cores")
     options = AnalyzeOptions(out_dir=out, save_noiseprint=save_noiseprint, write_png=not no_png,
-                             overwrite=overwrite, max_pixels=max_pixels, max_file_bytes=file_limit(max_file))
+                             overwrite=overwrite, max_pixels=max_pixels, max_file_bytes=file_limit(max_file),
+                             decode_seconds=decode_seconds)
     spec = runner_spec(backend.value, model, checkpoint, device, precision.value, max_memory,
                       accept_unvalidated)
     if ray_address is None:

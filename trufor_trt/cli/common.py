@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from trufor_trt.batch.provenance import not_official_warning
 from trufor_trt.batch.results_log import OutputFolderBusy, check_not_busy
-from trufor_trt.engine.decode import DEFAULT_MAX_PIXELS
+from trufor_trt.engine.decode import DEFAULT_DECODE_SECONDS, DEFAULT_MAX_PIXELS
 from trufor_trt.errors import TruforError, printable
 from trufor_trt.files import sha256_file
 from trufor_trt.installed import install_command
@@ -92,6 +92,9 @@ MAX_PIXELS = typer.Option(DEFAULT_MAX_PIXELS, "--max-pixels", min=1,
 MAX_FILE = typer.Option("1G", "--max-file",
                         help="Refuse image files larger than this (e.g. 256M) before reading them; "
                              "special files (FIFOs, devices) are always refused.")
+DECODE_SECONDS = typer.Option(DEFAULT_DECODE_SECONDS, "--decode-seconds", min=0.01,
+                              help="Seconds an image may take to decode, plus as much per 10 megapixels; a "
+                                   "file that takes longer is refused (decoding bombs).")
 MAX_MEMORY = typer.Option(None, "--max-memory",
                           help="Host memory budget per image on the CPU, e.g. 8G (default: physical "
                                "memory); bands follow from it. TensorRT: the most device memory an "

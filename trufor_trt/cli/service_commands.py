@@ -10,7 +10,7 @@ import typer
 from trufor_trt.batch.analyze import AnalyzeOptions
 from trufor_trt.batch.records import RESULTS_FILE, Record
 from trufor_trt.batch.results_log import OutputFolderBusy, ResultsLogError, SummaryError
-from trufor_trt.cli.common import (ACCEPT_UNVALIDATED, BACKEND, CHECKPOINT, DEVICE, EXIT_FAILED, EXIT_STOPPED, MAX_FILE, MAX_MEMORY, MAX_PIXELS,
+from trufor_trt.cli.common import (ACCEPT_UNVALIDATED, BACKEND, CHECKPOINT, DECODE_SECONDS, DEVICE, EXIT_FAILED, EXIT_STOPPED, MAX_FILE, MAX_MEMORY, MAX_PIXELS,
                                    MODEL, NO_PNG, PRECISION, QUIET, SAVE_NOISEPRINT, Backend, Precision,
                                    check_checkpoint, check_not_busy_folder, check_output_folder,
                                    check_results_folder, console, fail_setup, load_runners, record_line,
@@ -45,6 +45,10 @@ def watch(
                                help="Seconds between full rescans (file systems without change events)."),
     settle: float = typer.Option(2.0, "--settle", min=0.0,
                                  help="Seconds a file's size and time must stay unchanged before it is read."),
+    retry_truncated: float = typer.Option(
+        30.0, "--retry-truncated", min=0.0,
+        help="A file that reads as truncated is tried again until unchanged this long (a writer that "
+             "paused), then filed as failed."),
     checkpoint: Optional[Path] = CHECKPOINT,
     model: Optional[Path] = MODEL,
     backend: Backend = BACKEND,
@@ -53,6 +57,7 @@ def watch(
     save_noiseprint: bool = SAVE_NOISEPRINT,
     no_png: bool = NO_PNG,
     max_pixels: int = MAX_PIXELS,
+    decode_seconds: float = DECODE_SECONDS,
     max_file: str = MAX_FILE,
     max_memory: Optional[str] = MAX_MEMORY,
     accept_unvalidated: bool = ACCEPT_UNVALIDATED,
@@ -60,18 +65,31 @@ def watch(
 ) -> None:
     """Analyse every image that appears in INBOX (and those there at start), one runner kept loaded;
     SIGTERM / Ctrl-C stop after the image in hand. A restart neither loses nor repeats an image."""
-    from trufor_trt.service.watch import Watch, WatchOptions
+    from trufor_trt.service.inbox import InboxBusy, inbox_lock
+    from trufor_trt.service.watch import WatchOptions
 
     folders = {option: folder for option, folder in (("--out", out), ("--done", done), ("--failed", failed))
                if folder is not None}
     _check_watch_folders(inbox, folders)
     check_checkpoint(checkpoint)
-    max_file_bytes = file_limit(max_file)
-    [runner] = load_runners(runner_spec(backend.value, model, checkpoint, device, precision.value, max_memory,
-                      accept_unvalidated))
     options = WatchOptions(AnalyzeOptions(out_dir=out, save_noiseprint=save_noiseprint, write_png=not no_png,
-                                          max_pixels=max_pixels, max_file_bytes=max_file_bytes),
-                           done_dir=done, failed_dir=failed, poll=poll, settle=settle)
+                                          max_pixels=max_pixels, max_file_bytes=file_limit(max_file),
+                                          decode_seconds=decode_seconds),
+                           done_dir=done, failed_dir=failed, poll=poll, settle=settle, retry_truncated=retry_truncated)
+    try:
+        with inbox_lock(inbox):  # before the model loads: a second watch is refused at once
+            [runner] = load_runners(runner_spec(backend.value, model, checkpoint, device, precision.value,
+                                                max_memory, accept_unvalidated))
+            counts = _watch(inbox, runner, options, quiet)
+    except InboxBusy as exc:
+        fail_setup(str(exc))
+    console.print(f"stopped: {counts['ok']} analysed, {counts['error']} failed in this run; details in "
+                  f"{shown(str(out / RESULTS_FILE))}", soft_wrap=True)
+
+
+def _watch(inbox: Path, runner, options, quiet: bool) -> Counter:
+    """The watch until a signal stops it: its records per status (exits 3 when it had to stop)."""
+    from trufor_trt.service.watch import Watch
 
     counts = Counter()
 
@@ -94,8 +112,7 @@ def watch(
         raise typer.Exit(EXIT_FAILED)
     finally:
         runner.close()
-    console.print(f"stopped: {counts['ok']} analysed, {counts['error']} failed in this run; details in "
-                  f"{shown(str(out / RESULTS_FILE))}", soft_wrap=True)
+    return counts
 
 
 TOKEN_FILE = typer.Option(None, "--token-file", help="Read the bearer token from this file (not visible in ps).")
@@ -122,6 +139,14 @@ def _serve_settings(analyze: AnalyzeOptions, token, max_queue: int, max_body: st
     except (TruforError, ValueError) as exc:
         fail_setup(f"--max-body {max_body}: {exc}")
         raise
+
+
+def _check_reachable_with_token(host: str, token: Optional[str]) -> None:
+    from trufor_trt.service.serve import is_loopback
+
+    if not is_loopback(host) and not token:
+        fail_setup(f"--host {host} is reachable from other machines: give --token-file (or --token, "
+                   "TRUFOR_TRT_TOKEN)")
 
 
 def _token(token: Optional[str], token_file: Optional[Path]) -> Optional[str]:
@@ -164,6 +189,7 @@ def serve(
     save_noiseprint: bool = SAVE_NOISEPRINT,
     no_png: bool = NO_PNG,
     max_pixels: int = MAX_PIXELS,
+    decode_seconds: float = DECODE_SECONDS,
     max_memory: Optional[str] = MAX_MEMORY,
     accept_unvalidated: bool = ACCEPT_UNVALIDATED,
 ) -> None:
@@ -171,17 +197,15 @@ def serve(
     adds the maps), GET /healthz, /readyz, /metrics. One runner, one inference at a time."""
     from trufor_trt.service.connections import ConnectionLimits, connection_limit_problem, default_max_connections
     from trufor_trt.service.http_app import create_app
-    from trufor_trt.service.serve import is_loopback, serve_app
+    from trufor_trt.service.serve import serve_app
 
     token = _token(token, token_file)
-    if not is_loopback(host) and not token:
-        fail_setup(f"--host {host} is reachable from other machines: give --token-file (or --token, "
-                   "TRUFOR_TRT_TOKEN)")
+    _check_reachable_with_token(host, token)
     max_connections = max_connections or default_max_connections()
     if connection_limit_problem(max_connections):
         fail_setup(connection_limit_problem(max_connections))
     settings = _serve_settings(AnalyzeOptions(out_dir=out, save_noiseprint=save_noiseprint, write_png=not no_png,
-                                              overwrite=True, max_pixels=max_pixels),
+                                              overwrite=True, max_pixels=max_pixels, decode_seconds=decode_seconds),
                                token, max_queue, max_body, body_timeout)
     if out is not None:
         check_results_folder(out)

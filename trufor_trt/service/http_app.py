@@ -7,10 +7,16 @@ GET  /healthz      the process is up (never needs the token); 503 once the runne
 GET  /readyz       the runner is loaded and has answered (a warm-up inference at start)
 GET  /metrics      Prometheus text
 
-Every answer on /v1/analyze is decided without trusting the request: a place in the queue is
-taken before the body is read (a full queue holds no bodies), the body is size- and time-limited
-before it is read whole, the image's header checked before it is decoded; no route reads a path.
-Every error is JSON and counted. The connections themselves are guarded in connections.py.
+Every answer on /v1/analyze is decided without trusting the request: the body is size- and
+time-limited before it is read whole, and the bodies arriving at once share a memory budget (what
+has arrived of them, so a slow client holds what it sent, not a place); a place in the queue is
+taken only once the body is complete (slow bodies never keep other clients out of the line); the
+image's header is checked before it is decoded, and it is decoded on threads of its own, within
+its time allowance, so a slow decode never holds the runner; no route reads a path. A request
+whose framing or credentials are ambiguous (Content-Length with Transfer-Encoding, either header
+twice, Authorization twice) is refused and its connection closed: nothing smuggled in its body
+is ever read as a request. Every error is JSON and counted. The connections themselves are
+guarded in connections.py.
 """
 
 import asyncio
@@ -19,6 +25,7 @@ import hashlib
 import hmac
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,22 +37,24 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from trufor_trt.batch.analyze import AnalyzeOptions, run_job
+from trufor_trt.batch.analyze import AnalyzeOptions, decode_job, infer_and_finish, open_job
 from trufor_trt.batch.results_log import ResultsLog
 from trufor_trt.batch.inputs import ImageJob
 from trufor_trt.batch.outputs import npz_bytes
 from trufor_trt.engine.preprocess import prepare_input
-from trufor_trt.errors import ImageError, RunnerFailure
+from trufor_trt.errors import ImageError, OutputsUnwritable, RunnerFailure
 from trufor_trt.service.metrics import ServiceMetrics
 from trufor_trt.service.inference_queue import InferenceQueue
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 DEFAULT_MAX_QUEUE = 8
+DEFAULT_BODY_TIMEOUT = 60.0
 WARM_UP_SIDE = 256
 UNPROTECTED_PATHS = ("/healthz",)
-
-
-DEFAULT_BODY_TIMEOUT = 60.0
+DECODE_THREADS = 2
+# Headers a request may carry once at most, and pairs it may not carry together (RFC 9112, 6.3:
+# such a message's framing is ambiguous, a way to smuggle a second request past a proxy).
+SINGLE_HEADERS = (b"content-length", b"transfer-encoding", b"authorization", b"content-type")
 
 
 @dataclass(frozen=True)
@@ -65,6 +74,26 @@ class BodyTooSlow(Exception):
     pass
 
 
+class BodiesOverBudget(Exception):
+    pass
+
+
+class BodyBudget:
+    """The bytes of the request bodies arriving at once: at most `limit` in all (the event loop
+    is one thread: no lock)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    def take(self, size: int) -> None:
+        if self.held + size > self.limit:
+            raise BodiesOverBudget
+        self.held += size
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
+
+
 class BadRequest(Exception):
     pass
 
@@ -77,6 +106,33 @@ def _closing_error(status: int, reason: str, **headers) -> JSONResponse:
     """An error answered before the body was read: the connection closes after it, so the rest
     of the body is never taken."""
     return _error(status, reason, Connection="close", **headers)
+
+
+def ambiguity(scope) -> Optional[str]:
+    """Why the request's headers are ambiguous (None when they are not)."""
+    names = [name.lower() for name, _ in scope.get("headers") or []]
+    repeated = next((name for name in SINGLE_HEADERS if names.count(name) > 1), None)
+    if repeated is not None:
+        return f"the {repeated.decode()} header given {names.count(repeated)} times"
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return "both Content-Length and Transfer-Encoding (ambiguous framing)"
+    return None
+
+
+class StrictHeaders:
+    """ASGI middleware, outermost: a request with ambiguous headers gets 400 and its connection
+    is closed after the answer, its body unread."""
+
+    def __init__(self, app, on_reject):
+        self.app, self._on_reject = app, on_reject
+
+    async def __call__(self, scope, receive, send):
+        why = ambiguity(scope) if scope["type"] == "http" else None
+        if why is not None:
+            self._on_reject("ambiguous_request")
+            await _closing_error(400, f"refused: {why}")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 class BearerToken:
@@ -100,32 +156,37 @@ class BearerToken:
         await self.app(scope, receive, send)
 
 
-async def _read_body(request: Request, limit: int, timeout: float) -> bytes:
-    """The body, within `limit` bytes and `timeout` seconds (BodyTooLarge, BodyTooSlow);
-    starlette's ClientDisconnect where the client went away."""
+async def _read_body(request: Request, limit: int, timeout: float, budget: BodyBudget) -> bytes:
+    """The body, within `limit` bytes and `timeout` seconds (BodyTooLarge, BodyTooSlow), its
+    bytes taken from `budget` as they arrive (BodiesOverBudget); starlette's ClientDisconnect
+    where the client went away."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
+    chunks = []
 
-    async def read() -> bytes:
-        chunks, size = [], 0
+    async def read() -> None:
+        size = 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
                 raise BodyTooLarge
+            budget.take(len(chunk))
             chunks.append(chunk)
-        return b"".join(chunks)
 
     try:
-        return await asyncio.wait_for(read(), timeout)
+        await asyncio.wait_for(read(), timeout)
+        return b"".join(chunks)
     except asyncio.TimeoutError:
         raise BodyTooSlow from None
+    finally:
+        budget.give_back(sum(map(len, chunks)))
 
 
 async def _image_bytes(request: Request, body: bytes) -> bytes:
     """The raw body, or the file in multipart field "image" (parsed from the body already read,
     so the size limit has held before any parsing)."""
-    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+    if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
         return body
 
     async def replay():
@@ -155,15 +216,25 @@ class AnalysisService:
     def __init__(self, runner, settings: ServeSettings):
         self.runner, self.settings = runner, settings
         self.queue = InferenceQueue(settings.max_queue)
+        # What the bodies arriving at once may hold: as much as the line holds once they are in.
+        self.bodies = BodyBudget(settings.max_body * (settings.max_queue + 1))
+        self.decoders = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="trufor-decode")
         self.metrics = ServiceMetrics(runner, lambda: self.queue.waiting)
         self.results = None  # the ResultsLog while the app runs, with an --out
         self.ready = False
         self.failure = None  # why the runner stopped working, once it has
         self.stop_server = lambda: None  # set by the server that runs the app
 
-    def _analyse(self, job: ImageJob):
-        """On the worker thread: the per-image job, its record logged when there is an --out."""
-        result = run_job(job, self.runner, self.settings.analyze)
+    def _decoded(self, job: ImageJob):
+        """On a decoding thread: the per-image job up to its decoded image."""
+        flight = open_job(job, self.runner, self.settings.analyze)
+        decode_job(flight, self.runner, self.settings.analyze)
+        return flight
+
+    def _analyse(self, flight):
+        """On the runner's thread: the rest of the per-image job, its record logged when there
+        is an --out."""
+        result = infer_and_finish(flight, self.runner, self.settings.analyze)
         if self.results is not None:
             self.results.add(result.record)
         self.metrics.observe(result.record)
@@ -184,6 +255,7 @@ class AnalysisService:
                 yield
             finally:  # uvicorn has answered the open requests, or its shutdown deadline has passed
                 self.ready = False
+                self.decoders.shutdown(wait=False, cancel_futures=True)  # each within its allowance
                 self.queue.close(cancel_waiting=True)  # the one in hand finishes; nobody awaits the rest
 
     def _busy(self) -> JSONResponse:
@@ -201,7 +273,12 @@ class AnalysisService:
         """The request's image bytes, or the error response that refuses it."""
         settings = self.settings
         try:
-            return await _image_bytes(request, await _read_body(request, settings.max_body, settings.body_timeout))
+            body = await _read_body(request, settings.max_body, settings.body_timeout, self.bodies)
+            return await _image_bytes(request, body)
+        except BodiesOverBudget:
+            self.metrics.rejected.labels("bodies_over_budget").inc()
+            return _closing_error(503, f"busy: the bodies arriving now fill this server's "
+                                       f"{self.bodies.limit:,} bytes for them", **{"Retry-After": "1"})
         except BodyTooLarge:
             self.metrics.rejected.labels("too_large").inc()
             return _closing_error(413, f"body over the limit of {settings.max_body:,} bytes (--max-body)")
@@ -226,16 +303,21 @@ class AnalysisService:
         started = time.perf_counter()
         if self.failure is not None:
             return _closing_error(503, self.failure)
-        if not self.queue.reserve():  # before the body is read: a full line holds no bodies
-            return self._busy()
         data = await self._image(request)
         if isinstance(data, Response):
-            self.queue.give_back()
             return data
+        if not self.queue.reserve():  # only a complete body takes a place: slow ones never hold one
+            return self._busy()
         digest = hashlib.sha256(data).hexdigest()
-        future = self.queue.run_reserved(self._analyse, ImageJob(Path(f"upload:{digest}"), digest, data))
+        job = ImageJob(Path(f"upload:{digest}"), digest, data)
+        del data
         try:
-            result = await asyncio.wrap_future(future)
+            flight = await asyncio.get_running_loop().run_in_executor(self.decoders, self._decoded, job)
+        except BaseException:  # the shutdown deadline: the place was never handed to the runner
+            self.queue.give_back()
+            raise
+        try:
+            result = await asyncio.wrap_future(self.queue.run_reserved(self._analyse, flight))
         except RunnerFailure as exc:
             self._runner_failed(exc)
             return _error(503, self.failure)
@@ -257,7 +339,8 @@ class AnalysisService:
         """No request can succeed any more: refuse them, and stop the server as SIGTERM would
         (the CLI then exits 3, and a supervisor starts a fresh process)."""
         if self.failure is None:
-            self.failure, self.ready = f"the runner failed: {exc}", False
+            why = str(exc) if isinstance(exc, OutputsUnwritable) else f"the runner failed: {exc}"
+            self.failure, self.ready = why, False
             self.stop_server()
 
     async def healthz(self, _request: Request) -> Response:
@@ -287,7 +370,8 @@ def create_app(runner, settings: ServeSettings) -> Starlette:
               Route("/metrics", service.prometheus)]
     from starlette.exceptions import HTTPException
 
-    middleware = [Middleware(BearerToken, token=settings.token)] if settings.token else []
+    middleware = [Middleware(StrictHeaders, on_reject=lambda reason: service.metrics.rejected.labels(reason).inc())]
+    middleware += [Middleware(BearerToken, token=settings.token)] if settings.token else []
     app = Starlette(routes=routes, middleware=middleware, lifespan=service.lifespan,
                     exception_handlers={HTTPException: service.http_error})
     app.state.service = service

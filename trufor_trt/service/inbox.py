@@ -1,19 +1,25 @@
 """A watched folder: which of its files are complete images, and filing the originals away.
 
 A file counts as complete once its size and modification time have stayed the same for `settle`
-seconds of watching (a camera or a copy writing in pieces keeps changing both). Writers that
-pause longer than that mid-file should write under a hidden name (".name") or a non-image
-suffix ("name.jpg.part") and rename when done: those are never read.
+seconds of watching (a camera or a copy writing in pieces keeps changing both). A writer that
+pauses longer than that mid-file leaves a file that reads as truncated: watch tries it again
+until it has been left unchanged for --retry-truncated seconds (watch.py). Writers can avoid
+both by writing under a hidden name (".name") or a non-image suffix ("name.jpg.part") and
+renaming when done: those are never read. One watch at a time holds an inbox (inbox_lock).
 """
 
 import errno
+import fcntl
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from trufor_trt.batch.inputs import IMAGE_SUFFIXES, ImageJob
 from trufor_trt.batch.provenance import input_sha256
+from trufor_trt.errors import TruforError
+from trufor_trt.files import temporary_beside
 
 SETTLE_SECONDS = 2.0
 
@@ -71,6 +77,27 @@ class Inbox:
         return any(now - since < self.settle for _, since in self._seen.values())
 
 
+class InboxBusy(TruforError):
+    pass
+
+
+@contextmanager
+def inbox_lock(folder: Path):
+    """Hold `folder` as this process's inbox: InboxBusy when another watch holds it (two would
+    analyse every image twice and race to file each away). A lock on the folder itself, which
+    the kernel drops when its holder exits, however it exits; nothing is written in the inbox."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise InboxBusy(f"INBOX {folder}: another trufor-trt watch is watching it (one watch per inbox)") from None
+    try:
+        yield
+    finally:
+        os.close(descriptor)
+
+
 def free_place(target: Path) -> Path:
     """`target`, or name-2.ext, name-3.ext... where it is taken: an original is never overwritten."""
     candidate, count = target, 1
@@ -98,7 +125,7 @@ def file_away(path: Path, target: Path, analysed_sha256) -> Path:
     except OSError as exc:
         if exc.errno != errno.EXDEV:  # not a move to another file system
             raise
-        temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        temporary = temporary_beside(target)
         try:
             shutil.copy2(path, temporary)
             if input_sha256(temporary) != analysed_sha256:

@@ -24,11 +24,14 @@ from trufor_trt.batch.provenance import input_sha256
 from trufor_trt.batch.records import Record, utc_now
 from trufor_trt.batch.results_log import ResultsLog, SummaryError
 from trufor_trt.engine.runner import Runner
-from trufor_trt.errors import one_line
+from trufor_trt.errors import IncompleteImage, one_line
 from trufor_trt.files import remove_stale_temporaries
 from trufor_trt.service.inbox import SETTLE_SECONDS, Inbox, OriginalChanged, file_away, free_place
 
 POLL_SECONDS = 5.0
+# How long a file that reads as truncated may stay unchanged and still be taken for one its
+# writer has paused in (a camera flushing its buffer late), before it is filed as failed.
+RETRY_TRUNCATED_SECONDS = 30.0
 LINK_REASON = ("a symbolic link: watch analyses regular files only (its target may change or vanish, and "
                "could not be filed away with its evidence); put the file itself in the inbox")
 WAIT_SLICE = 0.2  # how often a wait looks at the stop flag
@@ -41,6 +44,7 @@ class WatchOptions:
     failed_dir: Optional[Path] = None
     poll: float = POLL_SECONDS  # full rescan interval, for file systems without change events
     settle: float = SETTLE_SECONDS
+    retry_truncated: float = RETRY_TRUNCATED_SECONDS
 
 
 class WakeUps:
@@ -168,7 +172,11 @@ class Watch:
         holder = log.index.holder(job.relative)
         flight = open_job(job, self.runner, self.options.analyze, holder)
         analysed = not (earlier is not None and earlier is holder and flight.result.record.status == "skipped")
-        record = complete_job(flight, self.runner, self.options.analyze).record if analysed else earlier
+        result = complete_job(flight, self.runner, self.options.analyze) if analysed else None
+        if result is not None and self._may_be_unfinished(job.path, result.error):
+            self.handled.pop(job.path, None)  # tried again on a later pass; no record yet
+            return False
+        record = result.record if analysed else earlier
         place = self._destination(inbox_name if record.status == "error" else job.relative, record)
         if place is not None and input_sha256(job.path) != _analysed_sha256(record):
             self._changed_since(job)
@@ -180,6 +188,16 @@ class Watch:
         if place is not None:
             self._file_away(job, record, place)
         return analysed
+
+    def _may_be_unfinished(self, path: Path, error) -> bool:
+        """Whether a file that reads as truncated was changed recently enough that its writer
+        may only have paused (it is then tried again, not filed as failed)."""
+        if not isinstance(error, IncompleteImage):
+            return False
+        try:
+            return time.time() - path.stat().st_mtime < self.options.retry_truncated
+        except OSError:  # gone meanwhile
+            return False
 
     def _changed_since(self, job: ImageJob) -> None:
         self.handled.pop(job.path, None)  # its new bytes are analysed on a later pass
