@@ -241,8 +241,23 @@ def infer_jobs(flights: list, runner: Runner) -> None:
         flight.clock.add("inference", share)
 
 
-def _postprocess_and_write(flight: ImageInFlight, detection_head, options: AnalyzeOptions) -> None:
+def _recompute_in_fp32(flight: ImageInFlight, guard) -> None:
+    """The verdict guard's FP32 analysis in place of the reduced precision's, near the threshold;
+    the record keeps the reduced score beside it, the outputs' provenance names the FP32 model."""
+    record, reduced = flight.result.record, flight.analysis
+    with flight.clock.stage("verdict_guard"):
+        raw, runner = guard.infer_fp32(prepare_input(flight.rgb))
+        flight.analysis = postprocess(raw, runner.detection_head)
+    record.verdict_guard = {"reduced_precision": record.precision, "reduced_score": reduced.score,
+                            "margin": guard.margin}
+    record.precision = runner.precision
+    record.provenance = provenance(record.provenance["input_sha256"], runner)
+
+
+def _postprocess_and_write(flight: ImageInFlight, detection_head, options: AnalyzeOptions, guard) -> None:
     _postprocess(flight, detection_head)
+    if guard is not None and guard.near_threshold(flight.analysis.score):
+        _recompute_in_fp32(flight, guard)
     record = flight.result.record
     if flight.paths is not None:
         with flight.clock.stage("write"):
@@ -253,10 +268,11 @@ def _postprocess_and_write(flight: ImageInFlight, detection_head, options: Analy
     flight.result.analysis = flight.analysis
 
 
-def finish_job(flight: ImageInFlight, detection_head, options: AnalyzeOptions) -> JobResult:
-    """Postprocess and write (when there is an output folder); the record gets its times, their
-    total being the image's own work (time spent waiting between stages is not its)."""
-    _contained(flight, _postprocess_and_write, detection_head, options)
+def finish_job(flight: ImageInFlight, detection_head, options: AnalyzeOptions, guard=None) -> JobResult:
+    """Postprocess (and, near the threshold, the verdict `guard`'s FP32 analysis) and write
+    (when there is an output folder); the record gets its times, their total being the image's
+    own work (time spent waiting between stages is not its)."""
+    _contained(flight, _postprocess_and_write, detection_head, options, guard)
     flight.rgb = None
     flight.result.record.analysed_at = utc_now()
     if flight.clock.times_ms:  # some stage ran
@@ -266,20 +282,22 @@ def finish_job(flight: ImageInFlight, detection_head, options: AnalyzeOptions) -
     return flight.result
 
 
-def run_job(job: ImageJob, runner: Runner, options: AnalyzeOptions, holder: Optional[Record] = None) -> JobResult:
+def run_job(job: ImageJob, runner: Runner, options: AnalyzeOptions, holder: Optional[Record] = None,
+            guard=None) -> JobResult:
     """One image through every stage in this thread; never raises for a bad image (the record
-    says what happened), only RunnerFailure when the runner itself broke. `holder`: as open_job."""
-    return complete_job(open_job(job, runner, options, holder), runner, options)
+    says what happened), only RunnerFailure when the runner itself broke. `holder`: as open_job;
+    `guard`: the runner's verdict guard, if any (verdict_guard.verdict_guard_for)."""
+    return complete_job(open_job(job, runner, options, holder), runner, options, guard)
 
 
-def complete_job(flight: ImageInFlight, runner: Runner, options: AnalyzeOptions) -> JobResult:
+def complete_job(flight: ImageInFlight, runner: Runner, options: AnalyzeOptions, guard=None) -> JobResult:
     """The stages after open_job, in this thread (a done flight only gets its record finished)."""
     decode_job(flight, runner, options)
-    return infer_and_finish(flight, runner, options)
+    return infer_and_finish(flight, runner, options, guard)
 
 
-def infer_and_finish(flight: ImageInFlight, runner: Runner, options: AnalyzeOptions) -> JobResult:
+def infer_and_finish(flight: ImageInFlight, runner: Runner, options: AnalyzeOptions, guard=None) -> JobResult:
     """The stages after decode_job, in this thread (`serve` decodes on other threads than its
     runner's, so that one slow decode never holds the others' inference)."""
     infer_job(flight, runner)
-    return finish_job(flight, runner.detection_head, options)
+    return finish_job(flight, runner.detection_head, options, guard)

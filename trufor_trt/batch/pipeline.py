@@ -43,11 +43,12 @@ class Pipeline:
     are records), or of a runner (RunnerFailure), stops every thread and is raised again by run().
     `halt`: an event that, once set, stops the run cleanly (see above); `batch`: the most
     same-size images inferred together; `host_workers`: the threads of the CPU stages
-    (runner_spec.host_workers gives the machine's default)."""
+    (runner_spec.host_workers gives the machine's default); `guard`: the runners' verdict guard,
+    if any (verdict_guard.verdict_guard_for)."""
 
     def __init__(self, runners: list, options: AnalyzeOptions, halt: Optional[threading.Event] = None,
-                 batch: int = 1, host_workers: int = 2):
-        self.runners, self.options, self.batch = runners, options, batch
+                 batch: int = 1, host_workers: int = 2, guard=None):
+        self.runners, self.options, self.batch, self.guard = runners, options, batch, guard
         self.host_workers = max(1, host_workers)
         depth = QUEUE_DEPTH_PER_RUNNER * len(runners)
         self._window = self.host_workers + depth  # images in each CPU stage at once, at most
@@ -158,7 +159,7 @@ class Pipeline:
         return (time.perf_counter_ns() - start) / 1e6
 
     def _finish(self, flight: ImageInFlight) -> JobResult:
-        result = finish_job(flight, self.runners[0].detection_head, self.options)
+        result = finish_job(flight, self.runners[0].detection_head, self.options, self.guard)
         self._account(flight)
         return result
 
@@ -219,9 +220,10 @@ def open_jobs(jobs: Iterable, runner: Runner, options: AnalyzeOptions, index: Op
 
 
 def analyze_batch(jobs, runners: list, options: AnalyzeOptions, on_record=None,
-                  halt: Optional[threading.Event] = None, batch: int = 1, workers: int = 0) -> Counter:
+                  halt: Optional[threading.Event] = None, batch: int = 1, workers: int = 0, guard=None) -> Counter:
     """Every job through the pipeline, one line each appended to results.jsonl as it finishes,
-    then results.csv rewritten. `workers`: the CPU stages' threads (0: runner_spec.host_workers). Returns how many records had each status (ok, error, skipped);
+    then results.csv rewritten. `workers`: the CPU stages' threads (0: runner_spec.host_workers);
+    `guard`: as Pipeline's. Returns how many records had each status (ok, error, skipped);
     fewer than the jobs when `halt` was set. RunnerFailure passes through, the log closed;
     OutputFolderBusy when another run holds the output folder, ResultsLogError when the log
     cannot be written."""
@@ -231,6 +233,6 @@ def analyze_batch(jobs, runners: list, options: AnalyzeOptions, on_record=None,
             if on_record is not None:
                 on_record(result.record)
 
-        pipeline = Pipeline(runners, options, halt, batch, workers or host_workers(runners))
+        pipeline = Pipeline(runners, options, halt, batch, workers or host_workers(runners), guard)
         pipeline.run(open_jobs(jobs, runners[0], options, log.index), keep)
     return log.summary

@@ -31,7 +31,10 @@ class Record:
     height: Optional[int] = None
     width: Optional[int] = None
     backend: Optional[str] = None
-    precision: Optional[str] = None
+    precision: Optional[str] = None  # the precision that made the outputs
+    # The verdict guard's (batch/verdict_guard.py), where it recomputed the image in FP32:
+    # {"reduced_precision", "reduced_score", "margin"}
+    verdict_guard: Optional[dict] = None
     times_ms: dict = field(default_factory=dict)  # stage -> ms, and "total"
     analysed_at: Optional[str] = None  # UTC, ISO 8601
     provenance: Optional[dict] = None  # what made the outputs (batch/provenance.py)
@@ -95,6 +98,7 @@ def is_record(value) -> bool:
             and _optional(value.get("height"), int) and _optional(value.get("width"), int)
             and _optional(value.get("analysed_at"), str) and _optional(value.get("filed_to"), str)
             and _times_ok(value.get("times_ms", {})) and _optional(value.get("provenance"), dict)
+            and _optional(value.get("verdict_guard"), dict)
             and _outputs_ok(value.get("outputs", {})))
 
 

@@ -58,6 +58,7 @@ class ReportRow:
     links: dict = field(default_factory=dict)  # the same kinds, and npz -> the full-size file
     hashes: dict = field(default_factory=dict)  # the same kinds -> the SHA-256 its record gives
     original: Optional[str] = None  # a link to the analysed original, where it still is
+    guard: str = ""  # where the verdict guard recomputed it in FP32: what the reduced precision said
 
     @property
     def holds_evidence(self) -> bool:
@@ -120,10 +121,19 @@ def _row(image: ImageRow, out_dir: Path, report_dir: Path) -> ReportRow:
                     analysed_at=made.analysed_at or "", times_ms=made.times_ms)
     if record.height:
         row.size = f"{record.width} x {record.height}"
+    if record.verdict_guard:
+        row.guard = _guard_note(record)
     if row.holds_evidence:
         _thumbnails(row, record, out_dir, report_dir)
         row.original = _original(record, out_dir)
     return row
+
+
+def _guard_note(record) -> str:
+    """What the verdict guard did, as the score's footnote (from a log line: any type may be there)."""
+    reduced = record.verdict_guard.get("reduced_score")
+    said = f"{reduced:.4f}" if isinstance(reduced, (int, float)) else "?"
+    return f"{record.precision}; verdict guard: {record.verdict_guard.get('reduced_precision')} said {said}"
 
 
 def _legend_png_base64() -> str:

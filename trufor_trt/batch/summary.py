@@ -19,7 +19,8 @@ from trufor_trt.files import sha256_file, write_atomically
 from trufor_trt.batch.outputs import SUMMARY_FILE
 from trufor_trt.batch.records import Record, RecordIndex, output_path
 
-COLUMNS = ("input", "status", "reason", "score", "height", "width", "backend", "precision", "official",
+COLUMNS = ("input", "status", "reason", "score", "height", "width", "backend", "precision", "reduced_precision",
+           "reduced_score", "official",
            "analysed_at", "npz", "npz_sha256", "input_sha256", "model_sha256", "model_files_sha256",
            "trufor_trt", "total_ms", "outputs_sha256")
 
@@ -72,6 +73,7 @@ def _csv_row(row: ImageRow) -> dict:
     npz = record.outputs.get("npz") or {}
     return {"input": record.input, "score": record.score, "height": record.height, "width": record.width,
             "backend": record.backend, "precision": record.precision,
+            **{key: (record.verdict_guard or {}).get(key) for key in ("reduced_precision", "reduced_score")},
             "status": row.status, "reason": row.reason, "official": made_by.get("official"),
             "analysed_at": made.analysed_at, "npz": npz.get("file"), "npz_sha256": npz.get("sha256"),
             **{key: made_by.get(key) for key in ("input_sha256", "model_sha256", "model_files_sha256", "trufor_trt")},

@@ -16,21 +16,25 @@ from trufor_trt.batch.inputs import expand_inputs, output_folder_problem
 from trufor_trt.batch.records import RESULTS_FILE, Record
 from trufor_trt.batch.results_log import OutputFolderBusy, ResultsLogError, SummaryError
 from trufor_trt.batch.summary import SUMMARY_FILE
-from trufor_trt.cli.common import (ACCEPT_UNVALIDATED, BACKEND, CHECKPOINT, DECODE_SECONDS, DEVICE, EXIT_FAILED, EXIT_STOPPED, MAX_FILE, MAX_MEMORY, MAX_PIXELS,
-                                   MODEL, NO_PNG, PRECISION, QUIET, SAVE_NOISEPRINT, Backend, Precision,
-                                   check_checkpoint, check_results_folder, console, fail_setup, load_runners,
-                                   file_limit, missing_package, record_line, runner_spec, say, shown, warn_unless_official)
+from trufor_trt.cli.common import (ACCEPT_UNVALIDATED, BACKEND, CHECKPOINT, DECODE_SECONDS, DEVICE, EXIT_FAILED,
+                                   EXIT_STOPPED, MAX_FILE, MAX_MEMORY, MAX_PIXELS, MODEL, NO_PNG, PRECISION, QUIET,
+                                   SAVE_NOISEPRINT, VERDICT_MARGIN, Backend, Precision, check_checkpoint,
+                                   check_results_folder, console, fail_setup, file_limit, load_runners,
+                                   missing_package, record_line, runner_spec, say, shown, verdict_guard,
+                                   warn_unless_official)
 from trufor_trt.engine.runner_spec import close_all
 from trufor_trt.errors import RunnerFailure
 from trufor_trt.files import sha256_file
 from trufor_trt.signals import halt_on_signals
 
 
-def _in_this_process(jobs: list, runners: list, options: AnalyzeOptions, batch: int, workers: int):
-    """analyze's batch on loaded runners: (what runs it, a function (on_record, halt) -> records
-    per status)."""
+def _in_this_process(jobs: list, spec, streams: int, options: AnalyzeOptions, batch: int, workers: int,
+                     verdict_margin: Optional[float]):
+    """analyze's batch on runners of `spec` loaded here: (what runs it, a function (on_record,
+    halt) -> records per status)."""
     from trufor_trt.batch.pipeline import analyze_batch
 
+    guard, runners = verdict_guard(spec, verdict_margin), load_runners(spec, streams)
     if batch > 1 and not runners[0].takes_batches():
         close_all(runners)
         fail_setup(f"--batch {batch}: this {runners[0].backend} runner takes one image at a time; batches "
@@ -40,13 +44,14 @@ def _in_this_process(jobs: list, runners: list, options: AnalyzeOptions, batch: 
     def analyse(on_record, halt):
         try:
             return analyze_batch(jobs, runners, options, on_record=on_record, halt=halt, batch=batch,
-                                 workers=workers)
+                                 workers=workers, guard=guard)
         finally:
             close_all(runners)
+            guard.close()
     return what, analyse
 
 
-def _actor_spec(spec, cpus: int, batch: int):
+def _actor_spec(spec, cpus: int, batch: int, verdict_margin: Optional[float]):
     """What each Ray actor loads: the resolved runner spec, paths as this process sees them."""
     import os
 
@@ -58,11 +63,13 @@ def _actor_spec(spec, cpus: int, batch: int):
     else:
         warn_unless_official(spec.model.checkpoint_sha256)
         paths = {"model": str(spec.model.path)}
-    return ActorSpec(replace(spec, **paths), cpus=cpus, folder=os.getcwd(), batch=batch)
+    return ActorSpec(replace(spec, **paths), cpus=cpus, folder=os.getcwd(), batch=batch,
+                     verdict_margin=verdict_margin)
 
 
 def _on_ray(jobs: list, address: str, spec, options: AnalyzeOptions, workers: int):
-    """analyze's batch on Ray actors: a function (on_record, halt) -> records per status."""
+    """analyze's batch on Ray actors: (what runs it, a function (on_record, halt) -> records per
+    status)."""
     import importlib
 
     try:
@@ -77,7 +84,7 @@ def _on_ray(jobs: list, address: str, spec, options: AnalyzeOptions, workers: in
 
     def analyse(on_record, halt):
         return analyze_on_ray(jobs, address, spec, options, workers, on_record, halt, on_start=started)
-    return analyse
+    return f"{spec.runner.backend} {spec.runner.precision} on Ray", analyse
 
 
 def _checked_jobs(inputs: list, out: Path) -> list:
@@ -116,6 +123,7 @@ def analyze(
     max_file: str = MAX_FILE,
     max_memory: Optional[str] = MAX_MEMORY,
     accept_unvalidated: bool = ACCEPT_UNVALIDATED,
+    verdict_margin: Optional[float] = VERDICT_MARGIN,
     streams: int = typer.Option(0, "--streams", min=0,
                                 help="Runners side by side in the pipeline (0: 2 with TensorRT, else 1)."),
     workers: int = typer.Option(0, "--workers", min=0,
@@ -150,10 +158,10 @@ def analyze(
     spec = runner_spec(backend.value, model, checkpoint, device, precision.value, max_memory,
                       accept_unvalidated)
     if ray_address is None:
-        what, analyse = _in_this_process(jobs, load_runners(spec, streams), options, batch, workers)
+        what, analyse = _in_this_process(jobs, spec, streams, options, batch, workers, verdict_margin)
     else:
-        what = f"{spec.backend} {spec.precision} on Ray"
-        analyse = _on_ray(jobs, ray_address, _actor_spec(spec, ray_cpus, batch), options, ray_workers)
+        what, analyse = _on_ray(jobs, ray_address, _actor_spec(spec, ray_cpus, batch, verdict_margin), options,
+                                ray_workers)
     counts, stopped, summary_problem = _run_batch(analyse, len(jobs), what, quiet, out)
     if report or report_to is not None:
         _write_report(out, report_to)

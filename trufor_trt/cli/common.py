@@ -95,6 +95,11 @@ MAX_FILE = typer.Option("1G", "--max-file",
 DECODE_SECONDS = typer.Option(DEFAULT_DECODE_SECONDS, "--decode-seconds", min=0.01,
                               help="Seconds an image may take to decode, plus as much per 10 megapixels; a "
                                    "file that takes longer is refused (decoding bombs).")
+VERDICT_MARGIN = typer.Option(
+    None, "--verdict-margin", min=0.0,
+    help="FP16 / INT8: an image whose score lies within this of 0.5 is analysed again in FP32 and that "
+         "result recorded, the reduced one beside it (default: 10x the precision's score budget, or 5x "
+         "its measured worst deviation if larger; 0: off).")
 MAX_MEMORY = typer.Option(None, "--max-memory",
                           help="Host memory budget per image on the CPU, e.g. 8G (default: physical "
                                "memory); bands follow from it. TensorRT: the most device memory an "
@@ -176,6 +181,17 @@ def runner_spec(backend: str, model: Optional[Path], checkpoint: Optional[Path],
                       accept_unvalidated=accept_unvalidated).resolved(on_notice=say)
 
 
+def verdict_guard(spec, margin: Optional[float]):
+    """The verdict guard of runners of `spec`, its margin said where it is on."""
+    from trufor_trt.batch.verdict_guard import verdict_guard_for
+
+    guard = verdict_guard_for(spec, margin)
+    if guard.margin > 0:
+        say(f"verdict guard: scores within {guard.margin:g} of 0.5 are analysed again in FP32 "
+            "(--verdict-margin; 0 turns it off)")
+    return guard
+
+
 def load_runners(spec, streams: int = 1) -> list:
     """`streams` loaded runners of `spec` side by side (0: the backend's default), the
     unofficial-weights warning said once."""
@@ -203,4 +219,9 @@ def record_line(record) -> str:
         return f"skipped {name}: {score} (outputs exist)"
     seconds = record.times_ms.get("total", 0) / 1000
     why = f" ({shown(record.reason)})" if record.reason else ""
+    if record.verdict_guard:
+        reduced = record.verdict_guard.get("reduced_score")
+        said = f"{reduced:.4f}" if isinstance(reduced, (int, float)) else "?"
+        reduced_precision = record.verdict_guard.get("reduced_precision")
+        score += f" ({record.precision}: the verdict guard's; {reduced_precision} said {said})"
     return f"{name}: {score}, {seconds:.1f} s{why}"

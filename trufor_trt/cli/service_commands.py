@@ -10,11 +10,12 @@ import typer
 from trufor_trt.batch.analyze import AnalyzeOptions
 from trufor_trt.batch.records import RESULTS_FILE, Record
 from trufor_trt.batch.results_log import OutputFolderBusy, ResultsLogError, SummaryError
-from trufor_trt.cli.common import (ACCEPT_UNVALIDATED, BACKEND, CHECKPOINT, DECODE_SECONDS, DEVICE, EXIT_FAILED, EXIT_STOPPED, MAX_FILE, MAX_MEMORY, MAX_PIXELS,
-                                   MODEL, NO_PNG, PRECISION, QUIET, SAVE_NOISEPRINT, Backend, Precision,
-                                   check_checkpoint, check_not_busy_folder, check_output_folder,
-                                   check_results_folder, console, fail_setup, load_runners, record_line,
-                                   file_limit, runner_spec, say, shown)
+from trufor_trt.cli.common import (ACCEPT_UNVALIDATED, BACKEND, CHECKPOINT, DECODE_SECONDS, DEVICE, EXIT_FAILED,
+                                   EXIT_STOPPED, MAX_FILE, MAX_MEMORY, MAX_PIXELS, MODEL, NO_PNG, PRECISION, QUIET,
+                                   SAVE_NOISEPRINT, VERDICT_MARGIN, Backend, Precision, check_checkpoint,
+                                   check_not_busy_folder, check_output_folder, check_results_folder, console,
+                                   fail_setup, file_limit, load_runners, record_line, runner_spec, say, shown,
+                                   verdict_guard)
 from trufor_trt.errors import RunnerFailure, TruforError
 from trufor_trt.signals import stop_on_signals
 
@@ -61,6 +62,7 @@ def watch(
     max_file: str = MAX_FILE,
     max_memory: Optional[str] = MAX_MEMORY,
     accept_unvalidated: bool = ACCEPT_UNVALIDATED,
+    verdict_margin: Optional[float] = VERDICT_MARGIN,
     quiet: bool = QUIET,
 ) -> None:
     """Analyse every image that appears in INBOX (and those there at start), one runner kept loaded;
@@ -78,16 +80,16 @@ def watch(
                            done_dir=done, failed_dir=failed, poll=poll, settle=settle, retry_truncated=retry_truncated)
     try:
         with inbox_lock(inbox):  # before the model loads: a second watch is refused at once
-            [runner] = load_runners(runner_spec(backend.value, model, checkpoint, device, precision.value,
-                                                max_memory, accept_unvalidated))
-            counts = _watch(inbox, runner, options, quiet)
+            spec = runner_spec(backend.value, model, checkpoint, device, precision.value, max_memory,
+                               accept_unvalidated)
+            counts = _watch(inbox, load_runners(spec)[0], options, quiet, verdict_guard(spec, verdict_margin))
     except InboxBusy as exc:
         fail_setup(str(exc))
     console.print(f"stopped: {counts['ok']} analysed, {counts['error']} failed in this run; details in "
                   f"{shown(str(out / RESULTS_FILE))}", soft_wrap=True)
 
 
-def _watch(inbox: Path, runner, options, quiet: bool) -> Counter:
+def _watch(inbox: Path, runner, options, quiet: bool, guard) -> Counter:
     """The watch until a signal stops it: its records per status (exits 3 when it had to stop)."""
     from trufor_trt.service.watch import Watch
 
@@ -101,7 +103,7 @@ def _watch(inbox: Path, runner, options, quiet: bool) -> Counter:
     say(f"watching {inbox} ({runner.backend} {runner.precision}); SIGTERM or Ctrl-C stops after the image in hand")
     try:
         with stop_on_signals(threading.Event()) as stop:
-            Watch(inbox, runner, options, stop, on_record=report, on_notice=say).run()
+            Watch(inbox, runner, options, stop, on_record=report, on_notice=say, guard=guard).run()
     except OutputFolderBusy as exc:
         fail_setup(str(exc))
     except (RunnerFailure, ResultsLogError) as exc:  # a supervisor (systemd: Restart=on-failure) starts it again
@@ -112,6 +114,7 @@ def _watch(inbox: Path, runner, options, quiet: bool) -> Counter:
         raise typer.Exit(EXIT_FAILED)
     finally:
         runner.close()
+        guard.close()
     return counts
 
 
@@ -141,12 +144,19 @@ def _serve_settings(analyze: AnalyzeOptions, token, max_queue: int, max_body: st
         raise
 
 
-def _check_reachable_with_token(host: str, token: Optional[str]) -> None:
+def _checked_reach(host: str, token: Optional[str], max_connections: Optional[int]) -> int:
+    """The connection limit, once the host has a token where it is reachable from elsewhere and
+    the limit leaves room for the process's own descriptors."""
+    from trufor_trt.service.connections import connection_limit_problem, default_max_connections
     from trufor_trt.service.serve import is_loopback
 
     if not is_loopback(host) and not token:
         fail_setup(f"--host {host} is reachable from other machines: give --token-file (or --token, "
                    "TRUFOR_TRT_TOKEN)")
+    max_connections = max_connections or default_max_connections()
+    if connection_limit_problem(max_connections):
+        fail_setup(connection_limit_problem(max_connections))
+    return max_connections
 
 
 def _token(token: Optional[str], token_file: Optional[Path]) -> Optional[str]:
@@ -192,33 +202,32 @@ def serve(
     decode_seconds: float = DECODE_SECONDS,
     max_memory: Optional[str] = MAX_MEMORY,
     accept_unvalidated: bool = ACCEPT_UNVALIDATED,
+    verdict_margin: Optional[float] = VERDICT_MARGIN,
 ) -> None:
     """HTTP API: POST /v1/analyze (the image as the body or multipart field "image"; ?outputs=map
     adds the maps), GET /healthz, /readyz, /metrics. One runner, one inference at a time."""
-    from trufor_trt.service.connections import ConnectionLimits, connection_limit_problem, default_max_connections
+    from trufor_trt.service.connections import ConnectionLimits
     from trufor_trt.service.http_app import create_app
     from trufor_trt.service.serve import serve_app
 
     token = _token(token, token_file)
-    _check_reachable_with_token(host, token)
-    max_connections = max_connections or default_max_connections()
-    if connection_limit_problem(max_connections):
-        fail_setup(connection_limit_problem(max_connections))
+    max_connections = _checked_reach(host, token, max_connections)
     settings = _serve_settings(AnalyzeOptions(out_dir=out, save_noiseprint=save_noiseprint, write_png=not no_png,
                                               overwrite=True, max_pixels=max_pixels, decode_seconds=decode_seconds),
                                token, max_queue, max_body, body_timeout)
     if out is not None:
         check_results_folder(out)
     check_checkpoint(checkpoint)
-    [runner] = load_runners(runner_spec(backend.value, model, checkpoint, device, precision.value, max_memory,
-                      accept_unvalidated))
+    spec = runner_spec(backend.value, model, checkpoint, device, precision.value, max_memory, accept_unvalidated)
+    [runner], guard = load_runners(spec), verdict_guard(spec, verdict_margin)
     say(f"serving {runner.backend} {runner.precision} on http://{host}:{port}; SIGTERM or Ctrl-C "
         "stops after the requests in hand")
-    app = create_app(runner, settings)
+    app = create_app(runner, settings, guard)
     try:
         started = serve_app(app, host, port, ConnectionLimits(max_connections, header_timeout), shutdown_timeout)
     finally:
         runner.close()
+        guard.close()
     if not started:
         fail_setup(f"the server did not start on {host}:{port} (see the message above)")
     if app.state.service.failure is not None:

@@ -18,13 +18,14 @@ import os
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from trufor_trt.batch.analyze import AnalyzeOptions, open_job
 from trufor_trt.batch.inputs import ImageJob
 from trufor_trt.batch.pipeline import Pipeline, claim_output_names, name_taken_record
 from trufor_trt.batch.records import Record
 from trufor_trt.batch.results_log import ResultsLog
+from trufor_trt.batch.verdict_guard import verdict_guard_for
 from trufor_trt.engine.runner_spec import MachineShare, RunnerSpec, host_workers, make_runner, share_of_cores
 from trufor_trt.errors import RunnerFailure, TruforError
 from trufor_trt.files import remove_stale_temporaries
@@ -42,6 +43,7 @@ class ActorSpec:
     cpus: int = 1  # cores per actor: CPU backends' inference threads, GPU backends' host workers
     folder: str = "."  # the driver's working folder: relative paths mean the same on every node
     batch: int = 1  # the most same-size images inferred together (runners that take batches)
+    verdict_margin: Optional[float] = None  # verdict_guard.verdict_guard_for's
 
     @property
     def on_gpu(self) -> bool:
@@ -58,6 +60,7 @@ class AnalyzeImages:
         share = MachineShare() if spec.on_gpu else share_of_cores(spec.cpus, spec.runner.max_memory)
         self.runner = make_runner(spec.runner, share)
         self.runner.load()
+        self.guard = verdict_guard_for(spec.runner, spec.verdict_margin)
 
     def __call__(self, batch: dict) -> dict:
         """Rows (path, relative, holder) -> their records as JSON lines; if the runner broke, a
@@ -68,7 +71,7 @@ class AnalyzeImages:
         records, failures = [], []
         try:
             Pipeline([self.runner], self.options, batch=self.batch,
-                     host_workers=host_workers([self.runner], self.cpus)).run(
+                     host_workers=host_workers([self.runner], self.cpus), guard=self.guard).run(
                 flights, lambda result: records.append(json.dumps(result.record.to_json())))
         except RunnerFailure as exc:
             failures.append(str(exc))

@@ -213,8 +213,8 @@ async def _image_bytes(request: Request, body: bytes) -> bytes:
 class AnalysisService:
     """The routes' shared state: the runner behind its queue, the metrics, the results log."""
 
-    def __init__(self, runner, settings: ServeSettings):
-        self.runner, self.settings = runner, settings
+    def __init__(self, runner, settings: ServeSettings, guard=None):
+        self.runner, self.settings, self.guard = runner, settings, guard
         self.queue = InferenceQueue(settings.max_queue)
         # What the bodies arriving at once may hold: as much as the line holds once they are in.
         self.bodies = BodyBudget(settings.max_body * (settings.max_queue + 1))
@@ -234,7 +234,7 @@ class AnalysisService:
     def _analyse(self, flight):
         """On the runner's thread: the rest of the per-image job, its record logged when there
         is an --out."""
-        result = infer_and_finish(flight, self.runner, self.settings.analyze)
+        result = infer_and_finish(flight, self.runner, self.settings.analyze, self.guard)
         if self.results is not None:
             self.results.add(result.record)
         self.metrics.observe(result.record)
@@ -360,11 +360,12 @@ class AnalysisService:
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-def create_app(runner, settings: ServeSettings) -> Starlette:
-    """The ASGI app; `runner` is loaded already and is used by one worker thread only."""
+def create_app(runner, settings: ServeSettings, guard=None) -> Starlette:
+    """The ASGI app; `runner` is loaded already and is used by one worker thread only; `guard`:
+    its verdict guard, if any."""
     from starlette.middleware import Middleware
 
-    service = AnalysisService(runner, settings)
+    service = AnalysisService(runner, settings, guard)
     routes = [Route("/v1/analyze", service.analyze, methods=["POST"]),
               Route("/healthz", service.healthz), Route("/readyz", service.readyz),
               Route("/metrics", service.prometheus)]

@@ -90,8 +90,8 @@ class Watch:
     away, wait for a change or the next poll; until `stop` is set."""
 
     def __init__(self, inbox: Path, runner: Runner, options: WatchOptions, stop: threading.Event,
-                 on_record: Callable[[Record], None], on_notice: Callable[[str], None]):
-        self.runner, self.options, self.stop = runner, options, stop
+                 on_record: Callable[[Record], None], on_notice: Callable[[str], None], guard=None):
+        self.runner, self.options, self.stop, self.guard = runner, options, stop, guard
         self.on_record, self.on_notice = on_record, on_notice
         out_dir = options.analyze.out_dir
         self.inbox = Inbox(inbox, options.settle,
@@ -172,7 +172,7 @@ class Watch:
         holder = log.index.holder(job.relative)
         flight = open_job(job, self.runner, self.options.analyze, holder)
         analysed = not (earlier is not None and earlier is holder and flight.result.record.status == "skipped")
-        result = complete_job(flight, self.runner, self.options.analyze) if analysed else None
+        result = complete_job(flight, self.runner, self.options.analyze, self.guard) if analysed else None
         if result is not None and self._may_be_unfinished(job.path, result.error):
             self.handled.pop(job.path, None)  # tried again on a later pass; no record yet
             return False
