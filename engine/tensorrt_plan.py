@@ -170,6 +170,9 @@ class Sidecar:
     # A chain of engines (engine/tensorrt_chain.py): its bands and, per part, the engine file in
     # the chain's folder, its SHA-256 and profile; None for a whole-image engine.
     chain: dict | None = None
+    # FP16 engines that `build --repair` built again (export/repair.py): the units given back
+    # and every try; None for an engine built as planned.
+    repair: dict | None = None
 
     def write(self, path: Path) -> None:
         write_atomically(path, (json.dumps(asdict(self), indent=2) + "\n").encode())

@@ -126,16 +126,17 @@ def coverage_warning(variant: dict, profile: Profile) -> str:
 
 def build_engine(model_dir, precision: str, profile: Profile = None, workspace_gib: float = 4.0,
                  timing_cache_path=None, min_shape=None, opt_shape=None, max_shape=None,
-                 max_batch: int = 1, on_step=print) -> Path:
+                 max_batch: int = 1, on_step=print, graph_path=None) -> Path:
     """Build and write the engine and its sidecar (unvalidated: validate.validate_engine
-    measures an FP16 / INT8 one next); returns the engine's path."""
+    measures an FP16 / INT8 one next); returns the engine's path. `graph_path`: a graph derived
+    from the variant to build instead (export/repair.py's); the sidecar still names the variant."""
     trt = import_tensorrt()
     settings = build_settings(trt.__version__)
     cuda = cuda_layer()
     gpu = cuda.gpu()
     profile = profile or profile_from_options(gpu.integrated, min_shape, opt_shape, max_shape, max_batch)
     model = ModelDir.open(model_dir)
-    onnx_path = model.variant_path(precision)
+    onnx_path = Path(graph_path) if graph_path else model.variant_path(precision)
     target = engine_path(model.path, gpu, trt.__version__, precision, profile)
     warning = coverage_warning(model.manifest["variants"][precision], profile)
     if warning:
@@ -154,7 +155,7 @@ def build_engine(model_dir, precision: str, profile: Profile = None, workspace_g
     write_atomically(target, serialized)
     sidecar = Sidecar(precision=precision, profile=profile.as_dict(),
                       tensorrt_version=trt.__version__, device=gpu.name,
-                      compute_capability=list(gpu.compute_capability), onnx_file=onnx_path.name,
+                      compute_capability=list(gpu.compute_capability), onnx_file=model.variant_path(precision).name,
                       onnx_sha256=model.variant_sha256(precision), strongly_typed=settings.strongly_typed,
                       builder_flags=list(settings.precision_flags), cleared_flags=list(settings.cleared_flags),
                       tf32=settings.tf32, workspace_gib=workspace_gib,

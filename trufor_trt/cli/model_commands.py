@@ -86,6 +86,9 @@ def build(
     max_memory: Optional[str] = typer.Option(None, "--max-memory",
                                              help="Chain: the device memory its largest image may take, e.g. 6G "
                                                   "(default: what the GPU has free)."),
+    repair: int = typer.Option(3, "--repair", min=0,
+                               help="FP16: an engine over budget on this GPU gives its most sensitive unit back "
+                                    "to FP32 and is built again, up to N times (0: never)."),
 ) -> None:
     """Build a TensorRT engine for this GPU (like trtexec): one profile, timing cache, sidecar;
     an FP16 / INT8 engine is then validated against the FP32 graph on this GPU. Images larger
@@ -97,18 +100,28 @@ def build(
         fail_setup(f"--layout {layout}: choose auto, whole or chain")
     engine = _build_chain(model, chosen[0], layout, min_shape, opt_shape, max_shape, max_batch, max_memory,
                           timing_cache)
-    if engine is None:
+    whole = engine is None
+    options = {"workspace_gib": workspace, "timing_cache_path": timing_cache, "min_shape": min_shape,
+               "opt_shape": opt_shape, "max_shape": max_shape, "max_batch": max_batch}
+    if whole:
         from trufor_trt.export.tensorrt_build import build_engine
 
-        engine = build_engine(model, chosen[0], workspace_gib=workspace, timing_cache_path=timing_cache,
-                              min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape, max_batch=max_batch,
-                              on_step=say)
+        engine = build_engine(model, chosen[0], on_step=say, **options)
     console.print(f"wrote {shown(str(engine))}")
     if chosen[0] != "fp32":
-        from trufor_trt.engine.model_dir import ModelDir
-        from trufor_trt.validate import validate_engine
+        _validate_and_repair(model, chosen[0], engine, images, repair if whole else 0, options)
 
-        validate_engine(ModelDir.open(model), engine, images, say)
+
+def _validate_and_repair(model: Path, precision: str, engine: Path, images, repair: int, options: dict) -> None:
+    """The new engine validated on this GPU; an FP16 one over budget repaired (export/repair.py)."""
+    from trufor_trt.engine.model_dir import ModelDir
+    from trufor_trt.validate import validate_engine
+
+    sidecar = validate_engine(ModelDir.open(model), engine, images, say)
+    if precision == "fp16" and repair and sidecar.validation and not sidecar.validation["within_budget"]:
+        from trufor_trt.export.repair import repair_engine
+
+        repair_engine(model, engine, images, repair, options, say)
 
 
 def _build_chain(model: Path, precision: str, layout: str, min_shape, opt_shape, max_shape, max_batch: int,
