@@ -72,12 +72,13 @@ def record_repair(path: Path, tries: list) -> Sidecar:
     return sidecar
 
 
-def repair_engine(model_dir, engine: Path, images, rebuilds: int, build_options: dict, on_step) -> Sidecar:
+def repair_engine(model_dir, engine: Path, validate_engine: Callable, rebuilds: int, build_options: dict,
+                  on_step) -> Sidecar:
     """`build --repair`: the FP16 engine at `engine`, validated over budget, built again with
     units given back (repair) on this GPU; the engine left is the last try's, its sidecar
-    recording every try."""
+    recording every try. `validate_engine(model, engine)` validates a build (validate.py's, as
+    `build` calls it) and returns its sidecar."""
     from trufor_trt.export.tensorrt_build import build_engine
-    from trufor_trt.validate import validate_engine
 
     model = ModelDir.open(model_dir)
     plan = model.manifest["variants"]["fp16"]["fp16_plan"]
@@ -91,7 +92,7 @@ def repair_engine(model_dir, engine: Path, images, rebuilds: int, build_options:
             build_engine(model.path, "fp16", graph_path=graph_file, on_step=on_step, **build_options)
         finally:
             graph_file.unlink(missing_ok=True)
-        validated = validate_engine(model, engine, images, on_step)
+        validated = validate_engine(model, engine)
         return {"validation": validated.validation, "fp16_flops_at_512": fp16_flop_share(fp32, graph)}
 
     first = {"validation": Sidecar.read(sidecar_path(engine)).validation,

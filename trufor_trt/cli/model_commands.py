@@ -121,7 +121,8 @@ def _validate_and_repair(model: Path, precision: str, engine: Path, images, repa
     if precision == "fp16" and repair and sidecar.validation and not sidecar.validation["within_budget"]:
         from trufor_trt.export.repair import repair_engine
 
-        repair_engine(model, engine, images, repair, options, say)
+        repair_engine(model, engine, lambda folder, built: validate_engine(folder, built, images, say), repair,
+                      options, say)
 
 
 def _build_chain(model: Path, precision: str, layout: str, min_shape, opt_shape, max_shape, max_batch: int,
