@@ -48,6 +48,13 @@ class Record:
         """A parsed line that is_record accepted (lines of older versions may lack fields)."""
         return cls(**{item.name: value[item.name] for item in fields(cls) if value.get(item.name) is not None})
 
+    def reduced_said(self) -> str:
+        """Where the verdict guard recomputed the image: what the reduced precision said, e.g.
+        "fp16 said 0.4931" (read from a log line: any type may be there)."""
+        reduced = self.verdict_guard.get("reduced_score")
+        said = f"{reduced:.4f}" if isinstance(reduced, (int, float)) else "?"
+        return f"{self.verdict_guard.get('reduced_precision')} said {said}"
+
     @property
     def npz_file(self) -> Optional[str]:
         """The .npz this record names (relative to the output folder), or None."""

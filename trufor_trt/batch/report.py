@@ -122,18 +122,11 @@ def _row(image: ImageRow, out_dir: Path, report_dir: Path) -> ReportRow:
     if record.height:
         row.size = f"{record.width} x {record.height}"
     if record.verdict_guard:
-        row.guard = _guard_note(record)
+        row.guard = f"{record.precision}; verdict guard: {record.reduced_said()}"
     if row.holds_evidence:
         _thumbnails(row, record, out_dir, report_dir)
         row.original = _original(record, out_dir)
     return row
-
-
-def _guard_note(record) -> str:
-    """What the verdict guard did, as the score's footnote (from a log line: any type may be there)."""
-    reduced = record.verdict_guard.get("reduced_score")
-    said = f"{reduced:.4f}" if isinstance(reduced, (int, float)) else "?"
-    return f"{record.precision}; verdict guard: {record.verdict_guard.get('reduced_precision')} said {said}"
 
 
 def _legend_png_base64() -> str:

@@ -220,8 +220,5 @@ def record_line(record) -> str:
     seconds = record.times_ms.get("total", 0) / 1000
     why = f" ({shown(record.reason)})" if record.reason else ""
     if record.verdict_guard:
-        reduced = record.verdict_guard.get("reduced_score")
-        said = f"{reduced:.4f}" if isinstance(reduced, (int, float)) else "?"
-        reduced_precision = record.verdict_guard.get("reduced_precision")
-        score += f" ({record.precision}: the verdict guard's; {reduced_precision} said {said})"
+        score += f" ({record.precision}: the verdict guard's; {record.reduced_said()})"
     return f"{name}: {score}, {seconds:.1f} s{why}"
