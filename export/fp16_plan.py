@@ -8,7 +8,9 @@ normalisation), a block's self-attention products a unit apart. A unit earns FP1
    (float16 overflows at 65504; the margin covers unseen images);
 2. alone in FP16 (simulated on the CPU, see precision/fp16.py) it moves the published outputs
    by at most UNIT_SHARE of the FP16 budget under every kernel model (KERNEL_MODELS: a fused
-   float32 epilogue, and the float16 output rounded before the bias as cuDNN does);
+   float32 epilogue, and the float16 output rounded before the bias as cuDNN does), and by at
+   most MAX_COST_PER_FLOP_SHARE times its share of the network's FLOPs: a unit that brings
+   almost no arithmetic spends budget that unseen images may need, for no speed;
 3. the earned units together stay within PLAN_MARGIN of the budget on the calibration crops and
    within the budget on every full-size image of the every-size check, under every kernel
    model: while they do not, the unit that costs the most budget per FLOP it brings is given
@@ -36,7 +38,9 @@ from trufor_trt.precision.flops import node_flops
 from trufor_trt.precision.fp16 import KERNEL_MODELS, STRESS_MODEL, lower_to_fp16, tensor_types, upcast_fp16
 from trufor_trt.precision.weight_store import INLINE, WeightStore
 from trufor_trt.export.chain_parts import cut_from, with_outputs
-from trufor_trt.export.measure import (OUTPUTS, KernelOrder, NetworkRuns, budget_share, create_session_from_model,
+from trufor_trt.export.fp16_search import (ATTENTION, NOISEPRINT, binding_output, give_back_until_within,
+                                           take_back)
+from trufor_trt.export.measure import (KernelOrder, NetworkRuns, budget_share, create_session_from_model,
                                       deviation, reference_analyses, under_kernel_models, unchanged_tensors,
                                       worst_by_output)
 
@@ -45,11 +49,16 @@ FP16_RANGE_LIMIT = 2.0 ** 14
 UNIT_SHARE = 0.5
 CENTERED_SHARE = 0.1
 PLAN_MARGIN = 0.8  # of the budget on the crops: full-size images deviate more (more pixels)
-NOISEPRINT = "noiseprint++"
 NOISEPRINT_OUTPUT = OUTPUT_NAMES[2]  # the graph output Noiseprint++'s last convolution writes
 FLOP_SIZE = (512, 512)  # the size unit FLOPs are weighed at
 SOLO_INPUTS = 2
 HALF_SIZE_SEARCH_FROM = 512  # px, the shorter side: below it a full-size trial costs little
+# Budget share alone / FLOP share at 512 px: on the seed-0 crops the units ranged 0.6-40, the
+# outliers being the input normalisation (no FLOPs: it rounds the RGB stream's input, which
+# moved airplane_44652's score by 2.7e-3 while the calibration crops showed 2e-4) and
+# Noiseprint++'s first and last layers (100-170, 0.3% of the FLOPs together).
+MAX_COST_PER_FLOP_SHARE = 50
+
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,7 @@ class Fp16Plan:
 
     def report(self) -> dict:
         return {"budget_max_abs": FP16_BUDGET, "unit_share": UNIT_SHARE, "plan_margin": PLAN_MARGIN,
+                "max_cost_per_flop_share": MAX_COST_PER_FLOP_SHARE,
                 "range_limit": FP16_RANGE_LIMIT, "kernel_models": list(KERNEL_MODELS), "units": self.units,
                 "noiseprint_conv_forms": self.conv_forms,
                 "noiseprint_centers": {conv: [float(value) for value in center]
@@ -79,9 +89,6 @@ class Fp16Plan:
                 "deviation_vs_fp32": worst_by_output(self.deviation_by_size),
                 "deviation_by_size": self.deviation_by_size, "sizes_measured": self.sizes_measured,
                 "searched_at_half_size": self.searched_at, f"stress_{STRESS_MODEL}": self.stress}
-
-
-ATTENTION = "attention scores"
 
 
 def candidate_units(model: onnx.ModelProto) -> list:
@@ -268,52 +275,35 @@ def _solo(unit: Unit, measure, entry: dict, on_step) -> str:
     return best
 
 
+def _earn_alone(units: list, ranges: dict, flops: dict, solo: dict, decisions: dict, on_step) -> tuple:
+    """(earned: name -> (Unit, form), cost: name -> budget share per FLOP) of the units that earn
+    FP16 alone (criteria 1 and 2); each unit's record in `decisions`. `solo`: the measures of a
+    Noiseprint++ layer ("conv") and of a block ("block") alone."""
+    network_flops = sum(flops.values())
+    earned, cost = {}, {}
+    for unit in units:
+        entry = decisions[unit.name] = {"max_abs_activation": ranges[unit.name]}
+        unit_flops = sum(flops.get(name, 0) for name in (unit.nodes or {unit.conv}))
+        entry["gflop_at_512"] = round(unit_flops / 1e9, 3)
+        if ranges[unit.name] > FP16_RANGE_LIMIT:
+            entry["decision"] = "fp32: activations beyond the float16-safe range"
+            continue
+        form = _solo(unit, solo["conv" if unit.conv else "block"], entry, on_step)
+        flop_share = unit_flops / network_flops
+        if form and entry["budget_share"] > MAX_COST_PER_FLOP_SHARE * flop_share:
+            entry["decision"] = (f"fp32: alone it uses {entry.pop('budget_share'):.0%} of the FP16 budget "
+                                 f"for {flop_share:.2%} of the FLOPs")
+            entry.pop("form")
+        elif form:
+            earned[unit.name] = (unit, form)
+            cost[unit.name] = entry["budget_share"] / max(unit_flops, 1)
+    return earned, cost
+
+
 def _assemble(units: dict) -> tuple:
     """(half nodes, conv forms) of the earned units: name -> (Unit, form)."""
     half = set().union(*(unit.nodes for unit, _ in units.values())) if units else set()
     return half, {unit.conv: form for unit, form in units.values() if unit.conv}
-
-
-def grows_with_the_image(unit_name: str) -> bool:
-    """Units whose deviation grows with the image size: the attention of the streams and of the
-    fusion (more tokens per softmax). Measured on the seed-0 checkpoint at 1536x2048: the
-    encoder blocks in FP16 moved the map by 1.8e-2 (half the budget on 256 px crops)."""
-    return unit_name.startswith(("rgb stream", "noiseprint stream", "fusion"))
-
-
-def binding_output(errors: dict) -> str:
-    """The output that uses the largest share of its FP16 budget."""
-    return max((name for name in OUTPUTS if name in errors), key=lambda name: errors[name] / FP16_BUDGET[name])
-
-
-def moves_the_output(unit_name: str, output: str) -> bool:
-    """Whether giving `unit_name` back can lower the deviation of `output`: Noiseprint++ is the
-    network's first part, so nothing after it moves np++."""
-    return output != "np++" or unit_name.startswith(NOISEPRINT)
-
-
-def give_back_until_within(earned: dict, cost: dict, share_of, limit: float, decisions: dict, reason: str,
-                           on_step, full_size: bool = False) -> None:
-    """Give back (noted in `decisions[name]["decision"]`) the earned units with the highest
-    budget cost per FLOP until `share_of(earned, limit)` -> (the share of the budget they use
-    together, the output using the most of it, or "") is at most `limit`; only units that can
-    move that output are candidates. `earned`: unit name -> what `share_of` needs. On a
-    full-size image (a trial costs minutes) the units whose deviation grows with the image go
-    first, attention first, as many at once as the excess suggests."""
-    while earned:
-        on_step(f"measuring {len(earned)} units together ({reason})")
-        share, output = share_of(earned, limit)
-        on_step(f"  {share:.0%} of the budget" + (f" ({output})" if output else ""))
-        if share <= limit:
-            return
-        pool = [name for name in earned if moves_the_output(name, output)] or list(earned)
-        growing = [name for name in pool if full_size and grows_with_the_image(name)]
-        count = max(1, math.ceil(len(growing) * (1 - limit / share))) if growing else 1
-        order = sorted(pool, key=lambda name: (name not in growing, not name.endswith(ATTENTION), -cost[name]))
-        for name in order[:count]:
-            decisions[name]["decision"] = (f"given back: the units together used {share:.0%} of the budget "
-                                           f"{reason}")
-            del earned[name]
 
 
 def half_size_crop(prepared: np.ndarray) -> np.ndarray:
@@ -334,6 +324,28 @@ def full_size_steps(large: np.ndarray, plan: Fp16Plan) -> list:
     return steps
 
 
+def _check_full_size(large: np.ndarray, plan: Fp16Plan, earned: dict, cost: dict, measure_on, on_step) -> None:
+    """Give back until the earned units hold on `large` (full_size_steps: its half-size search,
+    then the full size, where units given back in vain are taken back). `measure_on(image)`: a
+    Measure on that image."""
+    for image, limit, record in full_size_steps(large, plan):
+        size, at_size = size_label(image), measure_on(image)
+        kept = {}  # the last trial within the limit: the record of a unit taken back in vain is not the plan's
+
+        def on_large(units, limit, at_size=at_size, size=size, record=record, kept=kept):
+            errors = record[size] = at_size(*_assemble(units), stop_above=limit)
+            if budget_share(errors) <= limit:
+                kept["errors"] = errors
+            return budget_share(errors), binding_output(errors)
+
+        steps = give_back_until_within(earned, cost, on_large, limit, plan.units, f"at {size}", on_step,
+                                       full_size=True)
+        if record is plan.deviation_by_size:
+            take_back(earned, steps, on_large, limit, plan.units, f"at {size}", on_step)
+            record[size] = kept.get("errors", record.get(size))
+    plan.sizes_measured.append(size_label(large))
+
+
 def plan_fp16(model: onnx.ModelProto, inputs: list, head, large_inputs=(), on_step=print) -> Fp16Plan:
     """The plan from calibration crops `inputs`, checked on `large_inputs` at full size."""
     noiseprint = noiseprint_graph(model)
@@ -351,19 +363,8 @@ def plan_fp16(model: onnx.ModelProto, inputs: list, head, large_inputs=(), on_st
     units = candidate_units(model)
     on_step(f"measuring activation ranges of {len(units)} units")
     ranges = activation_ranges(model, inputs, units, store)
-    flops = node_flops(model, *FLOP_SIZE)
-    plan, earned, cost = Fp16Plan(), {}, {}
-    for unit in units:
-        entry = plan.units[unit.name] = {"max_abs_activation": ranges[unit.name]}
-        unit_flops = sum(flops.get(name, 0) for name in (unit.nodes or {unit.conv}))
-        entry["gflop_at_512"] = round(unit_flops / 1e9, 3)
-        if ranges[unit.name] > FP16_RANGE_LIMIT:
-            entry["decision"] = "fp32: activations beyond the float16-safe range"
-            continue
-        form = _solo(unit, solo["conv" if unit.conv else "block"], entry, on_step)
-        if form:
-            earned[unit.name] = (unit, form)
-            cost[unit.name] = entry["budget_share"] / max(unit_flops, 1)
+    plan = Fp16Plan()
+    earned, cost = _earn_alone(units, ranges, node_flops(model, *FLOP_SIZE), solo, plan.units, on_step)
     del solo, activations  # Noiseprint++'s activations at every layer are not needed past here
 
     def on_crops(units, limit):
@@ -375,16 +376,8 @@ def plan_fp16(model: onnx.ModelProto, inputs: list, head, large_inputs=(), on_st
     checked_on_crops = len(earned)
     # Largest first: a unit given back there is given back for the smaller ones too.
     for large in sorted(large_inputs, key=lambda x: -x.shape[2] * x.shape[3]):
-        for image, limit, record in full_size_steps(large, plan):
-            size = size_label(image)
-            at_size = Measure(model, [image], head, centers, store=store, order=order)
-
-            def on_large(units, limit, at_size=at_size, size=size, record=record):
-                errors = record[size] = at_size(*_assemble(units), stop_above=limit)
-                return budget_share(errors), binding_output(errors)
-
-            give_back_until_within(earned, cost, on_large, limit, plan.units, f"at {size}", on_step, full_size=True)
-        plan.sizes_measured.append(size_label(large))
+        _check_full_size(large, plan, earned, cost, lambda image: Measure(model, [image], head, centers, store=store,
+                                                                          order=order), on_step)
     plan.half_nodes, plan.conv_forms = _assemble(earned)
     plan.centers = {conv: centers[conv] for conv in plan.conv_forms}
     final = lower_plan(model, plan.half_nodes, plan.conv_forms, centers, store)[0]

@@ -12,7 +12,7 @@ calibration/int8.py) only where that keeps the published outputs near FP32:
    brings is given back to its FP16-plan precision.
 Candidates: the units that earned FP16, but Noiseprint++'s layers: measured on the seed-0
 checkpoint, each alone in INT8 even centered (per-channel weights, the centered input's range
-per tensor) used 51-381% of the INT8 target (README), where half earns. The self-attention and pixel-sum products stay out
+per tensor) used 51-381% of the INT8 target (docs/precision.md), where half earns. The self-attention and pixel-sum products stay out
 of INT8: both operands are activations, and their ranges follow the image.
 """
 
@@ -32,8 +32,8 @@ from trufor_trt.precision.blocks import attention_chains, pixel_sum_chains
 from trufor_trt.precision.budgets import INT8_TARGET
 from trufor_trt.precision.flops import node_flops
 from trufor_trt.precision.weight_store import WeightStore
-from trufor_trt.export.fp16_plan import (FLOP_SIZE, NOISEPRINT, NOISEPRINT_OUTPUT, Measure, candidate_units,
-                                         give_back_until_within, lower_plan)
+from trufor_trt.export.fp16_plan import FLOP_SIZE, NOISEPRINT_OUTPUT, Measure, candidate_units, lower_plan
+from trufor_trt.export.fp16_search import NOISEPRINT, give_back_until_within
 
 UNIT_SHARE = 0.5
 PLAN_MARGIN = 0.8

@@ -2,7 +2,7 @@
 the FP16 plan's blocks in real float16), and TensorRT engines where TensorRT imports.
 Elsewhere every test here is skipped with its reason (no mocks stand in for them).
 
-`bash tests/gpu_checks.sh run` runs them on a lent GPU machine (README, "GPU checks"); the
+`bash tests/gpu_checks.sh run` runs them on a lent GPU machine (docs/tensorrt.md, "GPU checks"); the
 measured deviations are printed and, with $TRUFOR_GPU_REPORT set, added to that JSON file.
 """
 
@@ -279,7 +279,7 @@ def noiseprint_conv_forms(torch, dncnn, forms: dict, centers: dict):
 def _blocks_wholly_in_fp16(units: dict) -> set:
     """The plan's blocks whose every unit (a block's attention is a unit apart) earned FP16:
     autocast lowers modules, not the plan's finer units."""
-    from trufor_trt.export.fp16_plan import ATTENTION, NOISEPRINT
+    from trufor_trt.export.fp16_search import ATTENTION, NOISEPRINT
 
     blocks = {}
     for name, entry in units.items():

@@ -43,6 +43,7 @@ def _broken_where_half(graph, unit_nodes: frozenset, half_nodes: set):
     return graph
 
 
+@pytest.mark.slow  # 19 s: three validations of the whole network on the CPU
 def test_a_unit_over_budget_on_the_gpu_is_given_back_and_the_second_build_holds(model_seed0, tmp_path):
     from trufor_trt.export.fp16_plan import candidate_units
     from trufor_trt.export.measure import NetworkRuns, deviation, reference_analyses
