@@ -1,4 +1,4 @@
-"""The README's Jetson memory table: what TensorRT's chain should take per Jetson module, from the
+"""The Jetson memory table (docs/large-images.md): what TensorRT's chain should take per Jetson module, from the
 device memory model (engine/chain_plan.py). Estimates, not measurements (no TensorRT here).
 
     python -m trufor_trt.benchmarks.jetson_memory [--fp32-weights BYTES] [--fp16-weights BYTES]

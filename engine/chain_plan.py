@@ -5,7 +5,7 @@ the device (the prepared image, Noiseprint++, the encoder's four maps, the logit
 weights, and the activations of the part running, which is either the encoder on the whole
 image or a band. The model below estimates each from the network's shape (architecture.py);
 the coefficients are estimates, not measurements (no machine with TensorRT has run a chain
-yet): README "Large images" says how they were reasoned and what TensorRT will report instead.
+yet): docs/large-images.md says how they were reasoned and what TensorRT will report instead.
 The same `MemoryModel` as the CPU's sizes the bands and refuses what cannot fit.
 """
 

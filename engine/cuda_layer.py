@@ -55,3 +55,19 @@ def cuda_layer(preferred: str = None) -> CudaLayer:
 
 def gpu_info(ordinal: int = 0) -> Gpu:
     return cuda_layer().gpu(ordinal)
+
+
+NO_DRIVER = "no NVIDIA GPU or driver found"
+
+
+def nvidia_driver_problem() -> str:
+    """Why no NVIDIA driver can be used here ("" where its library loads): said before anything
+    about TensorRT or CUDA packages, which cannot help on such a machine. The driver's user-space
+    library is what every CUDA program loads first (on a Jetson too)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return f"{NO_DRIVER} (libcuda.so.1, the driver's library, is not on this machine)"
+    return ""

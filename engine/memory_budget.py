@@ -6,7 +6,7 @@ encoder's activations and maps, the postprocessed outputs) and the bands: Noisep
 full-resolution channels, and the decoders' coarse maps for a group of 1/4-grid rows (1024
 channels, upsampled along the columns; bands.decoder_groups), each proportional to its size.
 Each runner carries its own coefficients, measured on this project's machines
-(README, "Large images"); an image that does not fit even with the smallest bands is refused
+(docs/large-images.md); an image that does not fit even with the smallest bands is refused
 before any work.
 """
 

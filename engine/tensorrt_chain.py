@@ -5,7 +5,7 @@ the image and Noiseprint++ (full resolution, one channel), the encoder's four ma
 last, so a group or band of rows is a pointer into them), a group's widened coarse maps, the
 band buffers. Nothing with 64 channels ever exists at full size. The parts' contexts share one
 block of activation memory (they run one after the other), sized by the largest. Only APIs of
-TensorRT 10.0 through 11.x are used; no machine with TensorRT has run this yet (README).
+TensorRT 10.0 through 11.x are used; no machine with TensorRT has run this yet (docs/large-images.md).
 """
 
 from contextlib import contextmanager

@@ -32,7 +32,10 @@ def import_tensorrt():
     try:
         import tensorrt
     except ModuleNotFoundError:
-        raise EngineError(MISSING_TENSORRT) from None
+        from trufor_trt.engine.cuda_layer import nvidia_driver_problem
+
+        driver = nvidia_driver_problem()  # then the first thing to know: no package helps here
+        raise EngineError(f"{driver}; {MISSING_TENSORRT}" if driver else MISSING_TENSORRT) from None
     except (ImportError, OSError) as exc:
         raise EngineError(f"TensorRT is installed but does not load ({one_line(exc)})") from None
     return tensorrt

@@ -92,14 +92,16 @@ def _replace_folder(staging: Path, target: Path) -> None:
 
 
 def export_model_dir(checkpoint, out_dir, opset: int = DEFAULT_OPSET,
-                     checkpoint_sha256: str = None, on_step=print, with_tensorrt: bool = True) -> dict:
+                     checkpoint_sha256: str = None, on_step=print, with_tensorrt: bool = True,
+                     network=None) -> dict:
     """Export, verify and describe; returns the manifest. Raises TruforError subclasses.
     `with_tensorrt=False` leaves out the TensorRT-shaped graph (half the folder), for machines
-    that will only run the CPU graphs."""
+    that will only run the CPU graphs; `network`: the checkpoint's network (load_trufor), where
+    the caller has loaded it already."""
     variants = tuple(variant for variant in VARIANTS if with_tensorrt or variant.attention != "tensorrt")
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     checkpoint_sha256 = checkpoint_sha256 or sha256_file(checkpoint)
-    network = load_trufor(checkpoint)
+    network = network if network is not None else load_trufor(checkpoint)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)

@@ -46,14 +46,16 @@ def cached_model_dir(checkpoint, on_step=print) -> ModelDir:
         if folder.exists():
             on_step(f"rebuilding the cached model: {problem}")
     from trufor_trt.export.bundle import export_model_dir
+    from trufor_trt.model.checkpoint import load_trufor
 
     # Only what this machine can run: the TensorRT graph (half the folder) where TensorRT is.
     with_tensorrt = importlib.util.find_spec("tensorrt") is not None
+    network = load_trufor(checkpoint)  # a file that is no checkpoint is said before any export is announced
     try:
         _check_writable(folder.parent)  # before minutes of export, not after
         on_step(f"exporting {Path(checkpoint).name} once into {folder}")
         export_model_dir(checkpoint, folder, checkpoint_sha256=checkpoint_sha256, on_step=on_step,
-                         with_tensorrt=with_tensorrt)
+                         with_tensorrt=with_tensorrt, network=network)
     except OSError as exc:
         raise CacheError(f"the export cache {cache_root()} cannot be written ({exc.strerror or exc}): "
                          f"set {CACHE_ENV} to a writable folder, or export with `trufor-trt export` "

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's GPU checks as one command, for a machine with an NVIDIA GPU and no network
-# (README, "GPU checks"). Two steps:
+# (docs/tensorrt.md, "GPU checks"). Two steps:
 #   bash tests/gpu_checks.sh fetch   here, with PyPI: what the GPU machine lacks, into .gpu-bundle/
 #                                    (ignored by git): pure-Python wheels, the pycuda sdist, and
 #                                    a copy of ../shared's reference data

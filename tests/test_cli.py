@@ -176,3 +176,19 @@ def test_torch_runners_on_two_threads_compute_what_each_computes_alone(checkpoin
             runner.close()
         torch.set_num_threads(threads_before)  # PyTorch's thread count is the process's
     assert side_by_side == alone
+
+
+def test_a_terminal_shows_each_images_score_above_the_progress_bar(tmp_path, model_seed0):
+    """Issue 41: in a terminal `analyze` showed a progress bar and the summary, no score."""
+    import os
+    import re
+
+    images = [IMAGES_DIR / "pristine1.jpg", IMAGES_DIR / "tampered2.png"]
+    done = subprocess.run([sys.executable, "-m", "trufor_trt", "analyze", *map(str, images), "--no-png",
+                           "--model", str(model_seed0), "--backend", "onnxruntime", "--out", str(tmp_path / "out")],
+                          env={**os.environ, "FORCE_COLOR": "1", "COLUMNS": "200"},  # rich: a terminal
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", done.stderr)
+    for image in images:
+        assert re.search(rf"{image.name}: score [01]\.\d{{4}}, ", shown), shown

@@ -79,7 +79,8 @@ def test_several_roots_with_the_same_file_names_are_all_analysed(tmp_path, days,
     assert rerun.exit_code == 0 and [r["status"] for r in _records(out)[3:]] == ["skipped"] * 3
     with open(out / "results.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 3 and {row["status"] for row in rows} == {"skipped"}
+    # Reused evidence is valid evidence: ok, and said reused (issue 41).
+    assert len(rows) == 3 and {(row["status"], row["reused"]) for row in rows} == {("ok", "True")}
     assert all(row["score"] and row["input_sha256"] and row["model_sha256"] for row in rows)
 
 

@@ -54,8 +54,8 @@ def test_analyze_auto_notices_the_broken_install_and_runs_onnxruntime(broken_sit
     assert record["status"] == "ok" and record["backend"] == "onnxruntime"
 
 
-def test_build_with_a_broken_tensorrt_says_so_in_one_line(broken_site, tmp_path):
-    result = _trufor(["build", "--fp16", "--model", str(tmp_path)], broken_site)
+def test_build_with_a_broken_tensorrt_says_so_in_one_line(broken_site, model_seed0):
+    result = _trufor(["build", "--fp32", "--model", str(model_seed0)], broken_site)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
@@ -78,21 +78,30 @@ def test_doctor_with_broken_gpu_packages_names_each_reason(broken_site, model_se
     result = _trufor(["doctor", "--model", str(model_seed0)], broken_site)
     assert result.returncode == 0 and "Traceback" not in result.stderr
     text = result.stdout
-    assert "TensorRT: none; can build here: no (TensorRT is installed but does not load (OSError" in text
-    assert "CUDA: none (no CUDA layer: pycuda is installed but does not load" in text
+    lines = {line.split(":")[0]: line for line in text.splitlines()}
+    # After "no NVIDIA GPU or driver found" where this machine has none (issue 41).
+    assert lines["TensorRT"].startswith("TensorRT: none; can build here: no (")
+    assert "TensorRT is installed but does not load (OSError" in lines["TensorRT"]
+    assert lines["CUDA"].startswith("CUDA: none (")
+    assert "no CUDA layer: pycuda is installed but does not load" in lines["CUDA"]
     assert f"model {model_seed0}: ok" in text
 
 
 def test_doctor_here_no_gpu_onnxruntime_and_torch_usable_tensorrt_not():
-    if importlib.util.find_spec("tensorrt") is not None:
-        pytest.skip("TensorRT is installed here")
+    from trufor_trt.engine.cuda_layer import nvidia_driver_problem
+
+    if importlib.util.find_spec("tensorrt") is not None or not nvidia_driver_problem():
+        pytest.skip("TensorRT or an NVIDIA driver is installed here")
     result = _trufor(["doctor"])
     assert result.returncode == 0, result.stderr
     assert "backend onnxruntime: usable" in result.stdout and "backend torch: usable" in result.stdout
-    assert "backend tensorrt: not usable: TensorRT is not installed" in result.stdout
+    # No driver here: said first, before the packages (issue 41), which are still named.
+    assert "backend tensorrt: not usable: no NVIDIA GPU or driver found" in result.stdout
+    assert "TensorRT: none; can build here: no (no NVIDIA GPU or driver found" in result.stdout
     assert 'pip install "trufor-trt[trt-cu13]"' in result.stdout and '"trufor-trt[trt-cu12]"' in result.stdout
     report = json.loads(_trufor(["doctor", "--json"]).stdout)
-    assert report["cuda"]["gpus"] == [] and report["cuda"]["problem"].startswith("no CUDA layer")
+    assert report["cuda"]["gpus"] == [] and report["cuda"]["problem"].startswith("no NVIDIA GPU or driver found")
+    assert "no CUDA layer" in report["cuda"]["problem"]
     backends = report["backends"]
     assert backends["onnxruntime"]["usable"] and backends["torch"]["usable"]
     assert not backends["tensorrt"]["usable"] and "not installed" in backends["tensorrt"]["problem"]

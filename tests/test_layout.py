@@ -232,3 +232,13 @@ def test_every_extra_an_install_hint_names_exists():
     named = {extra for text in texts for group in EXTRA_NAMED.findall(text) for extra in group.split(",")}
     assert {"cpu", "trt-cu12", "trt-cu13-cuda-python"} <= named
     assert named <= extras, f"extras named that pyproject does not have: {named - extras}"
+
+
+def test_no_readme_install_line_pulls_the_cuda_build_of_torch_unasked():
+    """A bare `pip install torch` from PyPI is the multi-GB CUDA build (issue 41): every README
+    line that installs torch takes the CPU index, or says it is the CUDA one."""
+    lines = [line for line in (REPO / "README.md").read_text().splitlines()
+             if "pip install" in line and re.search(r'"torch[=>]', line)]
+    assert lines
+    for line in lines:
+        assert "download.pytorch.org/whl/cpu" in line or "CUDA" in line, line

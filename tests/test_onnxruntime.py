@@ -55,6 +55,14 @@ def _analyze_from_checkpoint(checkpoint, out):
                                     "--checkpoint", str(checkpoint), "--backend", "auto", "--no-png"])
 
 
+def test_a_photo_given_as_checkpoint_is_refused_before_any_export_is_announced(tmp_path, isolated_cache):
+    """Issue 41: `--checkpoint photo.jpg` announced an export, then said it was no checkpoint."""
+    refused = _analyze_from_checkpoint(IMAGES_DIR / "pristine1.jpg", tmp_path / "out")
+    assert refused.exit_code == 2, refused.output
+    assert "not a readable PyTorch checkpoint" in refused.output and "exporting" not in refused.output
+    assert not (isolated_cache / "models").exists() or not any((isolated_cache / "models").iterdir())
+
+
 @pytest.mark.slow
 def test_checkpoint_is_exported_once_then_reused_and_a_corrupt_cache_rebuilt(
         tmp_path, isolated_cache, model_seed0, checkpoint_seed0):

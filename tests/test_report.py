@@ -58,6 +58,8 @@ def test_every_image_is_listed_with_its_score_and_every_failure_with_its_reason(
         else:
             assert shown[name] == f"{record['score']:.6f}" and f"{record['score']:.4f}" in page
     assert "56, <strong>" in page and "1 failed" in page
+    # Sizes as height x width, as the CLI and the .npz's imgsize say them (issue 41): 384x256 is 256 high.
+    assert "<th>Size (H x W)</th>" in page and ">256 x 384<" in page and ">384 x 256<" not in page
     thumbnails = re.findall(r'src="\./(report_files/[^"]+)"', page)
     assert len(thumbnails) == 55 * 4  # image, map, confidence, overlay of each analysed image
     assert all((out / link).is_file() for link in thumbnails)

@@ -253,14 +253,14 @@ def test_output_shapes_follow_the_network_grid(height, width):
     assert output_shape("noiseprint", height, width) == (1, 1, height, width)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
-                    reason="TensorRT is installed here: the refusal path does not apply")
-def test_build_without_tensorrt_exits_2_with_one_line():
-    result = CliRunner().invoke(app, ["build", "--fp16"])
-    assert result.exit_code == 2
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "TensorRT is not installed" in lines[0]
-    assert '"trufor-trt[trt-cu13]"' in lines[0] and '"trufor-trt[trt-cu12]"' in lines[0] and "JetPack" in lines[0]
+def test_build_names_a_missing_folder_or_graph_before_tensorrt(tmp_path, model_seed0):
+    """Issue 41: `build` spoke of TensorRT where the folder, or its FP16 graph, was missing."""
+    missing = CliRunner().invoke(app, ["build", "--fp16", "--model", str(tmp_path / "absent")])
+    assert missing.exit_code == 2 and "no such folder" in missing.output and "TensorRT" not in missing.output
+    no_graph = CliRunner().invoke(app, ["build", "--fp16", "--model", str(model_seed0)])
+    lines = no_graph.output.strip().splitlines()
+    assert no_graph.exit_code == 2 and len(lines) == 1, no_graph.output
+    assert "has no FP16 graph" in lines[0] and "--precision fp16 --calib-images DIR" in lines[0]
 
 
 def test_build_needs_exactly_one_precision():

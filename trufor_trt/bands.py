@@ -38,7 +38,7 @@ def bilinear_taps(size_in: int, size_out: int):
 
 
 # 1/4-grid rows per decoder band. A band's fused maps (both decoders, 1024 channels) stay in
-# the CPU's caches and the row interpolation is a matrix this many rows high (README,
+# the CPU's caches and the row interpolation is a matrix this many rows high (docs/large-images.md,
 # "Decoders": 8 was the fastest of 4, 8, 16, 32 at 512 and 1024).
 DECODER_BAND_ROWS = 8
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from trufor_trt import __version__
+from trufor_trt.engine.cuda_layer import NO_DRIVER, nvidia_driver_problem
 from trufor_trt.engine.tensorrt_start import INSTALL_BY_DRIVER
 from trufor_trt.errors import TruforError, one_line
 from trufor_trt.installed import distribution_versions, install_command
@@ -173,10 +174,21 @@ def _cpu_memory_report() -> dict:
             "onnxruntime_largest_square_image": f"{side}x{side}" if physical else None}
 
 
+def _driver_first(report: dict, driver: str) -> None:
+    """Where no NVIDIA driver is there, that is the reason to read first: a package's install
+    hint cannot help."""
+    if driver and report.get("problem") and NO_DRIVER not in report["problem"]:
+        report["problem"] = f"{driver}; {report['problem']}"
+        report.pop("install", None)
+
+
 def diagnose(model_dir: Path = None) -> dict:
+    driver = nvidia_driver_problem()
     cuda = _cuda_report()
     tensorrt = _tensorrt_report(cuda)
     backends = _backends(cuda, tensorrt)
+    for report in (cuda, tensorrt, backends["tensorrt"]):
+        _driver_first(report, driver)
     report = {"trufor_trt": __version__, "python": sys.version.split()[0],
               "platform": platform.platform(), "machine": platform.machine(),
               "packages": distribution_versions(DISTRIBUTIONS), "cuda": cuda, "tensorrt": tensorrt,

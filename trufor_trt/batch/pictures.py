@@ -1,6 +1,6 @@
 """The pictures of a unit: the two heatmaps, the overlay and the thumbnail, as file bytes.
 
-Made at the speed of memory, so that they never limit a GPU's throughput (README, "Host
+Made at the speed of memory, so that they never limit a GPU's throughput (docs/benchmarks.md, "Host
 side"): the heatmaps are palette PNGs (one byte per pixel, the JET colours in the palette,
 so the colour map is a lookup the viewer does), filtered with PNG's "Up" filter and deflated
 at zlib level 1: at 1 MP, 10 ms and 380 KB against OpenCV's RGB PNG at 24 ms and 885 KB;

@@ -6,7 +6,7 @@ and `bench`'s Offline and host-only modes all run it.
 
 The host workers are one pool of threads shared by both CPU stages: decoding (OpenCV, Pillow),
 the postprocessor (numpy, OpenCV), PNG and zip writing (zlib), hashing and file writes all
-release the GIL, so threads scale over cores (README, "Host side"). Each image's outputs are
+release the GIL, so threads scale over cores (docs/benchmarks.md, "Host side"). Each image's outputs are
 computed by the same functions whichever worker takes it: the bytes do not depend on the count.
 
 Records come out in the order images leave inference (with one runner: the input order), each

@@ -120,7 +120,7 @@ def _row(image: ImageRow, out_dir: Path, report_dir: Path) -> ReportRow:
     row = ReportRow(name=printable(record.input), status=image.status, reason=image.reason, score=record.score,
                     analysed_at=made.analysed_at or "", times_ms=made.times_ms)
     if record.height:
-        row.size = f"{record.width} x {record.height}"
+        row.size = f"{record.height} x {record.width}"  # HxW, as the CLI and the .npz's imgsize say it
     if record.verdict_guard:
         row.guard = f"{record.precision}; verdict guard: {record.reduced_said()}"
     if row.holds_evidence:

@@ -5,7 +5,9 @@ outputs), unless its outputs no longer hold that record's evidence:
 `superseded` when a later record of another input wrote the same output name (the reason says
 whose evidence it holds now), `missing` when an output is gone. With `verify` (the report),
 every output is also hashed: `changed` when one differs from the SHA-256 its record gives.
-A row whose outputs were reused from an earlier run shows that run's time and stage times.
+A row whose outputs were reused from an earlier run (its record `skipped`) is `ok` here, with
+`reused` true and that run's time and stage times: filtering on status ok keeps all valid
+evidence.
 """
 
 import csv
@@ -19,7 +21,7 @@ from trufor_trt.files import sha256_file, write_atomically
 from trufor_trt.batch.outputs import SUMMARY_FILE
 from trufor_trt.batch.records import Record, RecordIndex, output_path
 
-COLUMNS = ("input", "status", "reason", "score", "height", "width", "backend", "precision", "reduced_precision",
+COLUMNS = ("input", "status", "reused", "reason", "score", "height", "width", "backend", "precision", "reduced_precision",
            "reduced_score", "official",
            "analysed_at", "npz", "npz_sha256", "input_sha256", "model_sha256", "model_files_sha256",
            "trufor_trt", "total_ms", "outputs_sha256")
@@ -74,7 +76,8 @@ def _csv_row(row: ImageRow) -> dict:
     return {"input": record.input, "score": record.score, "height": record.height, "width": record.width,
             "backend": record.backend, "precision": record.precision,
             **{key: (record.verdict_guard or {}).get(key) for key in ("reduced_precision", "reduced_score")},
-            "status": row.status, "reason": row.reason, "official": made_by.get("official"),
+            "status": "ok" if row.status == "skipped" else row.status, "reused": row.status == "skipped",
+            "reason": row.reason, "official": made_by.get("official"),
             "analysed_at": made.analysed_at, "npz": npz.get("file"), "npz_sha256": npz.get("sha256"),
             **{key: made_by.get(key) for key in ("input_sha256", "model_sha256", "model_files_sha256", "trufor_trt")},
             "total_ms": made.times_ms.get("total"),

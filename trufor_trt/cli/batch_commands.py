@@ -187,8 +187,8 @@ def _run_batch(analyse, total: int, what: str, quiet: bool, out: Path):
     """The batch with its progress: (records per status, the signals that stopped it, why
     results.csv was not rewritten or None). Exits 3 when the batch stopped: the runner failed,
     or results.jsonl could not be written."""
-    # In a terminal a progress bar, and a line for each failure or redone image; in a log a
-    # line for every image; with --quiet failures only.
+    # A line for every image (in a terminal above a progress bar: a user with two photos wants
+    # their scores there, not in the CSV); with --quiet failures only.
     in_terminal = console.is_terminal and not quiet
     halt, stopped, counts = threading.Event(), [], Counter()
     try:
@@ -197,8 +197,7 @@ def _run_batch(analyse, total: int, what: str, quiet: bool, out: Path):
 
             def show(record: Record) -> None:
                 counts[record.status] += 1
-                noteworthy = record.status == "error" or (record.status == "ok" and record.reason)
-                if record.status == "error" or (not quiet and (noteworthy or not in_terminal)):
+                if record.status == "error" or not quiet:
                     progress.console.print(record_line(record), soft_wrap=True)
                 progress.advance(task)
 

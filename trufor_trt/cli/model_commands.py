@@ -98,6 +98,7 @@ def build(
         fail_setup("choose exactly one of --fp16, --int8, --fp32")
     if layout not in ("auto", "whole", "chain"):
         fail_setup(f"--layout {layout}: choose auto, whole or chain")
+    _require_graph(model, chosen[0])
     engine = _build_chain(model, chosen[0], layout, min_shape, opt_shape, max_shape, max_batch, max_memory,
                           timing_cache)
     whole = engine is None
@@ -110,6 +111,19 @@ def build(
     console.print(f"wrote {shown(str(engine))}")
     if chosen[0] != "fp32":
         _validate_and_repair(model, chosen[0], engine, images, repair if whole else 0, options)
+
+
+def _require_graph(model: Path, precision: str) -> None:
+    """The folder and its graph of this precision, said before anything about TensorRT or a GPU:
+    a newcomer fixes what is missing in that order."""
+    folder = open_model(model, None)
+    if precision in folder.manifest["variants"]:
+        return
+    if precision == "fp32":
+        fail_setup(f"{model} has no TensorRT graph (it was exported where TensorRT was not installed): export "
+                   f"it again here, `trufor-trt export --checkpoint CHECKPOINT --out {model}`")
+    fail_setup(f"{model} has no {precision.upper()} graph: add it with `trufor-trt export --checkpoint CHECKPOINT "
+               f"--out {model} --precision {precision} --calib-images DIR` (real images)")
 
 
 def _validate_and_repair(model: Path, precision: str, engine: Path, images, repair: int, options: dict) -> None:

@@ -1,7 +1,8 @@
 """The HTTP API of `trufor-trt serve`: a Starlette app over one warm runner.
 
 POST /v1/analyze   the image as the body, or as multipart field "image"; JSON with the score,
-                   size, backend, precision and stage times; `?outputs=map` adds "npz": the .npz
+                   size, backend, precision, stage times and whether the checkpoint is the
+                   official one; `?outputs=map` adds "npz": the .npz
                    analyze would write (map, conf, score, imgsize, provenance), base64.
 GET  /healthz      the process is up (never needs the token); 503 once the runner has failed
 GET  /readyz       the runner is loaded and has answered (a warm-up inference at start)
@@ -330,6 +331,10 @@ class AnalysisService:
     def _answer(self, result, with_maps: bool) -> dict:
         record = result.record
         answer = {key: getattr(record, key) for key in ("score", "height", "width", "backend", "precision", "times_ms")}
+        # Whether these are the published TruFor's outputs, in every answer, not only the .npz's.
+        answer["official"] = bool((record.provenance or {}).get("official"))
+        if record.verdict_guard:
+            answer["verdict_guard"] = record.verdict_guard
         if with_maps:
             npz = npz_bytes(result.analysis, self.settings.analyze.save_noiseprint, record.provenance)
             answer["npz"] = base64.b64encode(npz).decode("ascii")
