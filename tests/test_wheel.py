@@ -65,6 +65,9 @@ def test_the_installed_command_shows_help_and_passes_selftest(fresh_venv):
     # Its backend on a CPU is ONNX Runtime: this is also the suite's selftest on the CPU.
     selftest = _run([str(command), "selftest"], cwd=fresh_venv, env=environment)
     assert "PASS: onnxruntime" in selftest.stdout
+    # The export's steps are said while it runs, without the exporter's own notes (issue 41).
+    assert "verifying every graph against the float64 network" in selftest.stderr
+    assert "Constant folding" not in selftest.stderr, selftest.stderr
 
 
 # JetPack 6 (Ubuntu 22.04, glibc 2.35) on Python 3.10: the wheels its pip takes.

@@ -183,8 +183,9 @@ def _driver_first(report: dict, driver: str) -> None:
 
 
 def diagnose(model_dir: Path = None) -> dict:
-    driver = nvidia_driver_problem()
     cuda = _cuda_report()
+    # A CUDA layer that got an answer from a driver has one, whatever the library search says.
+    driver = "" if cuda["driver_cuda_version"] else nvidia_driver_problem()
     tensorrt = _tensorrt_report(cuda)
     backends = _backends(cuda, tensorrt)
     for report in (cuda, tensorrt, backends["tensorrt"]):

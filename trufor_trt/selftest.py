@@ -98,8 +98,9 @@ def _write_calibration_images(folder: Path, seed: int) -> Path:
 
 
 def _prepare_model(backend: str, precision: str, checkpoint: Path, scratch: Path, clock: StageClock,
-                   seed: int):
-    """The model folder the backend runs (none for torch); for TensorRT, with its engine."""
+                   seed: int, on_step):
+    """The model folder the backend runs (none for torch); for TensorRT, with its engine. The
+    export's own steps are said (a minute of silence reads as a hang)."""
     from trufor_trt.export.bundle import export_model_dir
 
     if backend == "torch":
@@ -107,7 +108,7 @@ def _prepare_model(backend: str, precision: str, checkpoint: Path, scratch: Path
     # ONNX Runtime in FP32 runs the CPU graphs alone: the TensorRT-shaped graph (the variants'
     # and the engines' source) is a third of the export's time.
     with clock.stage("export"):
-        export_model_dir(checkpoint, scratch / "model", on_step=lambda message: None,
+        export_model_dir(checkpoint, scratch / "model", on_step=lambda message: on_step(f"  {message}"),
                          with_tensorrt=backend == "tensorrt" or precision != "fp32")
     if precision != "fp32":
         from trufor_trt.export.variants import add_precision_variant
@@ -159,7 +160,7 @@ def run_selftest(backend: str, precision: str = "fp32", seed: int = 0, on_step=p
         with clock.stage("checkpoint"):
             write_random_checkpoint(checkpoint, seed)
         on_step("exporting and verifying the ONNX graphs" if backend != "torch" else "loading")
-        model = _prepare_model(backend, precision, checkpoint, scratch, clock, seed)
+        model = _prepare_model(backend, precision, checkpoint, scratch, clock, seed, on_step)
         reference = float64_reference(load_trufor(checkpoint))
         # its engine is unvalidated: this run is its measurement, against float64
         runner = create_runner(backend, checkpoint=checkpoint, model=model, device="cpu",
