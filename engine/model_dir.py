@@ -69,6 +69,8 @@ def files_sha256(hashes: dict) -> str:
 
 
 def _read_manifest(path: Path) -> dict:
+    if not path.is_dir():
+        raise ModelDirError(f"model folder {path}: no such folder")
     manifest_path = path / MANIFEST_FILE
     if not manifest_path.is_file():
         raise ModelDirError(f"model folder {path}: no {MANIFEST_FILE} (not exported, or incomplete)")
@@ -104,6 +106,12 @@ def _check_files(path: Path, manifest: dict) -> None:
                                 "(corrupt or modified)")
 
 
+def variant_names(path) -> set:
+    """The graphs a model folder's manifest lists, its files not hashed (ModelDir.open checks
+    them, as every command that loads one does): for saying early which graph is missing."""
+    return set(_read_manifest(Path(path))["variants"])
+
+
 @dataclass(frozen=True)
 class ModelDir:
     path: Path
@@ -113,8 +121,6 @@ class ModelDir:
     def open(cls, path, checkpoint_sha256: str = None) -> "ModelDir":
         """A checked model folder; `checkpoint_sha256`, when given, must be its source's."""
         path = Path(path)
-        if not path.is_dir():
-            raise ModelDirError(f"model folder {path}: no such folder")
         manifest = _read_manifest(path)
         source = manifest["checkpoint"]["sha256"]
         if checkpoint_sha256 is not None and source != checkpoint_sha256:

@@ -60,16 +60,17 @@ def give_back_until_within(earned: dict, cost: dict, share_of, limit: float, dec
     return steps
 
 
-def take_back(earned: dict, steps: list, share_of, limit: float, decisions: dict, reason: str, on_step) -> None:
+def take_back(earned: dict, steps: list, share_of, limit: float, decisions: dict, reason: str, on_step,
+              tries: int = TAKE_BACK_TRIES) -> None:
     """At full size units go back several at a time, in an order measured on the crops, and near
     the budget a deviation follows the float32 noise as much as the units: the search may give
-    back more than it needed. So up to TAKE_BACK_TRIES of the units `steps` gave back (the
+    back more than it needed. So up to `tries` of the units `steps` gave back (the
     give-back's steps: name -> `earned` value), the most FLOPs first, are tried again with the
     earned units and kept where they stay within `limit` together; a unit whose going alone
     brought the units within (the last step, if of one unit) was needed and is not tried."""
     needed = steps[-1] if steps and len(steps[-1]) == 1 else {}
     returned = {name: value for step in steps for name, value in step.items() if name not in needed}
-    for name in sorted(returned, key=lambda name: -decisions[name]["gflop_at_512"])[:TAKE_BACK_TRIES]:
+    for name in sorted(returned, key=lambda name: -decisions[name]["gflop_at_512"])[:tries]:
         earned[name] = returned[name]
         on_step(f"taking {name} back ({reason})")
         share, _ = share_of(earned, limit)

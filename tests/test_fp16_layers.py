@@ -352,11 +352,8 @@ def test_units_given_back_at_full_size_are_tried_again_the_most_flops_first_but_
             tried.append(sorted(units))
             return next(replies)
 
-        original, fp16_search.TAKE_BACK_TRIES = fp16_search.TAKE_BACK_TRIES, tries
-        try:
-            fp16_search.take_back(earned, steps, share_of, 1.0, decisions, "at 1536x2048", lambda message: None)
-        finally:
-            fp16_search.TAKE_BACK_TRIES = original
+        fp16_search.take_back(earned, steps, share_of, 1.0, decisions, "at 1536x2048", lambda message: None,
+                              tries=tries)
         return earned, tried, decisions
 
     earned, tried, decisions = take_back([(0.9, "map")], fp16_search.TAKE_BACK_TRIES)

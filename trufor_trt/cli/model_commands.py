@@ -115,9 +115,10 @@ def build(
 
 def _require_graph(model: Path, precision: str) -> None:
     """The folder and its graph of this precision, said before anything about TensorRT or a GPU:
-    a newcomer fixes what is missing in that order."""
-    folder = open_model(model, None)
-    if precision in folder.manifest["variants"]:
+    a newcomer fixes what is missing in that order. (The build opens the folder, hashes checked.)"""
+    from trufor_trt.engine.model_dir import variant_names
+
+    if precision in variant_names(model):
         return
     if precision == "fp32":
         fail_setup(f"{model} has no TensorRT graph (it was exported where TensorRT was not installed): export "
