@@ -105,6 +105,10 @@ def keep_int8_only(quantized: onnx.ModelProto, fp32: onnx.ModelProto, nodes: set
             writer = producer.get(quantize.input[0])
             if not any(node.name in nodes for node in users) and (writer is None or writer.name not in nodes):
                 _bypass(quantize, dequantize, producer, graph_outputs, renames)
+            else:  # a node out of INT8 reads what the pair quantizes, not its quantized value
+                for user in users:
+                    if user.name not in nodes:
+                        user.input[list(user.input).index(dequantize.output[0])] = quantize.input[0]
             continue
         for user in users:  # a quantized weight
             if user.name not in nodes and user.name in fp32_nodes:

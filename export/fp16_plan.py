@@ -42,7 +42,7 @@ from trufor_trt.export.fp16_search import (ATTENTION, NOISEPRINT, binding_output
                                            take_back)
 from trufor_trt.export.measure import (KernelOrder, NetworkRuns, budget_share, create_session_from_model,
                                       deviation, reference_analyses, under_kernel_models, unchanged_tensors,
-                                      worst_by_output)
+                                      unused_size_key, worst_by_output)
 
 ALWAYS_FP32 = frozenset({"LayerNormalization", "Softmax", "Cast", "Constant"})
 FP16_RANGE_LIMIT = 2.0 ** 14
@@ -329,7 +329,7 @@ def _check_full_size(large: np.ndarray, plan: Fp16Plan, earned: dict, cost: dict
     then the full size, where units given back in vain are taken back). `measure_on(image)`: a
     Measure on that image."""
     for image, limit, record in full_size_steps(large, plan):
-        size, at_size = size_label(image), measure_on(image)
+        size, at_size = unused_size_key(image, record), measure_on(image)
         kept = {}  # the last trial within the limit: the record of a unit taken back in vain is not the plan's
 
         def on_large(units, limit, at_size=at_size, size=size, record=record, kept=kept):
@@ -343,7 +343,7 @@ def _check_full_size(large: np.ndarray, plan: Fp16Plan, earned: dict, cost: dict
         if record is plan.deviation_by_size:
             take_back(earned, steps, on_large, limit, plan.units, f"at {size}", on_step)
             record[size] = kept.get("errors", record.get(size))
-    plan.sizes_measured.append(size_label(large))
+            plan.sizes_measured.append(size)
 
 
 def plan_fp16(model: onnx.ModelProto, inputs: list, head, large_inputs=(), on_step=print) -> Fp16Plan:

@@ -27,7 +27,7 @@ from trufor_trt.calibration.int8 import (CALIBRATION_METHODS, QUANTIZED_OPERATOR
 from trufor_trt.engine.preprocess import size_label
 from trufor_trt.engine.runner import INPUT_NAME
 from trufor_trt.export.chain_parts import cut_after_noiseprint, join_after_noiseprint
-from trufor_trt.export.measure import KernelOrder, create_session_from_model
+from trufor_trt.export.measure import KernelOrder, create_session_from_model, unused_size_key
 from trufor_trt.precision.blocks import attention_chains, pixel_sum_chains
 from trufor_trt.precision.budgets import INT8_TARGET
 from trufor_trt.precision.flops import node_flops
@@ -174,7 +174,7 @@ def plan_int8(fp32: onnx.ModelProto, inputs: list, head, fp16: dict, large_input
         give_back_until_within(earned, cost, share_of, PLAN_MARGIN, plan.units, "on the calibration crops", on_step)
         plan.sizes_measured = sorted({size_label(x) for x in inputs})
         for large in sorted(large_inputs, key=lambda x: -x.shape[2] * x.shape[3]):
-            size = size_label(large)
+            size = unused_size_key(large, plan.deviation_by_size)
             at_size = Measure(light, [large], head, fp16["centers"], share=int8_share, store=store, order=order)
             give_back_until_within(earned, cost, lambda units, limit, at=at_size, size=size: share_of(units, limit, at, size),
                                    1.0, plan.units, f"at {size}", on_step, full_size=True)

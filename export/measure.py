@@ -10,6 +10,7 @@ import onnx
 from trufor_trt.bands import noiseprint_row_bands
 from trufor_trt.engine.onnxruntime_runner import create_session, run_noiseprint_band
 from trufor_trt.engine.postprocess import decision_flipped, postprocess
+from trufor_trt.engine.preprocess import size_label
 from trufor_trt.engine.runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs
 from trufor_trt.export.chain_parts import cut_after_noiseprint, cut_from, with_outputs
 from trufor_trt.precision.blocks import block_of, graph_links
@@ -239,3 +240,14 @@ def deviation(candidate: onnx.ModelProto, reference: list, runs: NetworkRuns, he
             worst[name] = max(worst[name], error)
         worst["flipped"] += decision_flipped(ours.score, truth.score)
     return worst
+
+
+def unused_size_key(image: np.ndarray, record: dict) -> str:
+    """The image's "HxW" as a key of `record` that no other image holds yet: a second image of
+    one size is recorded beside the first ("1536x2048, image 2"), not over it."""
+    size = size_label(image)
+    key, count = size, 1
+    while key in record:
+        count += 1
+        key = f"{size}, image {count}"
+    return key

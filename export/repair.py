@@ -1,13 +1,16 @@
-"""`build --fp16 --repair N`: an FP16 engine that its own GPU measures over budget gives units
+"""`build --fp16|--int8 --repair N`: an engine that its own GPU measures over budget gives units
 back to FP32 and is built again.
 
-The FP16 plan is made on the CPU, in a simulation of the kernels; what TensorRT's kernels do on a
-given GPU (their tactics, their accumulation) is known only there. So when `build`'s validation
-finds the engine over its budget, the earned unit that used the most of the budget alone (the
-plan's own order of sensitivity) goes back to FP32, the graph is lowered again from the FP32
-graph and the engine built and validated again, until it holds or N rebuilds were made. Every
-try is recorded in the engine's sidecar (the units given back, its validation, its FLOPs in
-FP16); an engine that never holds is kept and marked, as one that was never repaired.
+The FP16 and INT8 plans are made on the CPU, in a simulation of the kernels; what TensorRT's
+kernels do on a given GPU (their tactics, their accumulation) is known only there. So when
+`build`'s validation finds the engine over its budget, the earned unit that used the most of the
+budget alone (the plan's own order of sensitivity) goes back to FP32 and the engine is built and
+validated again, until it holds or N rebuilds were made. FP16: the graph is lowered again from
+the FP32 graph without the unit. INT8: the unit's Q/DQ come out of the variant's graph and its
+operators read their FP32 weights again (its quantization scales, calibrated at export, are kept
+for the other units: no calibration images are needed on the GPU's machine). Every try is
+recorded in the engine's sidecar (the units given back, its validation, its FLOP shares); an
+engine that never holds is kept and marked, as one that was never repaired.
 """
 
 import json
@@ -26,12 +29,15 @@ from trufor_trt.export.fp16_plan import FLOP_SIZE, candidate_units, lower_plan, 
 
 DEFAULT_REPAIRS = 3
 GIVEN_BACK = "given back: over budget on the GPU it was built for"
+# What a plan records of a unit alone: the share of its precision's budget (FP16) or target (INT8).
+SOLO_SHARE = {"fp16": "budget_share", "int8": "target_share"}
 
 
-def sensitivity_order(plan_report: dict) -> list:
-    """The plan's FP16 units, the one that used the most of the budget alone first."""
-    earned = [(name, entry) for name, entry in plan_report["units"].items() if entry.get("decision") == "fp16"]
-    return [name for name, entry in sorted(earned, key=lambda item: (-item[1].get("budget_share", 0.0), item[0]))]
+def sensitivity_order(plan_report: dict, precision: str = "fp16") -> list:
+    """The plan's units that earned `precision`, the one that used the most of the budget alone first."""
+    share = SOLO_SHARE[precision]
+    earned = [(name, entry) for name, entry in plan_report["units"].items() if entry.get("decision") == precision]
+    return [name for name, entry in sorted(earned, key=lambda item: (-item[1].get(share, 0.0), item[0]))]
 
 
 def graph_giving_back(fp32: onnx.ModelProto, plan_report: dict, given_back: list) -> tuple:
@@ -44,8 +50,30 @@ def graph_giving_back(fp32: onnx.ModelProto, plan_report: dict, given_back: list
     return lower_plan(fp32, plan["half_nodes"], forms, plan["centers"])
 
 
-def fp16_flop_share(fp32: onnx.ModelProto, graph: onnx.ModelProto) -> float:
-    return flops_by_precision(fp32, graph, *FLOP_SIZE)["network_share"]["fp16"]
+def int8_graph_giving_back(fp32: onnx.ModelProto, int8_graph: onnx.ModelProto, given_back: list) -> onnx.ModelProto:
+    """The INT8 variant's graph with the units `given_back` in FP32: their Q/DQ removed, their
+    operators reading the FP32 graph's weights; every other node as it was."""
+    from trufor_trt.calibration.int8 import keep_int8_only
+
+    returned = set().union(*(set(unit.nodes) | {unit.conv} for unit in candidate_units(fp32)
+                             if unit.name in given_back))
+    dequantized = {node.output[0] for node in int8_graph.graph.node if node.op_type == "DequantizeLinear"}
+    quantized = {node.name for node in int8_graph.graph.node if dequantized & set(node.input)}
+    return keep_int8_only(int8_graph, fp32, quantized - returned)
+
+
+def flop_shares(fp32: onnx.ModelProto, graph: onnx.ModelProto) -> dict:
+    """The network's FLOPs at 512x512 by precision, as fractions."""
+    return flops_by_precision(fp32, graph, *FLOP_SIZE)["network_share"]
+
+
+def graph_maker(model: ModelDir, fp32: onnx.ModelProto, precision: str) -> Callable[[list], onnx.ModelProto]:
+    """given_back -> the variant's graph with those units in FP32."""
+    if precision == "fp16":
+        plan = model.manifest["variants"]["fp16"]["fp16_plan"]
+        return lambda given_back: graph_giving_back(fp32, plan, given_back)[0]
+    int8_graph = onnx.load(model.variant_path("int8"))
+    return lambda given_back: int8_graph_giving_back(fp32, int8_graph, given_back)
 
 
 def repair(first: dict, rebuild: Callable[[list], dict], order: list, rebuilds: int, on_step) -> list:
@@ -72,32 +100,33 @@ def record_repair(path: Path, tries: list) -> Sidecar:
     return sidecar
 
 
-def repair_engine(model_dir, engine: Path, validate_engine: Callable, rebuilds: int, build_options: dict,
-                  on_step) -> Sidecar:
-    """`build --repair`: the FP16 engine at `engine`, validated over budget, built again with
-    units given back (repair) on this GPU; the engine left is the last try's, its sidecar
+def repair_engine(model_dir, engine: Path, precision: str, validate_engine: Callable, rebuilds: int,
+                  build_options: dict, on_step) -> Sidecar:
+    """`build --repair`: the FP16 or INT8 engine at `engine`, validated over budget, built again
+    with units given back (repair) on this GPU; the engine left is the last try's, its sidecar
     recording every try. `validate_engine(model, engine)` validates a build (validate.py's, as
     `build` calls it) and returns its sidecar."""
     from trufor_trt.export.tensorrt_build import build_engine
 
     model = ModelDir.open(model_dir)
-    plan = model.manifest["variants"]["fp16"]["fp16_plan"]
+    plan = model.manifest["variants"][precision][f"{precision}_plan"]
     fp32 = onnx.load(model.variant_path("fp32"))
+    graph_without = graph_maker(model, fp32, precision)
     graph_file = engine.with_name(f".{engine.name}.repair.{os.getpid()}.onnx")
 
     def rebuild(given_back: list) -> dict:
-        graph, _ = graph_giving_back(fp32, plan, given_back)
+        graph = graph_without(given_back)
         write_atomically(graph_file, graph.SerializeToString())
         try:
-            build_engine(model.path, "fp16", graph_path=graph_file, on_step=on_step, **build_options)
+            build_engine(model.path, precision, graph_path=graph_file, on_step=on_step, **build_options)
         finally:
             graph_file.unlink(missing_ok=True)
         validated = validate_engine(model, engine)
-        return {"validation": validated.validation, "fp16_flops_at_512": fp16_flop_share(fp32, graph)}
+        return {"validation": validated.validation, "flops_at_512": flop_shares(fp32, graph)}
 
     first = {"validation": Sidecar.read(sidecar_path(engine)).validation,
-             "fp16_flops_at_512": fp16_flop_share(fp32, onnx.load(model.variant_path("fp16")))}
-    tries = repair(first, rebuild, sensitivity_order(plan), rebuilds, on_step)
+             "flops_at_512": flop_shares(fp32, onnx.load(model.variant_path(precision)))}
+    tries = repair(first, rebuild, sensitivity_order(plan, precision), rebuilds, on_step)
     on_step(f"repair: {len(tries) - 1} rebuild(s), given back {json.dumps(tries[-1]['given_back'])}: "
             + tries[-1]["validation"]["summary"])
     return record_repair(sidecar_path(engine), tries)

@@ -448,6 +448,23 @@ def test_a_full_size_image_is_searched_on_its_half_size_centre_crop_first():
     assert [(image.shape, limit) for image, limit, _ in full_size_steps(small, plan)] == [(small.shape, 1.0)]
 
 
+def test_full_size_images_of_one_size_are_each_recorded_not_the_last_over_the_first():
+    from types import SimpleNamespace
+
+    from trufor_trt.export.fp16_plan import Fp16Plan, _check_full_size
+
+    plan, unit = Fp16Plan(), SimpleNamespace(nodes={"a node"}, conv=None)
+    earned, cost = {"a unit": (unit, "plain")}, {"a unit": 1.0}
+
+    def measure_on(image):  # each image's deviation: its first pixel, a thousandth of it
+        return lambda half, forms, stop_above: {"map": float(image[0, 0, 0, 0]) / 1000, "flipped": 0}
+
+    for value in (1.0, 2.0, 3.0):
+        _check_full_size(np.full((1, 3, 64, 96), value, np.float32), plan, earned, cost, measure_on, lambda _: None)
+    assert plan.sizes_measured == ["64x96", "64x96, image 2", "64x96, image 3"]
+    assert [plan.deviation_by_size[key]["map"] for key in plan.sizes_measured] == [0.001, 0.002, 0.003]
+
+
 def _attention_graph(keys=16, width=64):
     """y = Softmax((q * s) k^T) v, every tensor float32: the chain attention_chains finds."""
     rng = np.random.default_rng(8)

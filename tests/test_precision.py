@@ -19,9 +19,7 @@ from trufor_trt.precision.blocks import block_of, pixel_sum_chains
 from trufor_trt.precision.fp16 import lower_to_fp16, upcast_fp16
 from trufor_trt.precision.typing_check import precision_problems
 
-from conftest import IMAGES_DIR, run_onnx, shared_crop, small_onnx_model
-
-COCO = IMAGES_DIR / "cocoglide_sample"
+from conftest import COCO, FP16_MAX_SHAPE, IMAGES_DIR, LARGE_IMAGES, run_onnx, shared_crop, small_onnx_model
 
 
 def _tiny(weight):
@@ -99,33 +97,6 @@ def test_type_check_wants_float32_graph_inputs_and_outputs():
     model = _tiny(np.ones((4, 4), np.float32))
     model.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
     assert "graph output y is float16, not float32" in precision_problems(model, set())
-
-
-LARGE_IMAGES = (IMAGES_DIR / "tampered1.png", IMAGES_DIR / "pristine2.jpg")  # 1536x2048, 1773x2048
-# The suite's FP16 plan: 2 CocoGlide crops and the official 2048x1536 image, checked whole up to
-# 1536x2048 under both kernel models; INT8 on top of it for 256 px engines.
-FP16_MAX_SHAPE, INT8_MAX_SHAPE = "1536x2048", "256x256"
-
-
-@pytest.fixture(scope="module")
-def calibration_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("calibration")
-    for source in sorted((COCO / "fake").glob("*.png"))[:2] + [LARGE_IMAGES[0]]:
-        shutil.copy(source, folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def reduced_model(tmp_path_factory, model_seed0, checkpoint_seed0, calibration_folder):
-    """The seed-0 model folder with FP16 and INT8 variants added through the CLI."""
-    folder = shutil.copytree(model_seed0, tmp_path_factory.mktemp("reduced") / "model")
-    for precision, max_shape in (("fp16", FP16_MAX_SHAPE), ("int8", INT8_MAX_SHAPE)):
-        result = CliRunner().invoke(app, ["export", "--checkpoint", str(checkpoint_seed0), "--out",
-                                          str(folder), "--precision", precision, "--max-shape", max_shape,
-                                          "--calib-images", str(calibration_folder)])
-        assert result.exit_code == 0, result.output
-        assert "warning" not in result.output  # the max shape is covered
-    return folder
 
 
 def _within(errors: dict, budget: dict) -> bool:
