@@ -7,7 +7,6 @@ the next, and a case that runs out of memory is reported instead of ending the r
 
 import datetime
 import multiprocessing
-import os
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -29,7 +28,6 @@ from trufor_trt.benchmarks.flops import network_flops
 from trufor_trt.benchmarks.machine import machine_info
 from trufor_trt.benchmarks.stats import busiest, summarize
 
-RANDOM_WEIGHTS_SEED = 0
 REFERENCE = "torch fp32 (official formulation, eager, batch 1)"
 
 
@@ -86,30 +84,17 @@ def image_group(folder: Path) -> InputGroup:
     return InputGroup(str(folder), paths)
 
 
-def _random_checkpoint(on_step) -> Path:
-    """The seeded random checkpoint, kept in the cache: torch.save's bytes differ from one
-    write to the next, so a fresh file would make the cache export the model again each run."""
-    from trufor_trt.export.cache import CHECKPOINTS, cache_root
-    from trufor_trt.selftest import write_random_checkpoint
-
-    on_step(f"no --checkpoint or --model: timing random weights (seed {RANDOM_WEIGHTS_SEED}); "
-            "speed does not depend on the weights' values")
-    path = cache_root() / CHECKPOINTS / f"random-seed{RANDOM_WEIGHTS_SEED}.pth.tar"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        write_random_checkpoint(partial, RANDOM_WEIGHTS_SEED)
-        os.replace(partial, path)
-    return path
-
-
 def resolve_sources(options: BenchOptions, on_step) -> tuple:
     """(model folder or None, checkpoint or None, what weights these are)."""
     checkpoint = options.checkpoint
     weights = f"checkpoint {checkpoint}" if checkpoint else None
     if checkpoint is None and options.model is None:
-        checkpoint = _random_checkpoint(on_step)
-        weights = f"random (seed {RANDOM_WEIGHTS_SEED}, official layout)"
+        from trufor_trt.export.cache import RANDOM_SEED, random_checkpoint
+
+        on_step(f"no --checkpoint or --model: timing random weights (seed {RANDOM_SEED}); "
+                "speed does not depend on the weights' values")
+        checkpoint = random_checkpoint()
+        weights = f"random (seed {RANDOM_SEED}, official layout)"
     if options.compare_torch and checkpoint is None:
         raise TruforError("--compare torch runs the PyTorch network: give --checkpoint (the model's source)")
     model = options.model

@@ -5,8 +5,8 @@ bands, the two-stream encoder on the whole image (attention as com.microsoft.Mul
 whose flash kernel keeps no score matrix), then both folded decoders as matrix products: the
 coarse maps of a group of 1/4-grid rows, then the group in small bands (bands.py); band and
 group heights follow the memory budget. The session settings below, and
-what each was measured to buy on a 2-core CPU, are in the README ("ONNX Runtime settings",
-"Large images").
+what each was measured to buy on a 2-core CPU, are in docs/model-folder.md ("ONNX Runtime
+settings") and docs/large-images.md.
 """
 
 from dataclasses import dataclass
@@ -24,7 +24,7 @@ from trufor_trt.engine.runner import INPUT_NAME, OUTPUT_NAMES, RawOutputs, Runne
 LOGITS = list(OUTPUT_NAMES[:2])
 FEATURES = ("c1", "c2", "c3", "c4")
 WIDENED = tuple(f"{name}_wide" for name in COARSE)
-# Peak RSS of `analyze` per image (measured with ONNX Runtime 1.31 on the 2-core CPU; README).
+# Peak RSS of `analyze` per image (measured with ONNX Runtime 1.31 on the 2-core CPU; docs/large-images.md).
 MEMORY = MemoryModel(fixed_bytes=0.6e9, bytes_per_pixel=400, noiseprint_bytes_per_pixel=1000,
                      decoder_bytes_per_cell=16000)
 

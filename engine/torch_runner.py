@@ -13,7 +13,7 @@ from trufor_trt.engine.model_dir import files_sha256
 from trufor_trt.engine.postprocess import DetectionHead
 from trufor_trt.engine.runner import RawOutputs, Runner
 
-# Peak RSS of `analyze` per image on the CPU (measured with PyTorch 2.13 on the 2-core CPU; README).
+# Peak RSS of `analyze` per image on the CPU (measured with PyTorch 2.13 on the 2-core CPU; docs/large-images.md).
 CPU_MEMORY = MemoryModel(fixed_bytes=0.8e9, bytes_per_pixel=400, noiseprint_bytes_per_pixel=800,
                          decoder_bytes_per_cell=16000)
 # Same-size images one forward pass takes on a GPU (analyze --batch asks for up to this many).

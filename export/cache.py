@@ -2,7 +2,8 @@
 
 `analyze --checkpoint C` with an ONNX backend exports once; later runs reuse the folder. A
 cached folder that fails its checks (incomplete, corrupt, another format version) is rebuilt.
-`bench` without weights keeps its seeded random checkpoint here too, so it exports only once.
+The one seeded random checkpoint that `selftest`, `bench` and `analyze --random-weights` share is
+kept here too, so its model is exported once and cached once.
 Listing and cleaning the cache (`trufor-trt cache`) needs neither torch nor onnx.
 """
 
@@ -20,6 +21,7 @@ MODELS = "models"
 CHECKPOINTS = "checkpoints"
 
 CACHE_ENV = "TRUFOR_TRT_CACHE"
+RANDOM_SEED = 0  # of the random checkpoint selftest, bench and --random-weights share
 
 
 class CacheError(TruforError):
@@ -61,6 +63,20 @@ def cached_model_dir(checkpoint, on_step=print) -> ModelDir:
                          f"set {CACHE_ENV} to a writable folder, or export with `trufor-trt export` "
                          "and pass --model") from None
     return ModelDir.open(folder, checkpoint_sha256=checkpoint_sha256)
+
+
+def random_checkpoint(seed: int = RANDOM_SEED) -> Path:
+    """The seeded random checkpoint (official layout), written once into the cache: torch.save's
+    bytes differ from one write to the next, so a fresh file would export the model again."""
+    path = cache_root() / CHECKPOINTS / f"random-seed{seed}.pth.tar"
+    if not path.is_file():
+        from trufor_trt.model.random_weights import write_random_checkpoint
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        write_random_checkpoint(partial, seed)
+        os.replace(partial, path)
+    return path
 
 
 def _check_writable(folder: Path) -> None:

@@ -242,3 +242,11 @@ def test_no_readme_install_line_pulls_the_cuda_build_of_torch_unasked():
     assert lines
     for line in lines:
         assert "download.pytorch.org/whl/cpu" in line or "CUDA" in line, line
+
+
+def test_the_readme_stays_short_and_every_docs_page_is_linked_from_it():
+    """The README keeps what a user needs to start, use and trust the tool; reference material
+    lives in docs/, each page one link away (issue 41)."""
+    readme = (REPO / "README.md").read_text()
+    assert readme.count("\n") < 400
+    assert [page.name for page in sorted((REPO / "docs").glob("*.md")) if f"(docs/{page.name})" not in readme] == []

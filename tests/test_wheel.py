@@ -5,7 +5,9 @@ package-dir; an editable install resolves those through a finder that points int
 checkout, so only a real wheel in a venv of its own shows that the mapping ships every part.
 """
 
+import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import IMAGES_DIR, REPO
 
 pytestmark = pytest.mark.slow
 
@@ -56,18 +58,45 @@ def test_the_wheel_imports_every_part_from_the_venv_not_the_checkout(fresh_venv)
         assert Path(path).resolve().is_relative_to(fresh_venv.resolve()), path
 
 
-def test_the_installed_command_shows_help_and_passes_selftest(fresh_venv):
-    command = fresh_venv / "bin" / "trufor-trt"
-    environment = {**os.environ, "TRUFOR_TRT_CACHE": str(fresh_venv / "cache")}
-    help_text = _run([str(command), "--help"], cwd=fresh_venv, env=environment).stdout
-    for name in ("analyze", "export", "build", "selftest", "bench"):
+def _quick_start_blocks() -> list:
+    """The README quick start's bash blocks, each a list of lines."""
+    section = (REPO / "README.md").read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return [block.strip().splitlines() for block in re.findall(r"```bash\n(.*?)```", section, re.S)]
+
+
+def test_the_readme_quick_start_runs_as_written_and_leaves_one_random_model(fresh_venv, tmp_path):
+    """The quick start's commands after the install, as written, in the wheel's venv (made as its
+    install lines say: a venv, torch 2.13.0 CPU, the `export` extra; the wheel stands in for the
+    checkout, this machine's torch wheel for PyTorch's index): the selftest, then the demo on a
+    folder of photos. With `bench` after them the cache holds one random model (issue 41)."""
+    install, official, demo = _quick_start_blocks()
+    assert install[0].startswith("python3 -m venv") and '"torch==2.13.0"' in install[1] and '".[export]"' in install[2]
+    assert official == ["trufor-trt weights download", "trufor-trt analyze photos/ --out results --report"]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for source in sorted((IMAGES_DIR / "cocoglide_sample" / "fake").glob("*.png"))[:2]:
+        shutil.copy(source, photos)
+    environment = {**os.environ, "PATH": f"{fresh_venv / 'bin'}:{os.environ['PATH']}",
+                   "TRUFOR_TRT_CACHE": str(tmp_path / "cache"), "TRUFOR_TRT_DATA": str(tmp_path / "data")}
+    help_text = _run(["trufor-trt", "--help"], cwd=tmp_path, env=environment).stdout
+    for name in ("analyze", "export", "build", "selftest", "bench", "weights"):
         assert name in help_text
     # Its backend on a CPU is ONNX Runtime: this is also the suite's selftest on the CPU.
-    selftest = _run([str(command), "selftest"], cwd=fresh_venv, env=environment)
+    selftest = _run(["bash", "-e", "-c", "\n".join(install[3:])], cwd=tmp_path, env=environment)
     assert "PASS: onnxruntime" in selftest.stdout
     # The export's steps are said while it runs, without the exporter's own notes (issue 41).
     assert "verifying every graph against the float64 network" in selftest.stderr
     assert "Constant folding" not in selftest.stderr, selftest.stderr
+    demo_run = _run(["bash", "-e", "-c", "\n".join(demo)], cwd=tmp_path, env=environment)
+    assert "exporting" not in demo_run.stderr  # the selftest's model, from the cache
+    with open(tmp_path / "demo" / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["status"] for row in rows] == ["ok", "ok"] and {row["official"] for row in rows} == {"False"}
+    assert (tmp_path / "demo" / "report.html").is_file()
+    _run(["trufor-trt", "bench", "--sizes", "64x64", "--warmup", "0", "--repeat", "1", "--streams", "0"],
+         cwd=tmp_path, env=environment)
+    assert [path.name for path in (tmp_path / "cache" / "checkpoints").iterdir()] == ["random-seed0.pth.tar"]
+    assert len(list((tmp_path / "cache" / "models").iterdir())) == 1
 
 
 # JetPack 6 (Ubuntu 22.04, glibc 2.35) on Python 3.10: the wheels its pip takes.

@@ -1,9 +1,10 @@
 """`trufor-trt selftest`: prove an installation end to end, without the official weights.
 
-A seeded random checkpoint in the official format (the network's own random init), exported
-and verified, then synthetic images of odd sizes through the chosen backend exactly as
-`analyze` runs them (PNG file -> decode -> prepare -> infer -> postprocess), each compared with
-the PyTorch network computed in float64. Needs torch (for the checkpoint and the reference).
+The seeded random checkpoint in the official format that `bench` and `analyze --random-weights`
+share (export/cache.py), its model exported and verified once into the cache, then synthetic
+images of odd sizes through the chosen backend exactly as `analyze` runs them (PNG file ->
+decode -> prepare -> infer -> postprocess), each compared with the PyTorch network computed in
+float64. Needs torch (for the checkpoint and the reference).
 """
 
 import tempfile
@@ -19,6 +20,7 @@ from trufor_trt.engine.postprocess import postprocess
 from trufor_trt.engine.preprocess import prepare_input
 from trufor_trt.engine.timing import StageClock
 from trufor_trt.errors import TruforError
+from trufor_trt.export.cache import RANDOM_SEED, random_checkpoint
 from trufor_trt.export.measure import output_errors
 from trufor_trt.export.synthetic import synthetic_image
 
@@ -54,38 +56,6 @@ class SelftestReport:
         return {name: max(check.deviations[name] for check in self.checks) for name in BOUNDS}
 
 
-def _random_value(name: str, like, generator):
-    """PyTorch's default init leaves every output almost constant (a test that could not
-    fail); these draws give realistic ranges: fan-in scaled weights, norms near 1, BatchNorm
-    statistics away from the identity."""
-    import torch
-
-    def normal(std, mean=0.0):
-        return torch.randn(like.shape, generator=generator) * std + mean
-
-    if name.endswith("running_var"):
-        return torch.rand(like.shape, generator=generator) + 0.5
-    if name.endswith("running_mean"):
-        return normal(0.1)
-    if name.endswith("weight") and like.dim() >= 2:
-        return normal(like[0].numel() ** -0.5)
-    if name.endswith("weight"):
-        return normal(0.1, mean=1.0)
-    return normal(0.05)
-
-
-def write_random_checkpoint(path: Path, seed: int) -> None:
-    """The official file layout ({"state_dict": ...}) with seeded random weights."""
-    import torch
-
-    from trufor_trt.model import TruFor
-
-    generator = torch.Generator().manual_seed(seed)
-    state = {name: value if not value.is_floating_point() else _random_value(name, value, generator)
-             for name, value in TruFor().state_dict().items()}
-    torch.save({"epoch": 0, "state_dict": state}, path)
-
-
 SELFTEST_PROFILE = ((32, 32), (96, 128), (160, 160))  # covers SELFTEST_SIZES, builds fast
 
 
@@ -102,14 +72,18 @@ def _prepare_model(backend: str, precision: str, checkpoint: Path, scratch: Path
     """The model folder the backend runs (none for torch); for TensorRT, with its engine. The
     export's own steps are said (a minute of silence reads as a hang)."""
     from trufor_trt.export.bundle import export_model_dir
+    from trufor_trt.export.cache import cached_model_dir
 
     if backend == "torch":
         return None
-    # ONNX Runtime in FP32 runs the CPU graphs alone: the TensorRT-shaped graph (the variants'
-    # and the engines' source) is a third of the export's time.
+    def indented(message: str) -> None:
+        on_step(f"  {message}")
+
+    if backend == "onnxruntime" and precision == "fp32":  # the cache's folder, shared with bench and the demo
+        with clock.stage("export"):
+            return cached_model_dir(checkpoint, on_step=indented).path
     with clock.stage("export"):
-        export_model_dir(checkpoint, scratch / "model", on_step=lambda message: on_step(f"  {message}"),
-                         with_tensorrt=backend == "tensorrt" or precision != "fp32")
+        export_model_dir(checkpoint, scratch / "model", on_step=indented, with_tensorrt=True)
     if precision != "fp32":
         from trufor_trt.export.variants import add_precision_variant
 
@@ -155,10 +129,9 @@ def run_selftest(backend: str, precision: str = "fp32", seed: int = 0, on_step=p
     clock = StageClock(report.setup_ms)
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)
-        checkpoint = scratch / "random.pth.tar"
-        on_step(f"writing a random checkpoint (seed {seed})")
+        on_step(f"random checkpoint (seed {seed}; bench and --random-weights use seed {RANDOM_SEED}'s too)")
         with clock.stage("checkpoint"):
-            write_random_checkpoint(checkpoint, seed)
+            checkpoint = random_checkpoint(seed)
         on_step("exporting and verifying the ONNX graphs" if backend != "torch" else "loading")
         model = _prepare_model(backend, precision, checkpoint, scratch, clock, seed, on_step)
         reference = float64_reference(load_trufor(checkpoint))

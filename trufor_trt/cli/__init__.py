@@ -12,7 +12,7 @@ place where the project's errors and missing packages become one-line messages.
 import typer
 
 from trufor_trt import __version__
-from trufor_trt.cli import batch_commands, machine_commands, model_commands, service_commands
+from trufor_trt.cli import batch_commands, machine_commands, model_commands, service_commands, weights_commands
 from trufor_trt.cli.common import handled
 from trufor_trt.engine.decode import separate_python_stderr
 
@@ -23,6 +23,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 cache_app = typer.Typer(help="The export cache: model folders exported from --checkpoint runs.",
                         no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(cache_app, name="cache")
+weights_app = typer.Typer(help="The official TruFor weights: download once (non-commercial research use), then "
+                               "every command uses them by default.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(weights_app, name="weights")
 
 COMMANDS = {
     "export": model_commands.export,
@@ -40,6 +43,9 @@ for name, command in COMMANDS.items():
     app.command(name)(handled(command))
 cache_app.command("list")(handled(machine_commands.cache_list))
 cache_app.command("clean")(handled(machine_commands.cache_clean))
+for name, command in {"download": weights_commands.download, "add": weights_commands.add,
+                      "path": weights_commands.path}.items():
+    weights_app.command(name)(handled(command))
 
 
 def _show_version(value: bool) -> None:

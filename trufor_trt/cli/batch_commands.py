@@ -20,8 +20,8 @@ from trufor_trt.cli.common import (ACCEPT_UNVALIDATED, BACKEND, CHECKPOINT, DECO
                                    EXIT_STOPPED, MAX_FILE, MAX_MEMORY, MAX_PIXELS, MODEL, NO_PNG, PRECISION, QUIET,
                                    SAVE_NOISEPRINT, VERDICT_MARGIN, Backend, Precision, check_checkpoint,
                                    check_results_folder, console, fail_setup, file_limit, load_runners,
-                                   missing_package, record_line, runner_spec, say, shown, verdict_guard,
-                                   warn_unless_official)
+                                   missing_package, random_weights_checkpoint, record_line, runner_spec, say, shown,
+                                   verdict_guard, warn_unless_official)
 from trufor_trt.engine.runner_spec import close_all
 from trufor_trt.errors import RunnerFailure
 from trufor_trt.files import sha256_file
@@ -106,12 +106,24 @@ def _progress(enabled: bool) -> Progress:
                     console=console, transient=True, disable=not enabled)
 
 
+RANDOM_WEIGHTS = typer.Option(False, "--random-weights",
+                              help="Try the tool without the official weights: a random checkpoint (the one "
+                                   "selftest and bench use); its outputs are noise, marked official false.")
+STREAMS = typer.Option(0, "--streams", min=0, help="Runners side by side in the pipeline (0: 2 with TensorRT, else 1).")
+WORKERS = typer.Option(0, "--workers", min=0,
+                       help="Threads decoding, postprocessing and writing (0: every core beside GPU runners, 2 "
+                            "beside CPU runners); outputs are the same bytes for any N.")
+BATCH = typer.Option(1, "--batch", min=1, help="Infer up to N same-size images together (TensorRT engines built "
+                                               "with --max-batch, torch on a GPU); never padded or resized.")
+
+
 def analyze(
     inputs: List[str] = typer.Argument(..., metavar="INPUT",
                                        help="Image files, folders (searched recursively) or globs."),
     out: Path = typer.Option(..., "--out", help="Output folder (created if needed)."),
     checkpoint: Optional[Path] = CHECKPOINT,
     model: Optional[Path] = MODEL,
+    random_weights: bool = RANDOM_WEIGHTS,
     backend: Backend = BACKEND,
     precision: Precision = PRECISION,
     device: str = DEVICE,
@@ -124,14 +136,9 @@ def analyze(
     max_memory: Optional[str] = MAX_MEMORY,
     accept_unvalidated: bool = ACCEPT_UNVALIDATED,
     verdict_margin: Optional[float] = VERDICT_MARGIN,
-    streams: int = typer.Option(0, "--streams", min=0,
-                                help="Runners side by side in the pipeline (0: 2 with TensorRT, else 1)."),
-    workers: int = typer.Option(0, "--workers", min=0,
-                                help="Threads decoding, postprocessing and writing (0: every core beside "
-                                     "GPU runners, 2 beside CPU runners); outputs are the same bytes for any N."),
-    batch: int = typer.Option(1, "--batch", min=1,
-                              help="Infer up to N same-size images together (TensorRT engines built "
-                                   "with --max-batch, torch on a GPU); never padded or resized."),
+    streams: int = STREAMS,
+    workers: int = WORKERS,
+    batch: int = BATCH,
     ray_address: Optional[str] = typer.Option(
         None, "--ray", metavar="ADDRESS",
         help="Run on Ray actors: local (a Ray instance on this machine, for this run), auto (the "
@@ -149,6 +156,7 @@ def analyze(
     results.jsonl (the log of runs) and a row in results.csv (each image's latest state)."""
     jobs = _checked_jobs(inputs, out)
     check_checkpoint(checkpoint)
+    checkpoint = random_weights_checkpoint(model, checkpoint) if random_weights else checkpoint
     if ray_address is not None and (streams or workers):
         fail_setup("--streams and --workers set this process's pipeline; with --ray, --ray-workers sets the "
                    "actors and --ray-cpus each one's cores")

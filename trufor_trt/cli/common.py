@@ -77,7 +77,8 @@ def handled(command):
 
 # The options of every command that analyses images (analyze, watch, serve).
 CHECKPOINT = typer.Option(None, "--checkpoint",
-                          help="TruFor checkpoint; exported once into a cache for ONNX backends.")
+                          help="TruFor checkpoint; exported once into a cache for ONNX backends (default: "
+                               "the official weights, once `trufor-trt weights download` stored them).")
 MODEL = typer.Option(None, "--model", help="Model folder from `trufor-trt export`.")
 BACKEND = typer.Option(Backend.auto, "--backend", help="auto: TensorRT where it can run, else ONNX Runtime.")
 PRECISION = typer.Option(Precision.fp32, "--precision", help="Numeric precision.")
@@ -116,6 +117,35 @@ def file_limit(text: str) -> int:
     except TruforError as exc:
         fail_setup(f"--max-file {text}: {exc}")
         raise
+
+
+NO_WEIGHTS = ("no weights given: download the official TruFor weights once with `trufor-trt weights download` "
+              "(non-commercial research use), give --checkpoint FILE or --model DIR, or try the tool on "
+              "random weights with `analyze --random-weights` (their outputs are noise)")
+
+
+def default_checkpoint(model: Optional[Path], checkpoint: Optional[Path]) -> Optional[Path]:
+    """--checkpoint as given; with neither it nor --model, the weights `trufor-trt weights` stored."""
+    if checkpoint is not None or model is not None:
+        return checkpoint
+    from trufor_trt.weights import installed_weights
+
+    stored = installed_weights()
+    if stored is None:
+        fail_setup(NO_WEIGHTS)
+    say(f"weights: {stored} (trufor-trt weights)")
+    return stored
+
+
+def random_weights_checkpoint(model: Optional[Path], checkpoint: Optional[Path]) -> Path:
+    """--random-weights: the random checkpoint selftest and bench share (one file, one cached model)."""
+    from trufor_trt.export.cache import RANDOM_SEED, random_checkpoint
+
+    if model is not None or checkpoint is not None:
+        fail_setup("--random-weights stands in for --checkpoint and --model: give one of the three")
+    say(f"random weights (seed {RANDOM_SEED}): the maps and scores are noise, for trying the tool; "
+        "every output says official false")
+    return random_checkpoint()
 
 
 def check_checkpoint(checkpoint: Optional[Path]) -> None:
@@ -157,8 +187,7 @@ def open_model(model: Optional[Path], checkpoint: Optional[Path]):
 
     if model is not None:
         return ModelDir.open(model, checkpoint_sha256=sha256_file(checkpoint) if checkpoint else None)
-    if checkpoint is None:
-        fail_setup("give --model MODEL_DIR (from `trufor-trt export`) or --checkpoint FILE")
+    checkpoint = default_checkpoint(model, checkpoint)
     from trufor_trt.export.cache import cached_model_dir
 
     return cached_model_dir(checkpoint, on_step=say)
@@ -173,8 +202,9 @@ def runner_spec(backend: str, model: Optional[Path], checkpoint: Optional[Path],
 
     budget = parse_memory(max_memory) if max_memory else None
     if backend == "torch":
-        if checkpoint is None:
-            fail_setup("the torch backend runs from --checkpoint FILE")
+        if model is not None and checkpoint is None:
+            fail_setup("the torch backend runs from --checkpoint FILE, not a model folder")
+        checkpoint = default_checkpoint(model, checkpoint)
         return RunnerSpec("torch", precision, checkpoint=checkpoint, device=device, max_memory=budget)
     opened = open_model(model, checkpoint)
     return RunnerSpec(backend, precision, model=opened, device=device, max_memory=budget,

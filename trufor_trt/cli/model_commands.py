@@ -7,14 +7,17 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from trufor_trt.cli.common import Backend, Precision, check_checkpoint, console, fail_setup, open_model, say, shown
+from trufor_trt.cli.common import (Backend, Precision, check_checkpoint, console, default_checkpoint, fail_setup,
+                                   open_model, say, shown)
 from trufor_trt.engine import pick_backend
 from trufor_trt.files import sha256_file
 from trufor_trt.shapes import parse_shape
 
 
 def export(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="TruFor checkpoint (trufor.pth.tar)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint",
+                                              help="TruFor checkpoint (default: the weights `trufor-trt weights` "
+                                                   "stored)."),
     out: Path = typer.Option(..., "--out", help="Model folder to write (FP32: replaced if it exists)."),
     opset: int = typer.Option(18, "--opset", min=17, max=20, help="ONNX opset."),
     precision: Precision = typer.Option(Precision.fp32, "--precision",
@@ -30,6 +33,7 @@ def export(
     if precision != Precision.fp32 and calib_images is None:
         fail_setup(f"--precision {precision.value} needs --calib-images DIR (real images)")
     check_checkpoint(checkpoint)
+    checkpoint = default_checkpoint(None, checkpoint)
     from trufor_trt.engine.model_dir import ModelDir, ModelDirError
     from trufor_trt.export.bundle import export_model_dir
 
@@ -87,8 +91,8 @@ def build(
                                              help="Chain: the device memory its largest image may take, e.g. 6G "
                                                   "(default: what the GPU has free)."),
     repair: int = typer.Option(3, "--repair", min=0,
-                               help="FP16: an engine over budget on this GPU gives its most sensitive unit back "
-                                    "to FP32 and is built again, up to N times (0: never)."),
+                               help="FP16 / INT8: an engine over budget on this GPU gives its most sensitive unit "
+                                    "back to FP32 and is built again, up to N times (0: never)."),
 ) -> None:
     """Build a TensorRT engine for this GPU (like trtexec): one profile, timing cache, sidecar;
     an FP16 / INT8 engine is then validated against the FP32 graph on this GPU. Images larger
@@ -128,16 +132,16 @@ def _require_graph(model: Path, precision: str) -> None:
 
 
 def _validate_and_repair(model: Path, precision: str, engine: Path, images, repair: int, options: dict) -> None:
-    """The new engine validated on this GPU; an FP16 one over budget repaired (export/repair.py)."""
+    """The new engine validated on this GPU; an FP16 or INT8 one over budget repaired (export/repair.py)."""
     from trufor_trt.engine.model_dir import ModelDir
     from trufor_trt.validate import validate_engine
 
     sidecar = validate_engine(ModelDir.open(model), engine, images, say)
-    if precision == "fp16" and repair and sidecar.validation and not sidecar.validation["within_budget"]:
+    if precision in ("fp16", "int8") and repair and sidecar.validation and not sidecar.validation["within_budget"]:
         from trufor_trt.export.repair import repair_engine
 
-        repair_engine(model, engine, lambda folder, built: validate_engine(folder, built, images, say), repair,
-                      options, say)
+        repair_engine(model, engine, precision, lambda folder, built: validate_engine(folder, built, images, say),
+                      repair, options, say)
 
 
 def _build_chain(model: Path, precision: str, layout: str, min_shape, opt_shape, max_shape, max_batch: int,
