@@ -8,6 +8,8 @@ Calibration runs once per method and set of images (ranges for every tensor, cac
 folder of the caller's), so that quantizing another subset of nodes costs no new calibration.
 """
 
+import contextlib
+import logging
 from pathlib import Path
 
 import onnx
@@ -33,6 +35,24 @@ def describe(method: str, per_channel: bool) -> dict:
             "biases": "float", "operators": list(QUANTIZED_OPERATORS)}
 
 
+class _PreprocessingAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing before quantization" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_preprocessing_advice():
+    """The quantizer advises (on the root logger, at every call) to pre-process the graph first.
+    Its pre-processing optimises the graph, which may fuse or rename the nodes this module
+    selects by name, so it is not run, and a user need not be told to."""
+    advice = _PreprocessingAdvice()
+    logging.getLogger().addFilter(advice)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(advice)
+
+
 def quantize_nodes(fp32_graph: Path, feeds: list, nodes: set, method: str, per_channel: bool,
                    cache_folder: Path) -> onnx.ModelProto:
     """The FP32 graph with Q/DQ around exactly `nodes` (convolutions and matrix products),
@@ -43,14 +63,15 @@ def quantize_nodes(fp32_graph: Path, feeds: list, nodes: set, method: str, per_c
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method {method!r}: one of {', '.join(CALIBRATION_METHODS)}")
     output = Path(cache_folder) / f"int8-{method}-{'channel' if per_channel else 'tensor'}.onnx"
-    quantize_static(str(fp32_graph), str(output), _Reader(feeds) if feeds else None,
-                    quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                    op_types_to_quantize=list(QUANTIZED_OPERATORS), nodes_to_quantize=sorted(nodes),
-                    calibrate_method=getattr(CalibrationMethod, method),
-                    calibration_cache_path=str(Path(cache_folder) / f"ranges-{method}.json"),
-                    extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
-                                   "QuantizeBias": False})
+    with _without_preprocessing_advice():
+        quantize_static(str(fp32_graph), str(output), _Reader(feeds) if feeds else None,
+                        quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=list(QUANTIZED_OPERATORS), nodes_to_quantize=sorted(nodes),
+                        calibrate_method=getattr(CalibrationMethod, method),
+                        calibration_cache_path=str(Path(cache_folder) / f"ranges-{method}.json"),
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                       "QuantizeBias": False})
     quantized = onnx.load(output)
     output.unlink()
     return quantized

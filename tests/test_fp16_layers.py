@@ -250,7 +250,7 @@ def test_a_lowered_convolution_and_a_lowered_reader_of_its_output_combine(cancel
     assert np.abs(_run(upcast_fp16(both), x) - fp32).max() < 1.0
 
 
-def test_int8_subset_rewires_the_other_products_to_float32(tmp_path):
+def test_int8_subset_rewires_the_other_products_to_float32(tmp_path, caplog):
     """Quantize two products once, keep one in INT8: the other reads its float input and the
     FP32 weight again, and computes exactly as the FP32 graph."""
     from trufor_trt.calibration.int8 import keep_int8_only, quantize_nodes
@@ -268,6 +268,8 @@ def test_int8_subset_rewires_the_other_products_to_float32(tmp_path):
     both = quantize_nodes(tmp_path / "fp32.onnx", [{"image": x} for x in inputs], {"first", "second"}, "MinMax",
                           True, tmp_path)
     both.ir_version = 10
+    # The quantizer's advice to pre-process (which would rename the nodes chosen by name) is not passed on.
+    assert not [record for record in caplog.records if "pre-processing" in record.getMessage()]
     only_first = keep_int8_only(both, fp32, {"first"})
     assert node_precisions(both) == {"first": "int8", "second": "int8"}
     assert node_precisions(only_first) == {"first": "int8", "second": "fp32"}
@@ -283,6 +285,29 @@ def test_int8_subset_rewires_the_other_products_to_float32(tmp_path):
     none = keep_int8_only(both, fp32, set())
     np.testing.assert_allclose(run(none, inputs[0]), run(fp32, inputs[0]), rtol=1e-6)
     assert not any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in none.graph.node)
+
+
+def test_a_product_out_of_int8_reads_the_unquantized_input_an_int8_product_shares(tmp_path):
+    """Two products read one activation; quantized, they share its Q/DQ pair. With only one kept
+    in INT8 (a unit given back, or not earned), the other reads the activation itself: it
+    computes exactly as in the FP32 graph."""
+    from trufor_trt.calibration.int8 import keep_int8_only, quantize_nodes
+
+    rng = np.random.default_rng(6)
+    nodes = [helper.make_node("MatMul", ["image", "w1"], ["left_out"], name="left"),
+             helper.make_node("MatMul", ["image", "w2"], ["right_out"], name="right")]
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [4, 8]) for name in ("right_out", "left_out")]
+    fp32 = small_onnx_model(nodes, [helper.make_tensor_value_info("image", TensorProto.FLOAT, [4, 8])], outputs,
+                            [numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), name)
+                             for name in ("w1", "w2")])
+    onnx.save(fp32, tmp_path / "fp32.onnx")
+    inputs = [rng.normal(size=(4, 8)).astype(np.float32) for _ in range(4)]
+    both = quantize_nodes(tmp_path / "fp32.onnx", [{"image": x} for x in inputs], {"left", "right"}, "MinMax",
+                          True, tmp_path)
+    both.ir_version = 10
+    left_only = keep_int8_only(both, fp32, {"left"})
+    assert next(node for node in left_only.graph.node if node.name == "right").input[:] == ["image", "w2"]
+    np.testing.assert_array_equal(run_onnx(left_only, image=inputs[0]), run_onnx(fp32, image=inputs[0]))
 
 
 @pytest.mark.shared
