@@ -9,6 +9,7 @@ folder of the caller's), so that quantizing another subset of nodes costs no new
 """
 
 import contextlib
+import io
 import logging
 from pathlib import Path
 
@@ -41,14 +42,16 @@ class _PreprocessingAdvice(logging.Filter):
 
 
 @contextlib.contextmanager
-def _without_preprocessing_advice():
-    """The quantizer advises (on the root logger, at every call) to pre-process the graph first.
-    Its pre-processing optimises the graph, which may fuse or rename the nodes this module
-    selects by name, so it is not run, and a user need not be told to."""
+def _quantizer_quietly():
+    """The quantizer advises (on the root logger, at every call) to pre-process the graph first;
+    its pre-processing optimises the graph, which may fuse or rename the nodes this module
+    selects by name, so it is not run, and a user need not be told to. Its calibrators print
+    their progress ("Collecting tensor data ..."): the plan says its own steps instead."""
     advice = _PreprocessingAdvice()
     logging.getLogger().addFilter(advice)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         logging.getLogger().removeFilter(advice)
 
@@ -63,7 +66,7 @@ def quantize_nodes(fp32_graph: Path, feeds: list, nodes: set, method: str, per_c
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method {method!r}: one of {', '.join(CALIBRATION_METHODS)}")
     output = Path(cache_folder) / f"int8-{method}-{'channel' if per_channel else 'tensor'}.onnx"
-    with _without_preprocessing_advice():
+    with _quantizer_quietly():
         quantize_static(str(fp32_graph), str(output), _Reader(feeds) if feeds else None,
                         quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,

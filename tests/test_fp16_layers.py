@@ -250,7 +250,7 @@ def test_a_lowered_convolution_and_a_lowered_reader_of_its_output_combine(cancel
     assert np.abs(_run(upcast_fp16(both), x) - fp32).max() < 1.0
 
 
-def test_int8_subset_rewires_the_other_products_to_float32(tmp_path, caplog):
+def test_int8_subset_rewires_the_other_products_to_float32(tmp_path, caplog, capsys):
     """Quantize two products once, keep one in INT8: the other reads its float input and the
     FP32 weight again, and computes exactly as the FP32 graph."""
     from trufor_trt.calibration.int8 import keep_int8_only, quantize_nodes
@@ -265,11 +265,13 @@ def test_int8_subset_rewires_the_other_products_to_float32(tmp_path, caplog):
                             [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")])
     onnx.save(fp32, tmp_path / "fp32.onnx")
     inputs = [rng.normal(size=(4, 8)).astype(np.float32) for _ in range(4)]
-    both = quantize_nodes(tmp_path / "fp32.onnx", [{"image": x} for x in inputs], {"first", "second"}, "MinMax",
+    both = quantize_nodes(tmp_path / "fp32.onnx", [{"image": x} for x in inputs], {"first", "second"}, "Percentile",
                           True, tmp_path)
     both.ir_version = 10
-    # The quantizer's advice to pre-process (which would rename the nodes chosen by name) is not passed on.
+    # The quantizer's advice to pre-process (which would rename the nodes chosen by name) and its
+    # calibrators' progress are not passed on.
     assert not [record for record in caplog.records if "pre-processing" in record.getMessage()]
+    assert "Collecting tensor data" not in capsys.readouterr().out
     only_first = keep_int8_only(both, fp32, {"first"})
     assert node_precisions(both) == {"first": "int8", "second": "int8"}
     assert node_precisions(only_first) == {"first": "int8", "second": "fp32"}

@@ -102,6 +102,7 @@ def test_download_then_analyze_with_the_default_checkpoint(server, authors_zip, 
     assert stored.read_bytes() == checkpoint_seed0.read_bytes() and not list(stored.parent.glob("*.part"))
     where = CliRunner().invoke(app, ["weights", "path"])
     assert where.exit_code == 0 and str(stored) in where.output
+    assert f"weights: {stored} (not the official trufor.pth.tar)" in CliRunner().invoke(app, ["doctor"]).output
     image = shared_crop(tmp_path / "photo.png", 0)
     analyzed = CliRunner().invoke(app, ["analyze", str(image), "--out", str(tmp_path / "out"), "--backend", "torch",
                                         "--device", "cpu", "--no-png"])
@@ -158,3 +159,4 @@ def test_without_weights_or_a_checkpoint_analyze_says_where_weights_come_from(da
     assert "trufor-trt weights download" in result.output and "--random-weights" in result.output
     where = CliRunner().invoke(app, ["weights", "path"])
     assert where.exit_code == 1 and "not downloaded yet" in where.output
+    assert "not downloaded yet: trufor-trt weights download" in CliRunner().invoke(app, ["doctor"]).output

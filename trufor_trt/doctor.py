@@ -182,6 +182,17 @@ def _driver_first(report: dict, driver: str) -> None:
         report.pop("install", None)
 
 
+def _weights_report() -> dict:
+    """Where `trufor-trt weights` keeps the official weights, and whether they are there."""
+    from trufor_trt.batch.provenance import is_official
+    from trufor_trt.files import sha256_file
+    from trufor_trt.weights import installed_weights, weights_path
+
+    stored = installed_weights()
+    return {"path": str(weights_path()), "stored": stored is not None,
+            "official": is_official(sha256_file(stored)) if stored else None}
+
+
 def diagnose(model_dir: Path = None) -> dict:
     cuda = _cuda_report()
     # A CUDA layer that got an answer from a driver has one, whatever the library search says.
@@ -193,7 +204,7 @@ def diagnose(model_dir: Path = None) -> dict:
     report = {"trufor_trt": __version__, "python": sys.version.split()[0],
               "platform": platform.platform(), "machine": platform.machine(),
               "packages": distribution_versions(DISTRIBUTIONS), "cuda": cuda, "tensorrt": tensorrt,
-              "backends": backends, "cpu_memory": _cpu_memory_report()}
+              "backends": backends, "cpu_memory": _cpu_memory_report(), "weights": _weights_report()}
     if model_dir is not None:
         report["model"] = _model_report(Path(model_dir), backends)
     return report
@@ -234,6 +245,10 @@ def report_lines(report: dict) -> list:
     memory = report["cpu_memory"]
     lines.append(f"CPU memory: {memory['physical_gib']} GiB; ONNX Runtime takes images up to about "
                  f"{memory['onnxruntime_largest_square_image']} within it")
+    weights = report["weights"]
+    lines.append(f"weights: {weights['path']}" + (
+        (" (official)" if weights["official"] else " (not the official trufor.pth.tar)") if weights["stored"]
+        else " not downloaded yet: trufor-trt weights download"))
     if "model" in report:
         model = report["model"]
         state = f"ok, variants {', '.join(model['variants'])}" if model["ok"] else model["problem"]

@@ -50,7 +50,8 @@ class _progress:
         return self.bar.__exit__(*exc)
 
 
-def add(file: Path = typer.Argument(..., help="TruFor_weights.zip as the authors publish it, or its trufor.pth.tar.")) -> None:
+def add(file: Path = typer.Argument(..., help="TruFor_weights.zip as the authors publish it, or its "
+                                             "trufor.pth.tar.")) -> None:
     """Store weights you downloaded yourself, after verifying them."""
     from trufor_trt.weights import add as store
 
