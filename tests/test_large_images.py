@@ -62,6 +62,11 @@ def test_decoder_groups_rebuild_the_whole_bilinear_upsampling(coarse, grid, grou
     np.testing.assert_allclose(banded, whole, rtol=0, atol=1e-13)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _camera_sizes_alone(no_background_plan):
+    """Camera-sized images never share the machine's memory with the suite's background plan."""
+
+
 @pytest.fixture(scope="module")
 def float64_network(checkpoint_seed0):
     return load_trufor(checkpoint_seed0).double()
