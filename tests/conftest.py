@@ -50,6 +50,14 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
         if item.get_closest_marker("shared") and not MAKE_CHECKPOINT.is_file():
             item.add_marker(missing_shared)
+    # The background plan (reduced_model_started) has the most idle CPU to use when the tests
+    # that wait for it come last: those that need its model, then the camera-sized ones.
+    items.sort(key=_waits_for_the_background_plan)
+
+
+def _waits_for_the_background_plan(item) -> int:
+    names = set(getattr(item, "fixturenames", ()))
+    return 2 if "no_background_plan" in names else 1 if "reduced_model" in names else 0
 
 
 def small_onnx_model(nodes, inputs, outputs, initializers):
