@@ -15,7 +15,7 @@ from pathlib import Path
 
 from trufor_trt.engine.model_dir import ModelDir, ModelDirError
 from trufor_trt.errors import TruforError
-from trufor_trt.files import remove_stale_staging, sha256_file
+from trufor_trt.files import remove_stale_staging, sha256_file, temporary_beside
 
 MODELS = "models"
 CHECKPOINTS = "checkpoints"
@@ -73,7 +73,7 @@ def random_checkpoint(seed: int = RANDOM_SEED) -> Path:
         from trufor_trt.model.random_weights import write_random_checkpoint
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        partial = temporary_beside(path)
         write_random_checkpoint(partial, seed)
         os.replace(partial, path)
     return path

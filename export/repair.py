@@ -24,7 +24,7 @@ import onnx
 from trufor_trt.engine.model_dir import ModelDir
 from trufor_trt.engine.tensorrt_plan import Sidecar, sidecar_path
 from trufor_trt.files import write_atomically
-from trufor_trt.precision.flops import flops_by_precision
+from trufor_trt.precision.flops import flops_by_precision, node_precisions
 from trufor_trt.export.fp16_plan import FLOP_SIZE, candidate_units, lower_plan, recorded_plan
 
 DEFAULT_REPAIRS = 3
@@ -57,9 +57,8 @@ def int8_graph_giving_back(fp32: onnx.ModelProto, int8_graph: onnx.ModelProto, g
 
     returned = set().union(*(set(unit.nodes) | {unit.conv} for unit in candidate_units(fp32)
                              if unit.name in given_back))
-    dequantized = {node.output[0] for node in int8_graph.graph.node if node.op_type == "DequantizeLinear"}
-    quantized = {node.name for node in int8_graph.graph.node if dequantized & set(node.input)}
-    return keep_int8_only(int8_graph, fp32, quantized - returned)
+    int8 = {name for name, precision in node_precisions(int8_graph).items() if precision == "int8"}
+    return keep_int8_only(int8_graph, fp32, int8 - returned)
 
 
 def flop_shares(fp32: onnx.ModelProto, graph: onnx.ModelProto) -> dict:

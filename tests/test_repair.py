@@ -14,6 +14,7 @@ from onnx import helper, numpy_helper
 from trufor_trt.engine.model_dir import ModelDir
 from trufor_trt.engine.tensorrt_plan import Sidecar, validation_record
 from trufor_trt.precision.budgets import FP16_BUDGET, INT8_TARGET
+from trufor_trt.precision.flops import node_precisions
 from trufor_trt.precision.fp16 import upcast_fp16
 
 BROKEN_UNIT = "localization decoder"
@@ -70,8 +71,7 @@ class _PlayedEngine:
 
 
 def _quantized_nodes(graph) -> set:
-    dequantized = {node.output[0] for node in graph.graph.node if node.op_type == "DequantizeLinear"}
-    return {node.name for node in graph.graph.node if dequantized & set(node.input)}
+    return {name for name, precision in node_precisions(graph).items() if precision == "int8"}
 
 
 @pytest.mark.slow  # 19 s: three validations of the whole network on the CPU

@@ -35,7 +35,16 @@ def sha256_file(path) -> str:
 
 def sha256_stream(handle) -> str:
     """The SHA-256 of what is left to read in an open binary file."""
-    digest = hashlib.sha256()
+    return _stream_digest(handle, hashlib.sha256())
+
+
+def md5_file(path) -> str:
+    """The MD5 of a file: what some publishers give for their archives (not for our evidence)."""
+    with open(path, "rb") as handle:
+        return _stream_digest(handle, hashlib.md5(usedforsecurity=False))
+
+
+def _stream_digest(handle, digest) -> str:
     for block in iter(lambda: handle.read(1 << 22), b""):
         digest.update(block)
     return digest.hexdigest()

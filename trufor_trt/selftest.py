@@ -76,6 +76,7 @@ def _prepare_model(backend: str, precision: str, checkpoint: Path, scratch: Path
 
     if backend == "torch":
         return None
+
     def indented(message: str) -> None:
         on_step(f"  {message}")
 
@@ -132,7 +133,7 @@ def run_selftest(backend: str, precision: str = "fp32", seed: int = 0, on_step=p
         on_step(f"random checkpoint (seed {seed}; bench and --random-weights use seed {RANDOM_SEED}'s too)")
         with clock.stage("checkpoint"):
             checkpoint = random_checkpoint(seed)
-        on_step("exporting and verifying the ONNX graphs" if backend != "torch" else "loading")
+        on_step("the ONNX graphs, exported and verified (or the cache's)" if backend != "torch" else "loading")
         model = _prepare_model(backend, precision, checkpoint, scratch, clock, seed, on_step)
         reference = float64_reference(load_trufor(checkpoint))
         # its engine is unvalidated: this run is its measurement, against float64

@@ -9,20 +9,18 @@ of the official layout). A download is written to a `.part` file and resumed fro
 broken connection costs only what was not yet received.
 """
 
-import hashlib
 import http.client
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
-from trufor_trt.batch.provenance import OFFICIAL_CHECKPOINT_SHA256
+from trufor_trt.batch.provenance import is_official
 from trufor_trt.errors import TruforError
-from trufor_trt.files import sha256_file
+from trufor_trt.files import md5_file, sha256_file, temporary_beside
 
 OFFICIAL_URL = "https://www.grip.unina.it/download/prog/TruFor/TruFor_weights.zip"
 OFFICIAL_MD5 = "7bee48f3476c75616c3c5721ab256ff8"  # the archive's, as the authors' README gives it
@@ -72,7 +70,7 @@ def download(url: str = OFFICIAL_URL, md5: str = OFFICIAL_MD5, timeout: float = 
     part = weights_path().with_name(Path(url.split("?")[0]).name or "weights.zip").with_suffix(".zip.part")
     part.parent.mkdir(parents=True, exist_ok=True)
     _fetch(url, part, timeout, on_progress, on_step)
-    found = _md5(part)
+    found = md5_file(part)
     if found != md5:
         part.unlink()
         raise WeightsError(f"{url}: the archive's MD5 is {found}, not the published {md5}: it is not the "
@@ -121,14 +119,6 @@ def _receive(response, part: Path, have: int, total: Optional[int], on_progress,
                            "run the same command again to resume")
 
 
-def _md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as handle:
-        while block := handle.read(CHUNK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def add(source, on_step=print) -> Path:
     """Store the checkpoint of `source` (the authors' zip, or a trufor.pth.tar) after verifying
     it; returns where. Another checkpoint than the official one is stored with a warning."""
@@ -137,7 +127,7 @@ def add(source, on_step=print) -> Path:
         raise WeightsError(f"{source}: no such file")
     target = weights_path()
     target.parent.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkstemp(dir=target.parent, prefix=".trufor-", suffix=".pth.tar")[1])
+    staged = temporary_beside(target)
     try:
         _checkpoint_out_of(source, staged)
         official = verify_checkpoint(staged, name=source.name)
@@ -169,7 +159,7 @@ def _checkpoint_out_of(source: Path, staged: Path) -> None:
 def verify_checkpoint(path: Path, name: str) -> bool:
     """Whether `path` is the official checkpoint (by SHA-256); another file must load strictly
     into the network (every tensor of the official layout), else WeightsError."""
-    if sha256_file(path) == OFFICIAL_CHECKPOINT_SHA256:
+    if is_official(sha256_file(path)):
         return True
     try:
         from trufor_trt.model.checkpoint import load_trufor

@@ -1,5 +1,6 @@
 """`weights download | add | path`: the official TruFor weights in the user's data folder."""
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -34,20 +35,15 @@ def _accepted_interactively() -> bool:
     return typer.confirm("Do you accept these terms?", default=False, err=True)
 
 
-class _progress:
-    """A transfer bar on stderr; the callable it gives takes (bytes so far, total or None)."""
+@contextlib.contextmanager
+def _progress():
+    """A transfer bar on stderr; it gives a callable taking (bytes so far, total or None)."""
+    from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 
-    def __enter__(self):
-        from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
-
-        self.bar = Progress(*Progress.get_default_columns()[:2], DownloadColumn(), TransferSpeedColumn(),
-                            console=console, transient=True)
-        self.bar.__enter__()
-        self.task = self.bar.add_task("TruFor_weights.zip", total=None)
-        return lambda done, total: self.bar.update(self.task, completed=done, total=total)
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
+    with Progress(*Progress.get_default_columns()[:2], DownloadColumn(), TransferSpeedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task("TruFor_weights.zip", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def add(file: Path = typer.Argument(..., help="TruFor_weights.zip as the authors publish it, or its "
